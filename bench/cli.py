@@ -1,0 +1,270 @@
+"""The `llmbench` command line (Typer): thin wrappers over spec → plan → sweep → store → report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .spec import SpecError
+
+app = typer.Typer(help="Benchmark LLM training with real DeepSpeed: sweep, store, report.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+# Rich falls back to 80 columns when stdout is not a terminal; tables need more.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+DEFAULT_DB = Path("reports/llmbench.db")
+DEFAULT_OUT = Path("reports")
+DbOpt = typer.Option(DEFAULT_DB, "--db", help="SQLite store of runs, trials and steps.")
+OutOpt = typer.Option(DEFAULT_OUT, "--out", help="Folder for HTML reports and rank logs.")
+
+
+def fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]llmbench: error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _hostfile_slots(path: str) -> int:
+    """World size from an MPI-style hostfile (`host slots=N`), as DeepSpeed's launcher reads it."""
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        parts = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+        total += int(parts.get("slots", 1))
+    return total
+
+
+def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path, out: Path, dry_run: bool,
+           cpu: bool, hostfile: Optional[str], include: Optional[str], num_nodes: Optional[int],
+           master_addr: Optional[str]) -> None:
+    from .env import detect_hardware
+    from .launch import LaunchOptions
+    from .spec import expand, load_suite
+    from .sweep import make_plan
+
+    try:
+        hw = detect_hardware(force_cpu=cpu)
+        suite, source = load_suite(suite_name)
+        defaults = {"model": hw.default_model, "world_size": hw.world_size}
+        if hostfile:
+            if not Path(hostfile).is_file():
+                raise SpecError(f"--hostfile {hostfile}: no such file")
+            defaults["world_size"] = _hostfile_slots(hostfile)
+        plan = make_plan(expand(suite, source, defaults, overrides), hw)
+    except SpecError as e:
+        fail(str(e))
+    options = LaunchOptions(hostfile=hostfile, include=include, num_nodes=num_nodes, master_addr=master_addr)
+    if dry_run:
+        _print_plan(plan, hw)
+        return
+    _run_plan(plan, hw, suite.name, label, db, out, options)
+
+
+def _print_plan(plan, hw) -> None:
+    t = Table(title=f"{len(plan.trials)} trials on {hw.accelerator} ({hw.comm_backend})")
+    for col in ("trial", "model", "params", "precision", "zero", "micro", "accum", "global batch", "ranks", "seq"):
+        t.add_column(col)
+    for trial_id, s in plan.trials:
+        t.add_row(trial_id, s.model, f"{plan.stats[trial_id].n_params:,}", s.precision, str(s.zero_stage),
+                  str(s.micro_batch), str(s.grad_accum), str(s.global_batch), str(s.world_size), str(s.seq_len))
+    console.print(t)
+
+
+def _run_plan(plan, hw, suite_name, label, db, out, options) -> None:
+    from .report.html import write_report
+    from .store import Store
+    from .sweep import run_sweep
+
+    store = Store(db)
+    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {plan.trials[0][1].world_size} "
+                  f"({hw.comm_backend}); store {db}")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    task = progress.add_task("starting", total=len(plan.trials))
+
+    def started(seq, trial_id, spec):
+        progress.update(task, description=f"{trial_id}")
+
+    def ended(seq, rec):
+        mark = "[green]ok[/]" if rec["status"] == "ok" else f"[red]{rec['status']}[/]"
+        extra = f"{rec['tokens_per_s']:,.0f} tok/s" if rec["status"] == "ok" else (rec["error"] or "").splitlines()[0][:120]
+        progress.console.print(f"  {rec['trial_id']:<24} {mark} {extra}", highlight=False)
+        progress.advance(task)
+
+    try:
+        with progress:
+            result = run_sweep(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
+                               options=options, on_trial_start=started, on_trial_end=ended)
+    except KeyboardInterrupt:
+        run = store.run()
+        console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {run['n_trials']} finished trials in {db}")
+        raise typer.Exit(130)
+    run = store.run(result.run_id)
+    _print_table(result.records, f"run {result.run_id} ({result.wall_s:.0f} s)")
+    path = write_report(run, result.records, out)
+    console.print(f"report: {path}")
+
+
+def _print_table(records: list[dict], title: str) -> None:
+    t = Table(title=title)
+    for col in ("trial", "status", "precision", "zero", "micro", "accum", "step s", "tokens/s", "model states MiB",
+                "peak MiB", "final loss"):
+        t.add_column(col, justify="right")
+    for r in records:
+        ok = r["status"] == "ok"
+        t.add_row(r["trial_id"], r["status"] if ok else f"[red]{r['status']}[/]", r["precision"], str(r["zero_stage"]),
+                  str(r["micro_batch"]), str(r["grad_accum"]),
+                  f"{r['step_time_s']:.4f}" if ok else "–", f"{r['tokens_per_s']:,.0f}" if ok else "–",
+                  f"{r['model_state_bytes'] / 2**20:.2f}" if ok else "–",
+                  f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "–",
+                  f"{r['final_loss']:.3f}" if ok else "–")
+    console.print(t)
+
+
+@app.command()
+def sweep(
+    suite: str = typer.Argument(..., help="A built-in suite name (see `llmbench suites`) or a path to a YAML suite."),
+    set_: list[str] = typer.Option([], "--set", help="Override an axis: axis=v1,v2 (repeatable)."),
+    label: Optional[str] = typer.Option(None, "--label", help="A label stored with the run and shown in reports."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials without running them."),
+    cpu: bool = typer.Option(False, "--cpu", help="Use DeepSpeed's CPU accelerator and gloo even if GPUs are visible."),
+    hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for multi-node runs."),
+    include: Optional[str] = typer.Option(None, "--include", help="DeepSpeed --include (e.g. 'worker-0:0,1')."),
+    num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="DeepSpeed --num_nodes."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="DeepSpeed --master_addr."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
+    _sweep(suite, set_, label, db, out, dry_run, cpu, hostfile, include, num_nodes, master_addr)
+
+
+@app.command()
+def run(
+    model: Optional[str] = typer.Option(None, "--model", help="Catalog size (tiny, 125m, ... 70b) or a local model directory."),
+    zero_stage: int = typer.Option(0, "--zero-stage", help="ZeRO stage 0-3."),
+    micro_batch: int = typer.Option(4, "--micro-batch", help="Micro-batch per rank."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps."),
+    precision: str = typer.Option("bf16", "--precision", help="fp32, fp16 or bf16."),
+    set_: list[str] = typer.Option([], "--set", help="Any other axis: axis=value (repeatable)."),
+    label: Optional[str] = typer.Option(None, "--label", help="A label stored with the run."),
+    cpu: bool = typer.Option(False, "--cpu", help="Use DeepSpeed's CPU accelerator even if GPUs are visible."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Run one trial from flags, store it and write its report."""
+    import tempfile
+
+    fixed = {"zero_stage": zero_stage, "micro_batch": micro_batch, "grad_accum": grad_accum, "precision": precision}
+    if model:
+        fixed["model"] = model
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump({"name": "run", "fixed": fixed, "grid": {}}, f)
+    _sweep(f.name, set_, label, db, out, False, cpu, None, None, None, None)
+
+
+def _load_run(db: Path, run_id: Optional[str]):
+    from .store import Store
+
+    if not db.exists():
+        fail(f"--db {db}: no such store; run `llmbench sweep zero` first")
+    store = Store(db)
+    run = store.run(run_id)
+    if run is None:
+        fail(f"run {run_id!r} not found in {db}" if run_id else f"the store {db} holds no run yet")
+    return store, run
+
+
+@app.command()
+def results(
+    run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json (one JSON object per trial per line)."),
+    db: Path = DbOpt,
+) -> None:
+    """Print a run's trials as a table, CSV or JSON lines."""
+    if fmt not in ("table", "csv", "json"):
+        fail(f"--format {fmt}: choose table, csv or json")
+    store, run = _load_run(db, run_id)
+    records = store.trials(run["run_id"])
+    if fmt == "json":
+        for r in records:
+            sys.stdout.write(json.dumps(r) + "\n")
+    elif fmt == "csv":
+        from .report.frames import trials_frame
+
+        buf = io.StringIO()
+        df = trials_frame(records)
+        df = df[[c for c in df.columns if not isinstance(df[c].iloc[0] if len(df) else None, (dict, list))]]
+        df.to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
+        sys.stdout.write(buf.getvalue())
+    else:
+        _print_table(records, f"run {run['run_id']} ({run['suite']}, {run['status']})")
+
+
+@app.command()
+def report(
+    run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Write a run's static, offline HTML report and print its path."""
+    from .report.html import write_report
+
+    store, run = _load_run(db, run_id)
+    console.print(f"report: {write_report(run, store.trials(run['run_id']), out)}")
+
+
+@app.command()
+def runs(db: Path = DbOpt) -> None:
+    """List the runs in the store."""
+    from .store import Store
+
+    if not db.exists():
+        fail(f"--db {db}: no such store")
+    t = Table()
+    for col in ("run", "suite", "label", "status", "trials"):
+        t.add_column(col)
+    for r in Store(db).runs():
+        t.add_row(r["run_id"], r["suite"] or "", r["label"] or "", r["status"], str(r["n_trials"]))
+    console.print(t)
+
+
+@app.command()
+def suites() -> None:
+    """List the built-in suites."""
+    from .spec import builtin_suites, load_suite
+
+    t = Table()
+    for col in ("suite", "grid", "description"):
+        t.add_column(col)
+    for name, path in sorted(builtin_suites().items()):
+        s, _ = load_suite(str(path))
+        t.add_row(name, ", ".join(f"{k}={v}" for k, v in s.grid.items()), s.description)
+    console.print(t)
+
+
+@app.command()
+def env(cpu: bool = typer.Option(False, "--cpu", help="Describe the CPU fallback even if GPUs are visible.")) -> None:
+    """Versions, devices, accelerator and communication backend that a sweep would use."""
+    from .env import detect_hardware, environment
+
+    info = environment(detect_hardware(force_cpu=cpu))
+    t = Table(show_header=False)
+    for k, v in info.items():
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,224 @@
+"""Memory per rank: the model-state bytes the engine really holds, and each trial's own peak."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+_KB = 1024
+
+
+@dataclass
+class ModelStateBytes:
+    """Bytes of distinct tensor storages the engine holds, by kind (ZeRO paper's three states)."""
+
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0  # fp32 master copies + Adam moments
+    buffers: int = 0  # communication buckets: not model states ("the rest" of the memory)
+    detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def _walk(obj, path: str, depth: int, seen_obj: set[int]):
+    """Yield (path, tensor) for every tensor reachable through lists, dicts and DeepSpeed objects."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        ds_tensor = getattr(obj, "ds_tensor", None)  # a ZeRO-3 parameter's own partition
+        if isinstance(ds_tensor, torch.Tensor):
+            yield path + ".ds_tensor", ds_tensor
+        if obj.grad is not None:
+            yield path + ".grad", obj.grad
+        return
+    if depth <= 0 or id(obj) in seen_obj:
+        return
+    seen_obj.add(id(obj))
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{path}[{k if isinstance(k, (str, int)) else type(k).__name__}]", depth - 1, seen_obj)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]", depth - 1, seen_obj)
+    elif isinstance(obj, torch.nn.Module):
+        return  # the model's parameters are counted from the module itself
+    elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and hasattr(obj, "__dict__"):
+        for k, v in vars(obj).items():
+            yield from _walk(v, f"{path}.{k}", depth - 1, seen_obj)
+
+
+_BUFFER = re.compile(r"bucket", re.I)
+_GRAD = re.compile(r"grad", re.I)
+_OPT_STATE = re.compile(r"\.state\[|exp_avg|master|fp32|single_partition", re.I)
+
+
+class _Ledger:
+    """Bytes per kind, counting each byte of each storage once (first claim wins).
+
+    DeepSpeed keeps flat buffers with views into them (fp32 partitions, gradient buckets,
+    parameter partitions); a byte range already claimed is not counted again, and a view
+    counts its own range, not its whole storage (a gradient that lives in a 1 GB bucket is
+    a gradient; the unused rest of the bucket is a buffer).
+    """
+
+    def __init__(self, out: ModelStateBytes):
+        self.out = out
+        self.claimed: dict[int, list[tuple[int, int]]] = {}
+
+    def add(self, kind: str, path: str, t: torch.Tensor) -> None:
+        if t.numel() == 0 or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0:
+            return
+        esz = t.element_size()
+        start = t.storage_offset() * esz
+        span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # elements from first to last
+        end = min(start + span * esz, storage.nbytes())
+        new = end - start
+        ranges = self.claimed.setdefault(ptr, [])
+        for a, b in ranges:
+            new -= max(0, min(b, end) - max(a, start))
+        if new <= 0:
+            return
+        ranges.append((start, end))
+        setattr(self.out, kind, getattr(self.out, kind) + new)
+        top = path.split("[")[0]
+        self.out.detail[top] = self.out.detail.get(top, 0) + new
+
+
+def model_state_bytes(engine) -> ModelStateBytes:
+    """Read the bytes of parameters, gradients and optimizer states held by this rank.
+
+    Walks the engine's module parameters (a ZeRO-3 parameter's `ds_tensor` partition, and
+    its full data only where it persists whole; a parameter gathered for compute is a
+    temporary, counted as `buffers`), the module's gradients, and everything reachable from
+    `engine.optimizer`: the ZeRO wrapper's fp32 partitions, gradient partitions and the inner
+    optimizer's Adam moments. Communication buckets (ZeRO's `ipg_buckets`, reduce_bucket_size
+    elements) are `buffers` too, outside the model-state total. Call it while gradients
+    exist: see `probe_model_states`.
+    """
+    out = ModelStateBytes()
+    ledger = _Ledger(out)
+    params = list(engine.module.parameters())
+    found = list(_walk(engine.optimizer, "optimizer", depth=6, seen_obj=set())) if engine.optimizer is not None else []
+    for p in params:
+        ds = getattr(p, "ds_tensor", None)
+        if ds is not None:
+            ledger.add("params", "module.ds_tensor", ds)
+            persistent = getattr(p, "ds_persist", False)
+            ledger.add("params" if persistent else "buffers", "module.param" if persistent else "module.gathered", p.data)
+        else:
+            ledger.add("params", "module.param", p.data)
+    # Buckets before gradients: a gradient waiting in a reduce bucket is communication
+    # buffer space (constant-size, as ZeRO-R §6 treats it), not a held gradient.
+    for path, t in found:
+        if _BUFFER.search(path):
+            ledger.add("buffers", path, t)
+    for p in params:
+        if p.grad is not None:
+            ledger.add("grads", "module.grad", p.grad)
+    for path, t in found:
+        if _OPT_STATE.search(path):
+            ledger.add("optimizer", path, t)
+        elif _GRAD.search(path):
+            ledger.add("grads", path, t)
+        else:
+            ledger.add("optimizer", path, t)
+    return out
+
+
+def zero_paper_bytes(n_params: int, stage: int, dp: int) -> float:
+    """Model-state bytes per rank for mixed-precision Adam (Rajbhandari et al. 2020, ZeRO, §3 and Fig. 1).
+
+    K = 12 bytes of optimizer state per parameter (fp32 master, momentum, variance), 2 bytes of
+    fp16/bf16 parameters and 2 of gradients: stage 0: 16Ψ; 1: 4Ψ + 12Ψ/N_d; 2: 2Ψ + 14Ψ/N_d;
+    3: 16Ψ/N_d.
+    """
+    psi, n = float(n_params), float(dp)
+    return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
+
+
+class PeakMemory:
+    """Each trial's own peak: CUDA allocator peaks on GPU, the process RSS high-water mark on CPU.
+
+    RSS's high-water mark (VmHWM) never falls by itself, so a trial in a warm worker would see
+    its predecessors' peak; Linux resets it when "5" is written to /proc/self/clear_refs
+    (proc(5), since Linux 4.0). Where that is not possible we say so (`hwm_reset=False`).
+    """
+
+    def __init__(self, accelerator: str):
+        self.accelerator = accelerator
+        self.hwm_reset = False
+        self.rss_at_reset: int | None = None
+
+    def reset(self) -> None:
+        if self.accelerator == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.hwm_reset = True
+        except OSError:
+            self.hwm_reset = False
+        import psutil
+
+        self.rss_at_reset = psutil.Process().memory_info().rss
+
+    @staticmethod
+    def rss_peak_bytes() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * _KB
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KB  # Linux reports KiB
+
+    def read(self) -> dict:
+        out = {"rss_peak_bytes": self.rss_peak_bytes(), "rss_peak_reset": self.hwm_reset,
+               "rss_at_start_bytes": self.rss_at_reset}
+        if self.accelerator == "cuda":
+            stats = torch.cuda.memory_stats()
+            out.update(
+                cuda_peak_allocated_bytes=stats.get("allocated_bytes.all.peak", 0),
+                cuda_peak_reserved_bytes=stats.get("reserved_bytes.all.peak", 0),
+                cuda_alloc_retries=stats.get("num_alloc_retries", 0),
+                cuda_ooms=stats.get("num_ooms", 0),
+            )
+            out["peak_mem_bytes"] = out["cuda_peak_allocated_bytes"]
+        else:
+            out["peak_mem_bytes"] = out["rss_peak_bytes"]
+        return out
+
+
+def probe_model_states(engine, run_micro_step) -> ModelStateBytes:
+    """Model states at their fullest during one micro-step: the larger of two snapshots.
+
+    One just before DeepSpeed reduces the gradients (`engine.allreduce_gradients`, where
+    ZeRO-1 still holds every full gradient) and one after backward (where ZeRO-2/3 hold
+    their reduced partitions). `run_micro_step` runs the forward and backward.
+    """
+    snaps: list[ModelStateBytes] = []
+    original = engine.allreduce_gradients
+
+    def measured(*args, **kwargs):
+        snaps.append(model_state_bytes(engine))
+        return original(*args, **kwargs)
+
+    engine.allreduce_gradients = measured
+    try:
+        run_micro_step()
+    finally:
+        del engine.allreduce_gradients  # back to the class's method
+    snaps.append(model_state_bytes(engine))
+    return max(snaps, key=lambda s: s.total)

@@ -1,0 +1,243 @@
+"""Start ranks with DeepSpeed's own launcher and keep them as a warm pool across trials.
+
+The driver opens a control socket, runs `deepspeed [launcher options] --module
+llmbench.worker`, and streams trial specs to every rank over that socket. The launcher is
+started in its own process session, so killing the pool kills the launcher and every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .env import Hardware
+
+
+def free_port() -> int:
+    """A free TCP port for the rendezvous (29500 may belong to another program)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LaunchOptions:
+    """DeepSpeed launcher options, as DeepSpeed users know them."""
+
+    hostfile: str | None = None
+    include: str | None = None
+    num_nodes: int | None = None
+    master_addr: str | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def multi_node(self) -> bool:
+        return bool(self.hostfile or (self.num_nodes and self.num_nodes > 1))
+
+
+class PoolError(RuntimeError):
+    """The pool could not run a trial to completion (start-up failed, a rank died or hung)."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class RankPool:
+    """A pool of ranks of one world size, reused across trials until a trial fails."""
+
+    def __init__(self, hw: Hardware, world_size: int, log_path: Path, options: LaunchOptions | None = None,
+                 startup_timeout_s: float = 600.0, grace_s: float = 15.0):
+        self.hw, self.world_size, self.log_path = hw, world_size, Path(log_path)
+        self.options = options or LaunchOptions()
+        self.startup_timeout_s, self.grace_s = startup_timeout_s, grace_s
+        self.proc: subprocess.Popen | None = None
+        self.server: socket.socket | None = None
+        self.conns: dict[int, socket.socket] = {}
+        self.events: queue.Queue = queue.Queue()
+        self.ready: dict[int, dict] = {}
+        self.start_s = 0.0
+        self.starts = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and len(self.ready) == self.world_size
+
+    def command(self, control: str) -> list[str]:
+        o = self.options
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), "--no_local_rank"]
+        if o.hostfile:
+            cmd += ["--hostfile", o.hostfile]
+        if o.include:
+            cmd += ["--include", o.include]
+        if o.num_nodes:
+            cmd += ["--num_nodes", str(o.num_nodes)]
+        if o.master_addr:
+            cmd += ["--master_addr", o.master_addr]
+        if not o.include and not o.multi_node:
+            cmd += ["--num_gpus", str(self.world_size)]
+        cmd += o.extra
+        cmd += ["--module", "llmbench.worker", "--control", control, "--backend", self.hw.comm_backend,
+                "--accelerator", self.hw.accelerator, "--threads", str(self.hw.threads_per_rank)]
+        return cmd
+
+    def start(self) -> None:
+        t0 = time.perf_counter()
+        self.events = queue.Queue()
+        self.ready, self.conns = {}, {}
+        bind = "0.0.0.0" if self.options.multi_node else "127.0.0.1"
+        self.server = socket.create_server((bind, 0))
+        host = socket.gethostname() if self.options.multi_node else "127.0.0.1"
+        control = f"{host}:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+        env = dict(os.environ)
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.hw.threads_per_rank))
+        if self.hw.accelerator == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(control)
+        log = open(self.log_path, "ab")
+        log.write(f"\n=== pool start: {' '.join(cmd)}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + self.startup_timeout_s
+        while len(self.ready) < self.world_size:
+            try:
+                rank, msg = self.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    self.kill()
+                    raise PoolError("failed", f"the DeepSpeed launcher exited with code {self.proc.returncode} "
+                                              f"before all ranks were ready:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise PoolError("timeout", f"ranks not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+                continue
+            if msg["type"] == "ready":
+                self.ready[rank] = msg
+        self.start_s = time.perf_counter() - t0
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        rank = None
+        try:
+            for line in conn.makefile("r", encoding="utf-8"):
+                msg = json.loads(line)
+                if msg["type"] == "hello":
+                    rank = msg["rank"]
+                    self.conns[rank] = conn
+                self.events.put((rank, msg))
+        except OSError:
+            pass
+        self.events.put((rank, {"type": "eof"}))
+
+    def _send_all(self, msg: dict) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        for conn in self.conns.values():
+            conn.sendall(data)
+
+    def stop(self) -> None:
+        """Ask the ranks to leave cleanly; kill whatever is left after a few seconds."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self._send_all({"type": "stop"})
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """End the launcher and every rank (its whole process session)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        for conn in self.conns.values():
+            try:
+                conn.close()
+            except OSError:
+                pass
+        if self.server is not None:
+            self.server.close()
+        self.conns, self.ready, self.server = {}, {}, None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        keep = [ln for ln in lines if "[INFO]" not in ln]
+        return "\n".join(keep[-n:])
+
+    # -- trials ------------------------------------------------------------------------
+    def run(self, trial_id: str, spec: dict, timeout_s: float) -> list[dict]:
+        """Run one trial on every rank; returns the ranks' results (any status).
+
+        Raises PoolError when the ranks cannot all report: a rank died (`failed`), or the
+        trial outlived `timeout_s` (`timeout`), or some ranks reported a failure and the
+        rest did not follow within the grace period (they are stuck in a collective).
+        """
+        if not self.alive:
+            self.kill()
+            self.start()
+        while not self.events.empty():
+            self.events.get_nowait()
+        self._send_all({"type": "trial", "trial_id": trial_id, "spec": spec})
+        results: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout_s
+        first_failure = None
+        while len(results) < self.world_size:
+            try:
+                rank, msg = self.events.get(timeout=0.2)
+            except queue.Empty:
+                now = time.monotonic()
+                if self.proc.poll() is not None:
+                    failed = [r for r in results.values() if r["status"] != "ok"]
+                    if failed:
+                        return list(results.values())
+                    raise PoolError("failed", f"ranks exited (launcher code {self.proc.returncode}) during the trial:\n{self.log_tail()}")
+                if now > deadline:
+                    self.kill()
+                    raise PoolError("timeout", f"trial exceeded its {timeout_s:.0f}s limit; all its processes were killed")
+                if first_failure is not None and now > first_failure + self.grace_s:
+                    self.kill()
+                    return list(results.values())
+                continue
+            if msg["type"] == "result" and msg.get("trial_id") == trial_id:
+                results[rank] = msg
+                if msg["status"] != "ok" and first_failure is None:
+                    first_failure = time.monotonic()
+            elif msg["type"] == "eof" and rank not in results:
+                time.sleep(0.5)  # let the launcher's exit code settle
+                code = self.proc.poll()
+                if any(r["status"] != "ok" for r in results.values()):
+                    self.kill()
+                    return list(results.values())
+                self.kill()
+                raise PoolError("failed", f"rank {rank} died during the trial (launcher code {code}); "
+                                          f"a code of -9 is often the host's OOM killer:\n{self.log_tail()}")
+        if any(r["status"] != "ok" for r in results.values()):
+            self.kill()  # the next trial starts on a clean pool
+        return [results[r] for r in sorted(results)]

@@ -1,0 +1,115 @@
+"""The trial record: the ranks' results aggregated as a distributed-training engineer expects.
+
+Tokens are summed over ranks, time is the slowest rank's, memory is the max and each rank's.
+Every field name here is part of the public record (`llmbench results --format json`).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from .collect.stats import cv, median, median_ci95
+from .models import ModelStats
+from .spec import TrialSpec
+
+STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "interrupted")
+
+
+def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats | None, env: dict) -> dict:
+    """The fields every record has, whatever happened to the trial."""
+    rec = {
+        "run_id": run_id,
+        "trial_id": trial_id,
+        "status": "ok",
+        "error": None,
+        **spec.model_dump(),
+        "global_batch": spec.global_batch,
+        "n_params": stats.n_params if stats else None,
+        "n_embedding_params": stats.n_embedding_params if stats else None,
+        "n_layers": stats.n_layers if stats else None,
+        "hidden_size": stats.hidden_size if stats else None,
+        "n_heads": stats.n_heads if stats else None,
+        "n_kv_heads": stats.n_kv_heads if stats else None,
+        "vocab_size": stats.vocab_size if stats else None,
+        "step_time_s": None,
+        "step_time_ci95_s": None,
+        "step_time_cv": None,
+        "step_times_s": [],
+        "tokens_per_s": None,
+        "tokens_per_s_per_device": None,
+        "samples_per_s": None,
+        "window_s": None,
+        "model_state_bytes": None,
+        "model_state_bytes_per_rank": [],
+        "model_state_breakdown": None,
+        "peak_mem_bytes": None,
+        "peak_mem_bytes_per_rank": [],
+        "losses": [],
+        "final_loss": None,
+        "entropy_floor": None,
+        "setup_s": None,
+        "teardown_s": None,
+        "warmup_s": None,
+        "trial_wall_s": None,
+        "overhead_s": None,
+        "model_config": None,
+        "ds_config": None,
+        "hosts": [],
+        "devices": [],
+        "env": env,
+    }
+    return rec
+
+
+def failed_record(rec: dict, status: str, error: str) -> dict:
+    assert status in STATUSES, status
+    rec.update(status=status, error=error)
+    return rec
+
+
+def aggregate(rec: dict, ranks: list[dict]) -> dict:
+    """Fill a record from every rank's result (see trial.RankResult)."""
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    bad = [r for r in ranks if r["status"] != "ok"]
+    first = ranks[0]
+    rec.update(
+        ds_config=first["ds_config"] or None,
+        model_config=first["model_config"] or None,
+        entropy_floor=first["entropy_floor"],
+        hosts=sorted({r["host"] for r in ranks}),
+        devices=[r["device"] for r in ranks],
+        setup_s=max(r["setup_s"] for r in ranks),
+        teardown_s=max(r["teardown_s"] for r in ranks),
+        warmup_s=max(r["warmup_s"] for r in ranks),
+        peak_mem_bytes_per_rank=[r["memory"].get("peak_mem_bytes") for r in ranks],
+    )
+    rec["peak_mem_bytes"] = max((m for m in rec["peak_mem_bytes_per_rank"] if m is not None), default=None)
+    if bad:
+        worst = bad[0]
+        return failed_record(rec, worst["status"], f"rank {worst['rank']}: {worst['error']}")
+    if len(ranks) != rec["world_size"]:
+        return failed_record(rec, "failed", f"{len(ranks)} of {rec['world_size']} ranks reported")
+
+    # A step ends when its slowest rank ends: take the per-step max across ranks.
+    steps = [max(r["step_times_s"][i] for r in ranks) for i in range(len(first["step_times_s"]))]
+    window = max(r["window_s"] for r in ranks)
+    tokens = sum(r["tokens"] for r in ranks)
+    samples = tokens // rec["seq_len"]
+    rec.update(
+        step_times_s=steps,
+        step_time_s=median(steps),
+        step_time_ci95_s=median_ci95(steps),
+        step_time_cv=cv(steps),
+        window_s=window,
+        # Global throughput: all ranks' tokens over the window's wall time (not a mean of rates).
+        tokens_per_s=tokens / window,
+        tokens_per_s_per_device=tokens / window / len(ranks),
+        samples_per_s=samples / window,
+        losses=[statistics.fmean(r["losses"][i] for r in ranks) for i in range(len(first["losses"]))],
+        model_state_bytes_per_rank=[r["model_state"].get("params", 0) + r["model_state"].get("grads", 0)
+                                    + r["model_state"].get("optimizer", 0) for r in ranks],
+        model_state_breakdown=[{k: r["model_state"].get(k) for k in ("params", "grads", "optimizer")} for r in ranks],
+    )
+    rec["model_state_bytes"] = max(rec["model_state_bytes_per_rank"])
+    rec["final_loss"] = rec["losses"][-1] if rec["losses"] else None
+    return rec

@@ -1,0 +1,64 @@
+"""Seaborn figures, each returned as an embeddable PNG data URI (the report works offline)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def throughput_vs_micro_batch(df: pd.DataFrame) -> str:
+    ok = df[df["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    sns.lineplot(data=ok, x="micro_batch", y="tokens_per_s", hue="zero_stage", style="precision", marker="o",
+                 palette="viridis", ax=ax)
+    ax.set(xlabel="micro-batch per rank", ylabel="global tokens/s", title="Throughput by ZeRO stage")
+    ax.set_xticks(sorted(ok["micro_batch"].unique()))
+    return _png(fig)
+
+
+def memory_by_stage(df: pd.DataFrame) -> str:
+    """Stacked bars: model states (measured from the engine) and the rest of the peak."""
+    ok = df[df["status"] == "ok"].sort_values(["zero_stage", "micro_batch"])
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    x = range(len(ok))
+    ax.bar(x, ok["model_state_mib"], label="model states (params + grads + optimizer)", color="#3b528b")
+    ax.bar(x, ok["rest_mib"].clip(lower=0), bottom=ok["model_state_mib"], label="rest of peak (activations, buffers, runtime)",
+           color="#5ec962", alpha=0.7)
+    ax.set_xticks(list(x), ok["config"], rotation=30, ha="right")
+    ax.set(ylabel="MiB per rank (max over ranks)", title="Memory per rank")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def model_states_by_stage(df: pd.DataFrame) -> str:
+    ok = df[df["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    sns.barplot(data=ok, x="zero_stage", y="model_state_mib", hue="micro_batch", palette="crest", ax=ax)
+    ax.set(xlabel="ZeRO stage", ylabel="MiB per rank", title="Model-state bytes held per rank")
+    return _png(fig)
+
+
+def loss_curves(losses: pd.DataFrame, floor: float | None) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    sns.lineplot(data=losses, x="step", y="loss", hue="trial_id", ax=ax, linewidth=1.2)
+    if floor is not None:
+        ax.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"entropy floor {floor:.3f}")
+    ax.set(xlabel="timed optimizer step", ylabel="loss (nats, mean over ranks)", title="Loss per step")
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)

@@ -1,0 +1,51 @@
+"""One static, offline HTML file per run: figures embedded, every string from data escaped."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from . import figures
+from .frames import MiB, loss_frame, trials_frame
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return v
+
+
+def render(run: dict, records: list[dict]) -> str:
+    env = Environment(loader=PackageLoader("llmbench.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
+    env.filters["fmt"] = _fmt
+    env.filters["mib"] = lambda b: "–" if b is None else f"{b / MiB:,.2f}"
+    df = trials_frame(records)
+    ok = df[df["status"] == "ok"] if not df.empty else df
+    figs = {}
+    if not ok.empty:
+        figs["Throughput vs micro-batch"] = figures.throughput_vs_micro_batch(df)
+        figs["Model-state bytes per rank by ZeRO stage"] = figures.model_states_by_stage(df)
+        figs["Memory per rank: model states and the rest"] = figures.memory_by_stage(df)
+        floors = [r["entropy_floor"] for r in records if r.get("entropy_floor") is not None]
+        figs["Loss curves"] = figures.loss_curves(loss_frame(records), floors[0] if floors else None)
+    best = max((r for r in records if r["status"] == "ok"), key=lambda r: r["tokens_per_s"], default=None)
+    lowest_mem = min((r for r in records if r["status"] == "ok"), key=lambda r: r["model_state_bytes"], default=None)
+    return env.get_template("report.html.j2").render(
+        run=run, records=records, figures=figs, best=best, lowest_mem=lowest_mem,
+        env_json=json.dumps(run["env"], indent=2, sort_keys=True),
+        generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        counts={s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})},
+    )
+
+
+def write_report(run: dict, records: list[dict], out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"report-{run['run_id']}.html"
+    path.write_text(render(run, records), encoding="utf-8")
+    return path

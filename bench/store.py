@@ -1,0 +1,108 @@
+"""The store: SQLite with runs, trials and per-step records.
+
+Each finished trial is committed in its own transaction, so an interrupted sweep keeps
+everything it measured. WAL mode lets a report read while a sweep writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    created_at  REAL NOT NULL,
+    finished_at REAL,
+    suite       TEXT,
+    label       TEXT,
+    status      TEXT NOT NULL,           -- running, finished, interrupted, failed
+    env_json    TEXT NOT NULL,
+    meta_json   TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS trials (
+    run_id      TEXT NOT NULL REFERENCES runs(run_id),
+    trial_id    TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    error       TEXT,
+    finished_at REAL NOT NULL,
+    record_json TEXT NOT NULL,
+    PRIMARY KEY (run_id, trial_id)
+);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id      TEXT NOT NULL,
+    trial_id    TEXT NOT NULL,
+    step        INTEGER NOT NULL,
+    step_time_s REAL,
+    loss        REAL,
+    PRIMARY KEY (run_id, trial_id, step),
+    FOREIGN KEY (run_id, trial_id) REFERENCES trials(run_id, trial_id)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- runs ------------------------------------------------------------------------------
+    def create_run(self, run_id: str, suite: str | None, label: str | None, env: dict, meta: dict | None = None) -> None:
+        self.db.execute("INSERT INTO runs (run_id, created_at, suite, label, status, env_json, meta_json) VALUES (?,?,?,?,?,?,?)",
+                        (run_id, time.time(), suite, label, "running", json.dumps(env), json.dumps(meta or {})))
+
+    def finish_run(self, run_id: str, status: str, meta: dict | None = None) -> None:
+        if meta is None:
+            self.db.execute("UPDATE runs SET status=?, finished_at=? WHERE run_id=?", (status, time.time(), run_id))
+        else:
+            self.db.execute("UPDATE runs SET status=?, finished_at=?, meta_json=? WHERE run_id=?",
+                            (status, time.time(), json.dumps(meta), run_id))
+
+    def runs(self) -> list[dict]:
+        cur = self.db.execute("SELECT run_id, created_at, finished_at, suite, label, status, env_json, meta_json,"
+                              " (SELECT COUNT(*) FROM trials t WHERE t.run_id = r.run_id) FROM runs r ORDER BY created_at")
+        return [dict(run_id=r[0], created_at=r[1], finished_at=r[2], suite=r[3], label=r[4], status=r[5],
+                     env=json.loads(r[6]), meta=json.loads(r[7]), n_trials=r[8]) for r in cur]
+
+    def run(self, run_id: str | None = None) -> dict | None:
+        """One run by id (a unique prefix works), or the latest run."""
+        runs = self.runs()
+        if run_id is None:
+            return runs[-1] if runs else None
+        exact = [r for r in runs if r["run_id"] == run_id]
+        if exact:
+            return exact[0]
+        matches = [r for r in runs if r["run_id"].startswith(run_id)]
+        return matches[0] if len(matches) == 1 else None
+
+    # -- trials ----------------------------------------------------------------------------
+    def add_trial(self, record: dict, seq: int) -> None:
+        """Store one finished trial and its steps in one transaction."""
+        with self.db:  # BEGIN ... COMMIT
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO trials (run_id, trial_id, seq, status, error, finished_at, record_json) VALUES (?,?,?,?,?,?,?)",
+                            (record["run_id"], record["trial_id"], seq, record["status"], record["error"], time.time(),
+                             json.dumps(record)))
+            times = record.get("step_times_s") or []
+            losses = record.get("losses") or []
+            rows = [(record["run_id"], record["trial_id"], i, times[i] if i < len(times) else None,
+                     losses[i] if i < len(losses) else None) for i in range(max(len(times), len(losses)))]
+            self.db.executemany("INSERT INTO steps VALUES (?,?,?,?,?)", rows)
+
+    def trials(self, run_id: str) -> list[dict]:
+        cur = self.db.execute("SELECT record_json FROM trials WHERE run_id=? ORDER BY seq", (run_id,))
+        return [json.loads(r[0]) for r in cur]
+
+    def steps(self, run_id: str) -> list[tuple]:
+        return list(self.db.execute("SELECT trial_id, step, step_time_s, loss FROM steps WHERE run_id=? ORDER BY trial_id, step",
+                                    (run_id,)))

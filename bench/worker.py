@@ -1,0 +1,90 @@
+"""A rank of the warm worker pool, started by DeepSpeed's launcher (`python -m llmbench.worker`).
+
+Each rank connects to the driver's control socket, joins the process group once, then runs
+the trials the driver sends, one after another, each building and fully tearing down its
+own engine and model. When the driver goes away (its socket closes) every rank exits at
+once, even one stuck in a collective, so no rank outlives its sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import threading
+import time
+
+EXIT_DRIVER_GONE = 75
+
+
+class Control:
+    """Newline-delimited JSON over one TCP connection to the driver."""
+
+    def __init__(self, address: str):
+        host, _, port = address.rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=60)
+        self.sock.settimeout(None)
+        self.inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True, name="llmbench-control").start()
+
+    def _read(self) -> None:
+        buf = self.sock.makefile("r", encoding="utf-8")
+        for line in buf:
+            self.inbox.put(json.loads(line))
+        # EOF: the driver is gone (finished, killed, or crashed). Leave now, whatever the
+        # main thread is doing; a rank blocked in a collective would otherwise wait forever.
+        os._exit(EXIT_DRIVER_GONE)
+
+    def send(self, msg: dict) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        with self._lock:
+            self.sock.sendall(data)
+
+
+def main() -> None:
+    t_start = time.time()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--control", required=True, help="driver's host:port")
+    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    args, _ = parser.parse_known_args()
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    ctl = Control(args.control)
+    ctl.send({"type": "hello", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.accelerator == "cuda":
+        torch.cuda.set_device(local_rank)
+    import deepspeed
+
+    from .spec import TrialSpec
+    from .trial import run_trial
+
+    deepspeed.init_distributed(dist_backend=args.backend)
+    world = torch.distributed.get_world_size()
+    device = torch.cuda.get_device_name(local_rank) if args.accelerator == "cuda" else "cpu"
+    host = socket.gethostname()
+    ctl.send({"type": "ready", "rank": rank, "world_size": world, "device": device,
+              "startup_s": time.time() - t_start, "threads": torch.get_num_threads()})
+    while True:
+        msg = ctl.inbox.get()
+        if msg["type"] == "stop":
+            break
+        if msg["type"] == "trial":
+            spec = TrialSpec.model_validate(msg["spec"])
+            res = run_trial(spec, rank, world, args.accelerator, host, device)
+            ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.to_dict()})
+    torch.distributed.destroy_process_group()
+    ctl.send({"type": "bye", "rank": rank})
+
+
+if __name__ == "__main__":
+    main()

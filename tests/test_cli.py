@@ -1,0 +1,48 @@
+"""The CLI: bad input is one line and exit code 2, before anything launches; a failing trial does not stop a sweep."""
+
+import json
+
+import pytest
+
+from conftest import llmbench
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["sweep", "nope"], "unknown suite 'nope'"),
+    (["sweep", "zero", "--set", "zero_stage=5"], "zero_stage=5"),
+    (["sweep", "zero", "--set", "micro_batch=0"], "micro_batch=0"),
+    (["sweep", "zero", "--set", "model=/no/such/dir"], "unknown model '/no/such/dir'"),
+    (["sweep", "zero", "--set", "colour=red"], "--set colour: unknown axis"),
+    (["run", "--zero-stage", "1", "--set", "offload=optimizer+params"], "needs zero_stage 3"),
+    (["results", "--db", "/no/such.db"], "no such store"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
+    p = llmbench(*args, "--db", str(tmp_path / "x.db"), check=False) if "--db" not in args else llmbench(*args, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "x.db").exists()  # nothing was launched or stored
+
+
+def test_dry_run_lists_trials_without_running(tmp_path):
+    p = llmbench("sweep", "zero", "--dry-run", "--db", str(tmp_path / "x.db"))
+    assert "z3-mb8" in p.stdout and "8 trials" in p.stdout
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_env_command():
+    out = llmbench("env").stdout
+    assert "deepspeed" in out and "gloo" in out
+
+
+def test_unsupported_trial_is_recorded_and_sweep_goes_on(tmp_path):
+    """fp16 on DeepSpeed's CPU accelerator is refused; the next trial still runs, on a fresh pool."""
+    suite = tmp_path / "mixed.yaml"
+    suite.write_text("name: mixed\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 1, steps: 2}\n"
+                     "grid: {precision: [fp16, bf16]}\n")
+    db = str(tmp_path / "m.db")
+    llmbench("sweep", str(suite), "--db", db, "--out", str(tmp_path))
+    recs = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
+    assert [r["status"] for r in recs] == ["unsupported", "ok"]
+    assert "fp16" in recs[0]["error"]

@@ -1,0 +1,62 @@
+"""Suites and specs: expansion, overrides, and bad input as one clear error."""
+
+import pytest
+
+from llmbench.spec import SpecError, TrialSpec, builtin_suites, expand, load_suite
+
+DEFAULTS = {"model": "tiny", "world_size": 2}
+
+
+def test_builtin_zero_suite_expands_to_stages_and_micro_batches():
+    suite, src = load_suite("zero")
+    trials = expand(suite, src, DEFAULTS)
+    assert {s.zero_stage for _, s in trials} == {0, 1, 2, 3}
+    assert len({s.micro_batch for _, s in trials}) >= 2
+    assert [t for t, _ in trials][:2] == ["z0-mb4", "z0-mb8"]
+    assert all(s.world_size == 2 and s.model == "tiny" for _, s in trials)
+
+
+def test_suites_ship_as_package_data():
+    assert {"zero", "smoke"} <= set(builtin_suites())
+
+
+def test_set_overrides_axis_and_fixed_value():
+    suite, src = load_suite("zero")
+    trials = expand(suite, src, DEFAULTS, ["zero_stage=1,3", "precision=fp32"])
+    assert [(s.zero_stage, s.precision) for _, s in trials] == [(1, "fp32"), (1, "fp32"), (3, "fp32"), (3, "fp32")]
+
+
+def test_global_batch_follows_deepspeed_rule():
+    s = TrialSpec(micro_batch=3, grad_accum=5, world_size=4)
+    assert s.global_batch == 60
+
+
+@pytest.mark.parametrize("text, match", [
+    ("name: x\ngrid:\n  zero_stage: [5]\n", r"zero_stage=5"),
+    ("name: x\ngrid:\n  micro_batch: [0]\n", r"micro_batch=0"),
+    ("name: x\nfixed:\n  grad_accum: -2\n", r"grad_accum=-2"),
+    ("name: x\nfixed:\n  bogus: 1\n", r"fixed.bogus: unknown axis"),
+    ("name: x\nextra: 1\n", r"extra"),
+    ("name: x\nfixed:\n  precision: fp8\n", r"precision='fp8'"),
+    ("name: x\nfixed: [1, 2\n", r"malformed YAML"),
+    ("name: x\ngrid:\n  zero_stage: []\n", r"empty list"),
+    ("- just\n- a list\n", r"a suite is a mapping"),
+    ("name: x\nfixed:\n  micro_batch: four\n", r"micro_batch='four'"),
+])
+def test_bad_suites_raise_one_line(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(SpecError, match=match) as info:
+        suite, src = load_suite(str(p))
+        expand(suite, src, DEFAULTS)
+    assert "\n" not in str(info.value) and str(p) in str(info.value)
+
+
+def test_unknown_suite_and_bad_override():
+    with pytest.raises(SpecError, match="unknown suite 'nope'"):
+        load_suite("nope")
+    suite, src = load_suite("zero")
+    with pytest.raises(SpecError, match="--set wat: unknown axis"):
+        expand(suite, src, DEFAULTS, ["wat=1"])
+    with pytest.raises(SpecError, match="offload=optimizer\\+params needs zero_stage 3"):
+        expand(suite, src, DEFAULTS, ["offload=optimizer+params", "zero_stage=2"])
