@@ -33,6 +33,17 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def error_summary(error: str | None, width: int = 160) -> str:
+    """The first line of a trial's error, and its last line when the first only introduces it."""
+    lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text += " … " + lines[-1]
+    return text[:width]
+
+
 def _hostfile_slots(path: str) -> int:
     """World size from an MPI-style hostfile (`host slots=N`), as DeepSpeed's launcher reads it."""
     total = 0
@@ -45,9 +56,11 @@ def _hostfile_slots(path: str) -> int:
     return total
 
 
-def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path, out: Path, dry_run: bool,
-           cpu: bool, hostfile: Optional[str], include: Optional[str], num_nodes: Optional[int],
-           master_addr: Optional[str]) -> None:
+def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path, out: Path, dry_run: bool = False,
+           cpu: bool = False, hostfile: Optional[str] = None, include: Optional[str] = None,
+           num_nodes: Optional[int] = None, master_addr: Optional[str] = None, base_config: Optional[Path] = None,
+           resume: Optional[str] = None, warm_pool: bool = True, source_label: Optional[str] = None) -> None:
+    from .engine import axes_from_base_config, load_base_config
     from .env import detect_hardware
     from .launch import LaunchOptions
     from .spec import expand, load_suite
@@ -56,64 +69,94 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
     try:
         hw = detect_hardware(force_cpu=cpu)
         suite, source = load_suite(suite_name)
+        source = source_label or source
         defaults = {"model": hw.default_model, "world_size": hw.world_size}
+        base = load_base_config(base_config) if base_config else None
+        if base:
+            defaults.update(axes_from_base_config(base))
         if hostfile:
             if not Path(hostfile).is_file():
                 raise SpecError(f"--hostfile {hostfile}: no such file")
             defaults["world_size"] = _hostfile_slots(hostfile)
-        plan = make_plan(expand(suite, source, defaults, overrides), hw)
+        plan = make_plan(expand(suite, source, defaults, overrides), hw, base)
+        if resume:
+            from .store import Store
+
+            run = Store(db).run(resume) if db.exists() else None
+            if run is None:
+                raise SpecError(f"--resume {resume}: no such run in {db}")
+            resume = run["run_id"]
+            unknown = {r["trial_id"] for r in Store(db).trials(resume)} - {t.trial_id for t in plan.trials}
+            if unknown:
+                raise SpecError(f"--resume {resume}: the run holds trials this suite does not define ({', '.join(sorted(unknown))})")
     except SpecError as e:
         fail(str(e))
     options = LaunchOptions(hostfile=hostfile, include=include, num_nodes=num_nodes, master_addr=master_addr)
     if dry_run:
         _print_plan(plan, hw)
         return
-    _run_plan(plan, hw, suite.name, label, db, out, options)
+    _run_plan(plan, hw, suite.name, label, db, out, options, resume, warm_pool)
 
 
 def _print_plan(plan, hw) -> None:
-    t = Table(title=f"{len(plan.trials)} trials on {hw.accelerator} ({hw.comm_backend})")
+    n = len(plan.trials)
+    t = Table(title=f"{n} trial{'s' if n != 1 else ''} on {hw.accelerator} ({hw.comm_backend})")
     for col in ("trial", "model", "params", "precision", "zero", "micro", "accum", "global batch", "ranks", "seq"):
         t.add_column(col)
-    for trial_id, s in plan.trials:
-        t.add_row(trial_id, s.model, f"{plan.stats[trial_id].n_params:,}", s.precision, str(s.zero_stage),
-                  str(s.micro_batch), str(s.grad_accum), str(s.global_batch), str(s.world_size), str(s.seq_len))
+    t.add_column("note")
+    for p in plan.trials:
+        s = p.spec
+        t.add_row(p.trial_id, s.model, f"{p.stats.n_params:,}", s.precision, str(s.zero_stage),
+                  str(s.micro_batch), str(s.grad_accum), str(s.global_batch), str(s.world_size), str(s.seq_len),
+                  f"skipped: {p.skip}" if p.skip else "")
     console.print(t)
 
 
-def _run_plan(plan, hw, suite_name, label, db, out, options) -> None:
+def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_pool=True) -> None:
     from .report.html import write_report
     from .store import Store
     from .sweep import run_sweep
 
     store = Store(db)
-    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {plan.trials[0][1].world_size} "
-                  f"({hw.comm_backend}); store {db}")
+    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {plan.trials[0].spec.world_size} "
+                  f"({hw.comm_backend}); store {db}" + (f"; resuming {resume}" if resume else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
     task = progress.add_task("starting", total=len(plan.trials))
 
-    def started(seq, trial_id, spec):
-        progress.update(task, description=f"{trial_id}")
+    def started(seq, planned):
+        progress.update(task, description=planned.trial_id)
 
     def ended(seq, rec):
         mark = "[green]ok[/]" if rec["status"] == "ok" else f"[red]{rec['status']}[/]"
-        extra = f"{rec['tokens_per_s']:,.0f} tok/s" if rec["status"] == "ok" else (rec["error"] or "").splitlines()[0][:120]
+        extra = f"{rec['tokens_per_s']:,.0f} tok/s" if rec["status"] == "ok" else error_summary(rec["error"])
         progress.console.print(f"  {rec['trial_id']:<24} {mark} {extra}", highlight=False)
         progress.advance(task)
 
+    import signal
+
+    def terminate(signum, frame):  # SIGTERM (a batch system, `kill`): stop as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         with progress:
             result = run_sweep(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
-                               options=options, on_trial_start=started, on_trial_end=ended)
+                               options=options, resume=resume, warm_pool=warm_pool,
+                               on_trial_start=started, on_trial_end=ended)
     except KeyboardInterrupt:
         run = store.run()
-        console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {run['n_trials']} finished trials in {db}")
+        kept = [r for r in store.trials(run["run_id"]) if r["status"] != "interrupted"]
+        console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {len(kept)} finished trials in {db}; "
+                      f"continue with --resume {run['run_id']}")
         raise typer.Exit(130)
     run = store.run(result.run_id)
-    _print_table(result.records, f"run {result.run_id} ({result.wall_s:.0f} s)")
-    path = write_report(run, result.records, out)
+    records = store.trials(result.run_id)  # a resumed run reports all its trials
+    _print_table(records, f"run {result.run_id} ({result.wall_s:.0f} s)")
+    path = write_report(run, records, out)
     console.print(f"report: {path}")
+    if not any(r["status"] == "ok" for r in records):
+        fail(f"no trial of run {result.run_id} succeeded; see the errors above and the logs in {Path(out) / 'logs'}", code=1)
 
 
 def _print_table(records: list[dict], title: str) -> None:
@@ -143,35 +186,42 @@ def sweep(
     include: Optional[str] = typer.Option(None, "--include", help="DeepSpeed --include (e.g. 'worker-0:0,1')."),
     num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="DeepSpeed --num_nodes."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="DeepSpeed --master_addr."),
+    base_config: Optional[Path] = typer.Option(None, "--base-config",
+                                               help="Your DeepSpeed config JSON: the starting point of every trial; swept axes override only what they define."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a stored run: run only its unfinished trials."),
+    fresh_launch: bool = typer.Option(False, "--fresh-launch",
+                                      help="Start a new DeepSpeed launch for every trial instead of the warm pool (slower)."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
-    _sweep(suite, set_, label, db, out, dry_run, cpu, hostfile, include, num_nodes, master_addr)
+    _sweep(suite, set_, label, db, out, dry_run, cpu, hostfile, include, num_nodes, master_addr, base_config,
+           resume, not fresh_launch)
 
 
 @app.command()
 def run(
     model: Optional[str] = typer.Option(None, "--model", help="Catalog size (tiny, 125m, ... 70b) or a local model directory."),
-    zero_stage: int = typer.Option(0, "--zero-stage", help="ZeRO stage 0-3."),
-    micro_batch: int = typer.Option(4, "--micro-batch", help="Micro-batch per rank."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps."),
-    precision: str = typer.Option("bf16", "--precision", help="fp32, fp16 or bf16."),
+    zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="ZeRO stage 0-3 [default: 0]."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Micro-batch per rank [default: 4]."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps [default: 1]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 [default: bf16]."),
     set_: list[str] = typer.Option([], "--set", help="Any other axis: axis=value (repeatable)."),
     label: Optional[str] = typer.Option(None, "--label", help="A label stored with the run."),
     cpu: bool = typer.Option(False, "--cpu", help="Use DeepSpeed's CPU accelerator even if GPUs are visible."),
+    base_config: Optional[Path] = typer.Option(None, "--base-config", help="Your DeepSpeed config JSON as the starting point."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Run one trial from flags, store it and write its report."""
     import tempfile
 
-    fixed = {"zero_stage": zero_stage, "micro_batch": micro_batch, "grad_accum": grad_accum, "precision": precision}
-    if model:
-        fixed["model"] = model
+    given = {"zero_stage": zero_stage, "micro_batch": micro_batch, "grad_accum": grad_accum, "precision": precision,
+             "model": model}
+    fixed = {k: v for k, v in given.items() if v is not None}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump({"name": "run", "fixed": fixed, "grid": {}}, f)
-    _sweep(f.name, set_, label, db, out, False, cpu, None, None, None, None)
+    _sweep(f.name, set_, label, db, out, cpu=cpu, base_config=base_config, source_label="llmbench run")
 
 
 def _load_run(db: Path, run_id: Optional[str]):

@@ -1,8 +1,12 @@
-"""TrialSpec → the DeepSpeed config a trial runs with."""
+"""TrialSpec (+ an optional base DeepSpeed config) → the DeepSpeed config a trial runs with."""
 
 from __future__ import annotations
 
-from .spec import TrialSpec
+import copy
+import json
+from pathlib import Path
+
+from .spec import FP16_KNOBS, SpecError, TrialSpec
 
 NEVER = 10**9  # steps_per_print: DeepSpeed's periodic logging stays out of the timed window
 
@@ -20,32 +24,124 @@ def persistence_threshold(spec: TrialSpec, hidden_size: int) -> int:
     return min(100_000, hidden_size)
 
 
-def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int) -> dict:
-    """A real DeepSpeed config (see https://www.deepspeed.ai/docs/config-json/)."""
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_base_config(path: str | Path) -> dict:
+    """A user's DeepSpeed config (JSON), the starting point of every trial."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"--base-config {p}: no such file")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(f"--base-config {p}: line {e.lineno}: malformed JSON: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise SpecError(f"--base-config {p}: a DeepSpeed config is a JSON object")
+    return cfg
+
+
+def axes_from_base_config(base: dict) -> dict:
+    """The axis values a base config implies; suites and --set override them.
+
+    Hugging Face style "auto" values are treated as absent.
+    """
+    def val(*keys):
+        d = base
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return None if d == "auto" else d
+
+    out: dict = {}
+    for axis, keys in {"micro_batch": ("train_micro_batch_size_per_gpu",), "grad_accum": ("gradient_accumulation_steps",),
+                       "zero_stage": ("zero_optimization", "stage"), "overlap_comm": ("zero_optimization", "overlap_comm"),
+                       "contiguous_gradients": ("zero_optimization", "contiguous_gradients"),
+                       "reduce_bucket_size": ("zero_optimization", "reduce_bucket_size"),
+                       "allgather_bucket_size": ("zero_optimization", "allgather_bucket_size"),
+                       "param_persistence_threshold": ("zero_optimization", "stage3_param_persistence_threshold")}.items():
+        v = val(*keys)
+        if v is not None:
+            out[axis] = int(v) if isinstance(v, float) and v.is_integer() else v
+    if val("bf16", "enabled") or val("bfloat16", "enabled"):
+        out["precision"] = "bf16"
+    elif val("fp16", "enabled"):
+        out["precision"] = "fp16"
+        for k in FP16_KNOBS:
+            if val("fp16", k) is not None:
+                out[k] = val("fp16", k)
+    elif "bf16" in base or "fp16" in base:
+        out["precision"] = "fp32"
+    off_opt = val("zero_optimization", "offload_optimizer", "device") in ("cpu", "nvme")
+    off_par = val("zero_optimization", "offload_param", "device") in ("cpu", "nvme")
+    if off_opt or off_par:
+        out["offload"] = "optimizer+params" if off_par else "optimizer"
+    return out
+
+
+def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int, base: dict | None = None,
+              ranks_per_node: int | None = None) -> dict:
+    """A real DeepSpeed config (https://www.deepspeed.ai/docs/config-json/).
+
+    The base config, when given, is the starting point; the trial's axes override only the
+    keys they define, and measurement hygiene (no periodic prints, no synchronising timers)
+    is always enforced.
+    """
+    base = copy.deepcopy(base or {})
     zero: dict = {"stage": spec.zero_stage}
+    for knob in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size"):
+        if getattr(spec, knob) is not None:
+            zero[knob] = getattr(spec, knob)
     if spec.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = persistence_threshold(spec, hidden_size)
+    pin = accelerator == "cuda"
     if spec.offload in ("optimizer", "optimizer+params"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": accelerator == "cuda"}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if spec.offload == "optimizer+params":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator == "cuda"}
-    optimizer_params = {"lr": spec.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
-    if accelerator == "cpu" and spec.offload == "none":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if spec.quant in ("zeropp-qw", "zeropp"):
+        zero["zero_quantized_weights"] = True
+    if spec.quant in ("zeropp-qg", "zeropp"):
+        zero["zero_quantized_gradients"] = True
+    if spec.quant in ("zeropp-hpz", "zeropp"):
+        # DeepSpeed's guidance: the secondary (hpZ) partition spans one node's GPUs.
+        zero["zero_hpz_partition_size"] = ranks_per_node or spec.world_size
+    # A stage change invalidates the base's offload sections unless this trial offloads.
+    base_zero = base.get("zero_optimization", {})
+    if spec.offload == "none":
+        base_zero.pop("offload_optimizer", None)
+        base_zero.pop("offload_param", None)
+    if "optimizer" not in base:
+        base["optimizer"] = {"type": "AdamW", "params": {"lr": spec.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+    opt = base["optimizer"]
+    if accelerator == "cpu" and spec.offload == "none" and opt.get("type", "").lower() in ("adam", "adamw"):
         # FusedAdam would JIT-build a CUDA-style op on CPU (~30 s); torch's AdamW is the CPU path.
-        optimizer_params["torch_adam"] = True
-    return {
+        opt.setdefault("params", {})["torch_adam"] = True
+    fp16 = {"enabled": spec.precision == "fp16"}
+    if spec.precision == "fp16":
+        fp16.update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                     "min_loss_scale": 1})
+        fp16.update({k: getattr(spec, k) for k in FP16_KNOBS if getattr(spec, k) is not None})
+    base.pop("bfloat16", None)
+    ours = {
         "train_batch_size": spec.global_batch,
         "train_micro_batch_size_per_gpu": spec.micro_batch,
         "gradient_accumulation_steps": spec.grad_accum,
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": optimizer_params},
         "zero_optimization": zero,
         "bf16": {"enabled": spec.precision == "bf16"},
-        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": fp16,
         "steps_per_print": NEVER,
         # DeepSpeed's throughput timer is on by default and synchronises the device every
         # step; the wall-clock breakdown synchronises too. Both stay off while we measure.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "wall_clock_breakdown": False,
     }
+    base.setdefault("gradient_clipping", 1.0)
+    if spec.precision != "fp16":
+        base.pop("fp16", None)
+    return _merge(base, ours)

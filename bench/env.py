@@ -73,6 +73,9 @@ def git_commit() -> str | None:
     """The commit of the llmbench code being measured (None for an installed wheel)."""
     here = Path(__file__).resolve().parent
     try:
+        top = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=5)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != here.parent:
+            return None  # an installed copy, perhaps inside some other checkout: not our commit
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5)

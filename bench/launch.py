@@ -44,6 +44,37 @@ class LaunchOptions:
         return bool(self.hostfile or (self.num_nodes and self.num_nodes > 1))
 
 
+def extensions_dir() -> Path:
+    """Where torch JIT-builds DeepSpeed's ops (torch.utils.cpp_extension's default)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+
+
+def clear_stale_extension_locks(max_age_s: float = 60.0) -> list[Path]:
+    """Remove JIT-build lock files that nobody will ever release.
+
+    torch's cpp_extension takes a lock file (`<build dir>/lock`) every time a rank loads a
+    DeepSpeed op (even an up-to-date one) and waits forever while it exists. A rank killed
+    at that moment (a timed-out or failed trial, Ctrl-C) leaves it behind, and every later
+    launch hangs silently. Loading a built op holds the lock for well under a second, so a
+    lock older than `max_age_s` while no compiler runs is stale.
+    """
+    root = extensions_dir()
+    locks = [p for p in root.glob("*/*/lock")] + [p for p in root.glob("*/lock")]
+    now = time.time()
+    stale = [p for p in locks if now - p.stat().st_mtime > max_age_s]
+    if not stale:
+        return []
+    import psutil
+
+    building = any(p.info["name"] in ("ninja", "c++", "g++", "gcc", "cc1plus", "nvcc")
+                   for p in psutil.process_iter(["name"]))
+    if building:
+        return []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 class PoolError(RuntimeError):
     """The pool could not run a trial to completion (start-up failed, a rank died or hung)."""
 
@@ -93,6 +124,7 @@ class RankPool:
 
     def start(self) -> None:
         t0 = time.perf_counter()
+        self.cleared_locks = clear_stale_extension_locks()
         self.events = queue.Queue()
         self.ready, self.conns = {}, {}
         bind = "0.0.0.0" if self.options.multi_node else "127.0.0.1"
@@ -114,17 +146,22 @@ class RankPool:
         log.close()
         self.starts += 1
         deadline = time.monotonic() + self.startup_timeout_s
+        next_lock_check = time.monotonic() + 10
         while len(self.ready) < self.world_size:
             try:
                 rank, msg = self.events.get(timeout=0.2)
             except queue.Empty:
+                if time.monotonic() > next_lock_check:
+                    self.cleared_locks += clear_stale_extension_locks()
+                    next_lock_check = time.monotonic() + 10
                 if self.proc.poll() is not None:
                     self.kill()
                     raise PoolError("failed", f"the DeepSpeed launcher exited with code {self.proc.returncode} "
                                               f"before all ranks were ready:\n{self.log_tail()}")
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise PoolError("timeout", f"ranks not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+                    raise PoolError("timeout", f"ranks not ready after {self.startup_timeout_s:.0f}s (a rank waiting on a "
+                                               f"JIT-build lock under {extensions_dir()} looks like this):\n{self.log_tail()}")
                 continue
             if msg["type"] == "ready":
                 self.ready[rank] = msg
@@ -156,23 +193,45 @@ class RankPool:
         for conn in self.conns.values():
             conn.sendall(data)
 
-    def stop(self) -> None:
-        """Ask the ranks to leave cleanly; kill whatever is left after a few seconds."""
-        if self.proc is not None and self.proc.poll() is None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the ranks to leave cleanly (they leave the process group and say bye), then
+        end the launcher's session: its own exit polling would cost seconds more."""
+        if self.proc is not None and self.proc.poll() is None and self.conns:
             try:
                 self._send_all({"type": "stop"})
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
+                gone: set = set()
+                deadline = time.monotonic() + timeout_s
+                while len(gone) < len(self.conns) and time.monotonic() < deadline:
+                    try:
+                        rank, msg = self.events.get(timeout=0.1)
+                    except queue.Empty:
+                        if self.proc.poll() is not None:
+                            break
+                        continue
+                    if msg["type"] in ("bye", "eof"):
+                        gone.add(rank)
+            except OSError:
                 pass
         self.kill()
 
     def kill(self) -> None:
-        """End the launcher and every rank (its whole process session)."""
+        """End the launcher, every rank and anything they started (compilers included)."""
         if self.proc is not None and self.proc.poll() is None:
+            import psutil
+
+            try:
+                family = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                family = []
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            for p in family:  # a child that left the process group is still ours
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
             self.proc.wait()
         for conn in self.conns.values():
             try:
@@ -192,7 +251,7 @@ class RankPool:
         return "\n".join(keep[-n:])
 
     # -- trials ------------------------------------------------------------------------
-    def run(self, trial_id: str, spec: dict, timeout_s: float) -> list[dict]:
+    def run(self, trial_id: str, spec: dict, timeout_s: float, base_config: dict | None = None) -> list[dict]:
         """Run one trial on every rank; returns the ranks' results (any status).
 
         Raises PoolError when the ranks cannot all report: a rank died (`failed`), or the
@@ -204,7 +263,7 @@ class RankPool:
             self.start()
         while not self.events.empty():
             self.events.get_nowait()
-        self._send_all({"type": "trial", "trial_id": trial_id, "spec": spec})
+        self._send_all({"type": "trial", "trial_id": trial_id, "spec": spec, "base_config": base_config})
         results: dict[int, dict] = {}
         deadline = time.monotonic() + timeout_s
         first_failure = None

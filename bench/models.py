@@ -111,11 +111,22 @@ def build_config(model: str, family: str = "llama", seq_len: int | None = None, 
     return cfg
 
 
-def build_model(config):
-    """A random-init causal LM from a transformers config (no weights are downloaded)."""
+def model_class(config):
+    """The causal-LM class for a config, imported now.
+
+    Import it before entering `deepspeed.zero.Init`: that context patches torch.Tensor.__new__,
+    and transformers' lazy import of a modeling module inside it fails (torch 2.13's dynamo
+    rejects the patched constructor: "Signature mismatch ... tensor_pynew").
+    """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def build_model(config, cls=None):
+    """A random-init causal LM from a transformers config (no weights are downloaded)."""
+    cls = cls or model_class(config)
+    return cls._from_config(config, attn_implementation=config._attn_implementation)
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,21 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "model_state_breakdown": None,
         "peak_mem_bytes": None,
         "peak_mem_bytes_per_rank": [],
+        "peak_mem_baseline_bytes": None,
+        "memory_per_rank": [],
         "losses": [],
+        "grad_norms": [],
+        "lrs": [],
+        "loss_scales": [],
+        "skipped_steps": None,
+        "notes": [],
         "final_loss": None,
         "entropy_floor": None,
         "setup_s": None,
         "teardown_s": None,
         "warmup_s": None,
         "trial_wall_s": None,
+        "pool_start_s": 0.0,
         "overhead_s": None,
         "model_config": None,
         "ds_config": None,
@@ -82,6 +90,10 @@ def aggregate(rec: dict, ranks: list[dict]) -> dict:
         teardown_s=max(r["teardown_s"] for r in ranks),
         warmup_s=max(r["warmup_s"] for r in ranks),
         peak_mem_bytes_per_rank=[r["memory"].get("peak_mem_bytes") for r in ranks],
+        # What the process (CPU: RSS) or allocator (CUDA) already held when the trial began.
+        peak_mem_baseline_bytes=max((r["memory"].get("baseline_bytes") or 0) for r in ranks),
+        memory_per_rank=[r["memory"] for r in ranks],
+        notes=sorted({n for r in ranks for n in r.get("notes", [])}),
     )
     rec["peak_mem_bytes"] = max((m for m in rec["peak_mem_bytes_per_rank"] if m is not None), default=None)
     if bad:
@@ -111,5 +123,8 @@ def aggregate(rec: dict, ranks: list[dict]) -> dict:
         model_state_breakdown=[{k: r["model_state"].get(k) for k in ("params", "grads", "optimizer")} for r in ranks],
     )
     rec["model_state_bytes"] = max(rec["model_state_bytes_per_rank"])
+    # Gradient norm, learning rate and loss scale are global quantities: rank 0's are the run's.
+    rec.update(grad_norms=first["grad_norms"], lrs=first["lrs"], loss_scales=first["loss_scales"],
+               skipped_steps=max(r["skipped_steps"] for r in ranks))
     rec["final_loss"] = rec["losses"][-1] if rec["losses"] else None
     return rec

@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 Precision = Literal["fp32", "fp16", "bf16"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
+# ZeRO++ (Wang et al. 2023): quantized weight all-gather (qw), quantized gradients (qg),
+# hierarchical partitioning (hpz), or all three; fp8 = torchao float8 linear layers.
+Quant = Literal["none", "zeropp-qw", "zeropp-qg", "zeropp-hpz", "zeropp", "fp8"]
+FP16_KNOBS = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
 
 
 class SpecError(ValueError):
@@ -23,7 +27,10 @@ class SpecError(ValueError):
 
 
 class TrialSpec(BaseModel):
-    """Everything that defines one trial; the worker needs nothing else."""
+    """Everything that defines one trial; the worker needs nothing else.
+
+    Field names are the axis names of suites and `--set`, and the record's field names.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -35,26 +42,45 @@ class TrialSpec(BaseModel):
     precision: Precision = "bf16"
     zero_stage: int = Field(0, ge=0, le=3)
     offload: Offload = "none"
-    quant: Literal["none"] = "none"
+    quant: Quant = "none"
     world_size: int = Field(2, ge=1)
-    warmup_steps: int = Field(3, ge=1)
-    steps: int = Field(10, ge=2)
-    seed: int = 0
-    lr: float = Field(1e-3, gt=0)
+    activation_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    compile: bool = False
+    # ZeRO knobs; None = DeepSpeed's default (or the base config's value).
+    overlap_comm: bool | None = None
+    contiguous_gradients: bool | None = None
+    reduce_bucket_size: int | None = Field(None, ge=1)
+    allgather_bucket_size: int | None = Field(None, ge=1)
     # ZeRO-3 keeps parameters with fewer elements than this whole on every rank. None = auto:
     # min(DeepSpeed's default 1e5, hidden size), so norms and biases persist but every weight
     # matrix is partitioned, even on the tiny CPU model (see engine.ds_config).
     param_persistence_threshold: int | None = Field(None, ge=0)
+    # fp16 dynamic loss scaling (DeepSpeed's `fp16` section); None = DeepSpeed's default.
+    loss_scale: float | None = Field(None, ge=0)
+    initial_scale_power: int | None = Field(None, ge=0, le=64)
+    loss_scale_window: int | None = Field(None, ge=1)
+    hysteresis: int | None = Field(None, ge=1)
+    min_loss_scale: float | None = Field(None, gt=0)
+    warmup_steps: int = Field(3, ge=1)
+    steps: int = Field(10, ge=2)
+    seed: int = 0
+    lr: float = Field(1e-3, gt=0)
     timeout_s: float = Field(600.0, gt=0)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "TrialSpec":
+    def incompatibility(self) -> str | None:
+        """Why this combination makes no sense, or None. In a grid such a trial is recorded
+        as `skipped` with this reason; asked for alone it is bad input."""
         if self.offload == "optimizer+params" and self.zero_stage != 3:
-            raise ValueError("offload=optimizer+params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)")
+            return "offload=optimizer+params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)"
         if self.offload != "none" and self.zero_stage == 0:
-            raise ValueError(f"offload={self.offload} needs zero_stage >= 1")
-        return self
+            return f"offload={self.offload} needs zero_stage >= 1 (ZeRO-Offload offloads partitioned states)"
+        if self.quant.startswith("zeropp") and self.zero_stage != 3:
+            return f"quant={self.quant} needs zero_stage 3 (ZeRO++ extends ZeRO-3)"
+        knobs = [k for k in FP16_KNOBS if getattr(self, k) is not None]
+        if knobs and self.precision != "fp16":
+            return f"{knobs[0]} is an fp16 loss-scaling setting; precision={self.precision} does not scale the loss"
+        return None
 
     @property
     def global_batch(self) -> int:
@@ -68,12 +94,13 @@ class TrialSpec(BaseModel):
     def trial_id(self, axes: list[str]) -> str:
         """A readable id from the swept axes' values, stable across runs of the same suite."""
         short = {"zero_stage": "z", "micro_batch": "mb", "grad_accum": "ga", "seq_len": "seq",
-                 "world_size": "ws", "offload": "off-", "precision": "", "model": "", "quant": "q-"}
-        parts = [f"{short.get(a, a + '=')}{getattr(self, a)}" for a in axes]
+                 "world_size": "ws", "offload": "off-", "precision": "", "model": "", "quant": "",
+                 "activation_checkpointing": "ac-", "compile": "compile-", "attn_implementation": ""}
+        parts = [f"{short.get(a, a + '=')}{str(getattr(self, a)).lower()}" for a in axes]
         return "-".join(parts) or "trial"
 
 
-AXES = tuple(TrialSpec.model_fields)
+AXES = tuple(TrialSpec.model_fields) + ("global_batch",)
 
 
 class Suite(BaseModel):
@@ -144,28 +171,48 @@ def parse_override(text: str) -> tuple[str, list[str]]:
     return key, values
 
 
-def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[str] = ()) -> list[tuple[str, TrialSpec]]:
-    """Expand the grid (after `--set` overrides) into (trial_id, TrialSpec) pairs, in order."""
+def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[str] = ()) -> list[tuple[str, TrialSpec, str | None]]:
+    """Expand the grid (after `--set` overrides) into (trial_id, TrialSpec, skip reason).
+
+    A combination that makes no sense is kept with its reason (recorded as `skipped`) when
+    it comes from a grid; a single explicit configuration that makes no sense is bad input.
+    `global_batch` may be given instead of `grad_accum` (DeepSpeed's rule derives it).
+    """
     fixed = {**defaults, **{k: v for k, v in suite.fixed.items() if v != "auto"}}
     grid = dict(suite.grid)
+    from_cli: set[str] = set()
     for text in overrides:
         key, values = parse_override(text)
+        from_cli.add(key)
         if len(values) == 1:
             fixed[key] = values[0]
             grid.pop(key, None)
         else:
             grid[key] = values
             fixed.pop(key, None)
-    axes = list(grid)
-    trials: list[tuple[str, TrialSpec]] = []
-    for combo in itertools.product(*grid.values()):
+    axes = [a for a in grid if a != "global_batch"] + (["global_batch"] if "global_batch" in grid else [])
+    combos = list(itertools.product(*(grid[a] for a in axes)))
+    trials: list[tuple[str, TrialSpec, str | None]] = []
+    for combo in combos:
         values = {**fixed, **dict(zip(axes, combo))}
+        where = ", ".join(f"{a}={v}" for a, v in zip(axes, combo)) or "fixed"
+        if "global_batch" in values:
+            gb = values.pop("global_batch")
+            per_step = values.get("micro_batch", 4) * values.get("world_size", 2)
+            if not isinstance(gb, int) or gb < 1 or gb % per_step:
+                raise SpecError(f"{source}: global_batch={gb!r} ({where}) is not a positive multiple of "
+                                f"micro_batch × world_size = {per_step}")
+            values["grad_accum"] = gb // per_step
         try:
             spec = TrialSpec.model_validate(values)
         except ValidationError as e:
-            raise SpecError(f"{source}: {_first_error(e)}") from None
-        trials.append((spec.trial_id(axes), spec))
-    ids = [t for t, _ in trials]
+            field = str(e.errors()[0]["loc"][0]) if e.errors()[0]["loc"] else ""
+            raise SpecError(f"{'--set' if field in from_cli else source}: {_first_error(e)}") from None
+        reason = spec.incompatibility()
+        if reason and len(combos) == 1:
+            raise SpecError(f"{source}: {reason}")
+        trials.append((spec.trial_id([a if a != "global_batch" else "grad_accum" for a in axes]), spec, reason))
+    ids = [t[0] for t in trials]
     if len(set(ids)) != len(ids):
         raise SpecError(f"{source}: the grid repeats a configuration ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))})")
     return trials

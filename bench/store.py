@@ -99,6 +99,19 @@ class Store:
                      losses[i] if i < len(losses) else None) for i in range(max(len(times), len(losses)))]
             self.db.executemany("INSERT INTO steps VALUES (?,?,?,?,?)", rows)
 
+    def delete_trial(self, run_id: str, trial_id: str) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM steps WHERE run_id=? AND trial_id=?", (run_id, trial_id))
+            self.db.execute("DELETE FROM trials WHERE run_id=? AND trial_id=?", (run_id, trial_id))
+
+    def set_run_status(self, run_id: str, status: str) -> None:
+        self.db.execute("UPDATE runs SET status=? WHERE run_id=?", (status, run_id))
+
+    def next_seq(self, run_id: str) -> int:
+        (n,) = self.db.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM trials WHERE run_id=?", (run_id,)).fetchone()
+        return n
+
     def trials(self, run_id: str) -> list[dict]:
         cur = self.db.execute("SELECT record_json FROM trials WHERE run_id=? ORDER BY seq", (run_id,))
         return [json.loads(r[0]) for r in cur]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .collect.memory import host_oom_kills
 from .env import Hardware, environment
 from .launch import LaunchOptions, PoolError, RankPool
 from .models import ModelNotFound, ModelStats, build_config, model_stats
@@ -21,28 +22,36 @@ def new_run_id() -> str:
 
 
 @dataclass
+class PlannedTrial:
+    trial_id: str
+    spec: TrialSpec
+    skip: str | None = None  # why this grid combination is not run
+    stats: ModelStats | None = None
+
+
+@dataclass
 class Plan:
     """Trials in launch order (grouped by world size, so one pool serves each group)."""
 
-    trials: list[tuple[str, TrialSpec]]
-    stats: dict[str, ModelStats] = field(default_factory=dict)  # by trial_id
+    trials: list[PlannedTrial]
+    base_config: dict | None = None
 
 
-def make_plan(trials: list[tuple[str, TrialSpec]], hw: Hardware) -> Plan:
+def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, base_config: dict | None = None) -> Plan:
     """Check every trial's model before anything launches; bad input raises SpecError."""
     cache: dict[tuple, ModelStats] = {}
-    plan = Plan(trials=sorted(trials, key=lambda t: t[1].world_size))
-    for trial_id, spec in plan.trials:
+    trials = []
+    for trial_id, spec, skip in sorted(expanded, key=lambda t: t[1].world_size):
         key = (spec.model, spec.family, spec.seq_len)
         if key not in cache:
             try:
                 cache[key] = model_stats(build_config(spec.model, spec.family, spec.seq_len))
             except ModelNotFound as e:
                 raise SpecError(f"model: {e}") from None
-        plan.stats[trial_id] = cache[key]
-        if hw.accelerator == "cpu" and spec.world_size > 1 and spec.world_size > 2 * hw.cpu_cores:
+        if hw.accelerator == "cpu" and spec.world_size > 2 * hw.cpu_cores:
             raise SpecError(f"world_size={spec.world_size}: more than twice the {hw.cpu_cores} CPU cores; timings would be noise")
-    return plan
+        trials.append(PlannedTrial(trial_id, spec, skip, cache[key]))
+    return Plan(trials, base_config)
 
 
 @dataclass
@@ -55,64 +64,101 @@ class SweepResult:
     pool_start_s: list[float]
 
 
+def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | None) -> None:
+    """Run a trial on the pool and fill its record, whatever happens to it."""
+    kills_before = host_oom_kills()
+    try:
+        ranks = pool.run(t.trial_id, t.spec.model_dump(), t.spec.timeout_s, base_config)
+        aggregate(rec, ranks)
+    except PoolError as e:
+        status = e.status
+        kills_after = host_oom_kills()
+        if status == "failed" and kills_before is not None and kills_after is not None and kills_after > kills_before:
+            status = "oom"
+            e = PoolError("oom", f"the host's OOM killer ended a rank ({kills_after - kills_before} kill(s) in this cgroup)\n{e}")
+        failed_record(rec, status, str(e))
+
+
 def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, label: str | None,
-              log_dir: Path, options: LaunchOptions | None = None,
-              on_trial_start: Callable[[int, str, TrialSpec], None] | None = None,
+              log_dir: Path, options: LaunchOptions | None = None, resume: str | None = None,
+              warm_pool: bool = True,
+              on_trial_start: Callable[[int, PlannedTrial], None] | None = None,
               on_trial_end: Callable[[int, dict], None] | None = None) -> SweepResult:
-    """Run every planned trial; a failing trial is recorded and the sweep goes on."""
+    """Run every planned trial; a failing trial is recorded and the sweep goes on.
+
+    `resume` continues a stored run: trials already finished are kept and not run again,
+    an `interrupted` one is run again (and replaces its record). `warm_pool=False` starts
+    a fresh DeepSpeed launch for every trial (to measure what the pool saves).
+    """
     t0 = time.perf_counter()
     env = environment(hw)
-    run_id = new_run_id()
-    store.create_run(run_id, suite, label, env, meta={"n_trials": len(plan.trials)})
+    done: set[str] = set()
+    if resume:
+        run_id = resume
+        existing = store.trials(run_id)
+        done = {r["trial_id"] for r in existing if r["status"] != "interrupted"}
+        for r in existing:
+            if r["status"] == "interrupted":
+                store.delete_trial(run_id, r["trial_id"])
+        store.set_run_status(run_id, "running")
+        seq = store.next_seq(run_id)
+    else:
+        run_id = new_run_id()
+        store.create_run(run_id, suite, label, env, meta={"n_trials": len(plan.trials), "base_config": plan.base_config})
+        seq = 0
+    todo = [t for t in plan.trials if t.trial_id not in done]
     records: list[dict] = []
-    pools: dict[int, RankPool] = {}
+    pool: RankPool | None = None
     start_times: list[float] = []
     status = "finished"
-    seq = 0
+    current: PlannedTrial | None = None
     try:
-        for seq, (trial_id, spec) in enumerate(plan.trials):
+        for t in todo:
+            current = t
             if on_trial_start:
-                on_trial_start(seq, trial_id, spec)
+                on_trial_start(seq, t)
             t_trial = time.perf_counter()
-            rec = base_record(run_id, trial_id, spec, plan.stats.get(trial_id), env)
-            pool = pools.get(spec.world_size)
-            if pool is None:
-                # One pool alive at a time: close the previous world size's ranks first.
-                for other in pools.values():
-                    other.stop()
-                pools = {spec.world_size: RankPool(hw, spec.world_size, log_dir / f"{run_id}-ws{spec.world_size}.log", options)}
-                pool = pools[spec.world_size]
-            starts_before = pool.starts
-            try:
-                ranks = pool.run(trial_id, spec.model_dump(), spec.timeout_s)
-                aggregate(rec, ranks)
-            except PoolError as e:
-                failed_record(rec, e.status, str(e))
-            if pool.starts > starts_before:
-                start_times.append(pool.start_s)
+            rec = base_record(run_id, t.trial_id, t.spec, t.stats, env)
+            if t.skip:
+                failed_record(rec, "skipped", t.skip)
+            else:
+                if pool is None or pool.world_size != t.spec.world_size:
+                    if pool is not None:
+                        pool.stop()  # one pool alive at a time
+                    pool = RankPool(hw, t.spec.world_size, log_dir / f"{run_id}-ws{t.spec.world_size}.log", options)
+                starts_before = pool.starts
+                _run_one(pool, t, rec, plan.base_config)
+                if pool.starts > starts_before:
+                    start_times.append(pool.start_s)
+                    rec["pool_start_s"] = pool.start_s  # this trial paid for starting the ranks
+                if not warm_pool:
+                    pool.stop()
             rec["trial_wall_s"] = time.perf_counter() - t_trial
             if rec["window_s"] is not None:
                 rec["overhead_s"] = rec["trial_wall_s"] - rec["window_s"]
             store.add_trial(rec, seq)
             records.append(rec)
+            current = None
+            seq += 1
             if on_trial_end:
                 on_trial_end(seq, rec)
     except KeyboardInterrupt:
         status = "interrupted"
-        for pool in pools.values():
+        if pool is not None:
             pool.kill()
-        if len(records) <= seq and plan.trials:
-            trial_id, spec = plan.trials[seq]
-            rec = failed_record(base_record(run_id, trial_id, spec, plan.stats.get(trial_id), env),
+        if current is not None:
+            rec = failed_record(base_record(run_id, current.trial_id, current.spec, current.stats, env),
                                 "interrupted", "the sweep was interrupted (Ctrl-C) during this trial")
             store.add_trial(rec, seq)
             records.append(rec)
         raise
     finally:
-        for pool in pools.values():
+        if pool is not None:
             pool.stop()
         wall = time.perf_counter() - t0
-        store.finish_run(run_id, status, meta={"n_trials": len(plan.trials), "wall_s": wall,
-                                               "pool_starts": len(start_times),
-                                               "pool_start_s": start_times})
+        meta = store.run(run_id)["meta"]
+        meta.update(n_trials=len(plan.trials), wall_s=meta.get("wall_s", 0) + wall,
+                    pool_starts=meta.get("pool_starts", 0) + len(start_times),
+                    pool_start_s=meta.get("pool_start_s", []) + start_times, warm_pool=warm_pool)
+        store.finish_run(run_id, status, meta=meta)
     return SweepResult(run_id, status, records, wall, len(start_times), start_times)

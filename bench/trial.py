@@ -19,7 +19,7 @@ import torch
 from .collect.memory import PeakMemory, probe_model_states
 from .data import MarkovSource
 from .engine import ds_config
-from .models import build_config, build_model, config_to_dict, initialize_weights
+from .models import build_config, build_model, config_to_dict, initialize_weights, model_class
 from .spec import TrialSpec
 
 
@@ -38,12 +38,17 @@ class RankResult:
     window_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    loss_scales: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
     tokens: int = 0
     model_state: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     ds_config: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)
     entropy_floor: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,36 +58,83 @@ class Diverged(RuntimeError):
     pass
 
 
+class Unsupported(RuntimeError):
+    """This hardware or software stack cannot run the trial; the message says why."""
+
+
+# DeepSpeed refusals that mean "not on this hardware", matched on the exception itself
+# (its type and message), never on words in a log.
+_UNSUPPORTED = [
+    (ValueError, "is not supported on your device"),  # e.g. "Type fp16 is not supported on your device."
+    (ValueError, "not been implemented on CPU backend"),  # e.g. ZeRO++ quantized weights on CPU
+    (NotImplementedError, ""),
+]
+
+
+def classify(exc: BaseException, spec: TrialSpec) -> str:
+    """A failure's status from the exception itself."""
+    if isinstance(exc, Diverged):
+        return "diverged"
+    if isinstance(exc, Unsupported):
+        return "unsupported"
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return "oom"
+    for cls, text in _UNSUPPORTED:
+        if isinstance(exc, cls) and text in str(exc):
+            return "unsupported"
+    return "failed"
+
+
+def release_host_memory() -> None:
+    """Hand freed heap back to the OS (glibc `malloc_trim`), so the next trial in a warm
+    worker starts from a process about as small as a fresh one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _sync(accelerator: str) -> None:
     if accelerator == "cuda":
         torch.cuda.synchronize()
 
 
-def classify(exc: BaseException, spec: TrialSpec) -> str:
-    """A failure's status from the exception itself (never from words in a log)."""
-    if isinstance(exc, Diverged):
-        return "diverged"
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return "oom"
-    from deepspeed.accelerator import get_accelerator
+def _check_supported(spec: TrialSpec, accelerator: str, nodes: int, res: RankResult) -> None:
+    """Refuse what cannot run here, and note options that would have no effect."""
+    if spec.quant == "fp8":
+        if accelerator != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+            raise Unsupported("fp8 training needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            raise Unsupported("fp8 training needs torchao (pip install torchao)") from None
+    if spec.quant in ("zeropp-qg", "zeropp") and nodes < 2:
+        res.notes.append("zero_quantized_gradients has no effect on a single node: DeepSpeed quantizes only inter-node gradient traffic")
+    if spec.quant in ("zeropp-hpz", "zeropp") and nodes < 2:
+        res.notes.append("zero_hpz_partition_size has no effect on a single node: the secondary partition is the whole node")
+    if spec.compile and accelerator == "cpu":
+        import shutil
 
-    acc = get_accelerator()
-    if (spec.precision == "fp16" and not acc.is_fp16_supported()) or (spec.precision == "bf16" and not acc.is_bf16_supported()):
-        return "unsupported"
-    return "failed"
+        if shutil.which("g++") is None and shutil.which("c++") is None:
+            raise Unsupported("torch.compile on CPU needs a C++ compiler (g++)")
 
 
-def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str) -> RankResult:
+def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,
+              base_config: dict | None = None, ranks_per_node: int | None = None) -> RankResult:
     import deepspeed
 
     res = RankResult(rank=rank, host=host, device=device)
     peak = PeakMemory(accelerator)
     engine = model = batches = None
+    ranks_per_node = ranks_per_node or world_size
     try:
         torch.manual_seed(spec.seed)
+        _check_supported(spec, accelerator, max(1, world_size // ranks_per_node), res)
         config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
         hidden = getattr(config, "hidden_size", None) or config.n_embd
-        cfg = ds_config(spec, accelerator, hidden)
+        cfg = ds_config(spec, accelerator, hidden, base_config, ranks_per_node)
         res.ds_config, res.model_config = cfg, config_to_dict(config)
 
         # Data first, outside every timed region: each rank reads its own seeded stream.
@@ -95,18 +147,28 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
 
         peak.reset()
         t0 = time.perf_counter()
+        cls = model_class(config)  # imported outside zero.Init (see model_class)
         if spec.zero_stage == 3:
             # Parameters are partitioned as they are created: the whole model never
             # materialises on one rank.
             with deepspeed.zero.Init(config_dict_or_path=cfg):
-                model = build_model(config)
+                model = build_model(config, cls)
         else:
-            model = build_model(config)
+            model = build_model(config, cls)
         initialize_weights(model, spec.seed)  # identical starting weights at every stage
+        if spec.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.quant == "fp8":
+            from torchao.float8 import convert_to_float8_training
+
+            convert_to_float8_training(model, module_filter_fn=lambda m, name: "lm_head" not in name)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        if spec.compile:
+            engine.compile()
         engine.train()
         _sync(accelerator)
         res.setup_s = time.perf_counter() - t0
+        fp16 = spec.precision == "fp16"
 
         def step(i: int, probe: bool = False) -> torch.Tensor:
             total = torch.zeros((), device=dev)
@@ -122,9 +184,8 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
                     res.model_state = asdict(probe_model_states(engine, micro_step))
                 else:
                     micro_step()
-                loss = out["loss"]
                 engine.step()
-                total += loss.detach()
+                total += out["loss"].detach()
             return total / spec.grad_accum
 
         t0 = time.perf_counter()
@@ -135,7 +196,8 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         if not math.isfinite(warm_loss.item()):
             raise Diverged(f"loss {warm_loss.item()} during warmup")
 
-        losses, times = [], []
+        losses, times, norms, lrs, scales = [], [], [], [], []
+        skipped_before = engine.skipped_steps
         if accelerator == "cuda":
             events = [torch.cuda.Event(enable_timing=True) for _ in range(spec.steps + 1)]
             events[0].record()
@@ -147,17 +209,31 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
                 events[len(losses)].record()
             else:
                 times.append(time.perf_counter() - s)
+            # Host-side attribute reads: DeepSpeed computed these during the step already.
+            norm = engine.get_global_grad_norm()
+            norms.append(norm.detach().clone() if isinstance(norm, torch.Tensor) else norm)
+            lrs.append(engine.get_lr()[0])
+            if fp16:
+                scales.append(getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None))
         _sync(accelerator)
         res.window_s = time.perf_counter() - window_start
         if accelerator == "cuda":
             times = [events[k].elapsed_time(events[k + 1]) / 1000 for k in range(spec.steps)]
         res.step_times_s = times
         res.losses = [float(x) for x in torch.stack(losses).float().cpu()]
+        res.grad_norms = [None if n is None else float(n) for n in norms]
+        res.lrs = [float(x) for x in lrs]
+        res.loss_scales = [float(x) for x in scales if x is not None]
+        res.skipped_steps = engine.skipped_steps - skipped_before
         res.tokens = spec.steps * spec.grad_accum * spec.micro_batch * spec.seq_len
         res.memory = peak.read()
         bad = [x for x in res.losses if not math.isfinite(x)]
         if bad:
             raise Diverged(f"non-finite loss {bad[0]} in the timed window")
+        if fp16 and res.skipped_steps > spec.steps // 2 and res.loss_scales and \
+                res.loss_scales[-1] <= (spec.min_loss_scale or 1):
+            raise Diverged(f"fp16 loss scale collapsed to {res.loss_scales[-1]:g}: {res.skipped_steps} of "
+                           f"{spec.steps} steps skipped for overflow")
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -174,5 +250,6 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         gc.collect()
         if accelerator == "cuda":
             torch.cuda.empty_cache()
+        release_host_memory()
         res.teardown_s = time.perf_counter() - t0
     return res

@@ -80,7 +80,8 @@ def main() -> None:
             break
         if msg["type"] == "trial":
             spec = TrialSpec.model_validate(msg["spec"])
-            res = run_trial(spec, rank, world, args.accelerator, host, device)
+            ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+            res = run_trial(spec, rank, world, args.accelerator, host, device, msg.get("base_config"), ranks_per_node)
             ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.to_dict()})
     torch.distributed.destroy_process_group()
     ctl.send({"type": "bye", "rank": rank})

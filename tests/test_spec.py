@@ -10,10 +10,10 @@ DEFAULTS = {"model": "tiny", "world_size": 2}
 def test_builtin_zero_suite_expands_to_stages_and_micro_batches():
     suite, src = load_suite("zero")
     trials = expand(suite, src, DEFAULTS)
-    assert {s.zero_stage for _, s in trials} == {0, 1, 2, 3}
-    assert len({s.micro_batch for _, s in trials}) >= 2
-    assert [t for t, _ in trials][:2] == ["z0-mb4", "z0-mb8"]
-    assert all(s.world_size == 2 and s.model == "tiny" for _, s in trials)
+    assert {s.zero_stage for _, s, _ in trials} == {0, 1, 2, 3}
+    assert len({s.micro_batch for _, s, _ in trials}) >= 2
+    assert [t for t, _, _ in trials][:2] == ["z0-mb4", "z0-mb8"]
+    assert all(s.world_size == 2 and s.model == "tiny" and skip is None for _, s, skip in trials)
 
 
 def test_suites_ship_as_package_data():
@@ -23,7 +23,7 @@ def test_suites_ship_as_package_data():
 def test_set_overrides_axis_and_fixed_value():
     suite, src = load_suite("zero")
     trials = expand(suite, src, DEFAULTS, ["zero_stage=1,3", "precision=fp32"])
-    assert [(s.zero_stage, s.precision) for _, s in trials] == [(1, "fp32"), (1, "fp32"), (3, "fp32"), (3, "fp32")]
+    assert [(s.zero_stage, s.precision) for _, s, _ in trials] == [(1, "fp32"), (1, "fp32"), (3, "fp32"), (3, "fp32")]
 
 
 def test_global_batch_follows_deepspeed_rule():
@@ -59,4 +59,24 @@ def test_unknown_suite_and_bad_override():
     with pytest.raises(SpecError, match="--set wat: unknown axis"):
         expand(suite, src, DEFAULTS, ["wat=1"])
     with pytest.raises(SpecError, match="offload=optimizer\\+params needs zero_stage 3"):
-        expand(suite, src, DEFAULTS, ["offload=optimizer+params", "zero_stage=2"])
+        expand(suite, src, DEFAULTS, ["offload=optimizer+params", "zero_stage=2", "micro_batch=4"])
+
+
+def test_nonsense_combinations_in_a_grid_are_skipped_with_reason():
+    suite, src = load_suite("zero")
+    trials = expand(suite, src, DEFAULTS, ["offload=optimizer+params", "micro_batch=4"])
+    skips = {s.zero_stage: skip for _, s, skip in trials}
+    assert skips[3] is None
+    assert "needs zero_stage 3" in skips[2] and "needs zero_stage 3" in skips[0]
+    trials = expand(suite, src, DEFAULTS, ["quant=zeropp-qw", "micro_batch=4"])
+    assert [skip is None for _, _, skip in trials] == [False, False, False, True]
+    trials = expand(suite, src, DEFAULTS, ["precision=bf16,fp16", "loss_scale=128", "zero_stage=1", "micro_batch=4"])
+    assert [(s.precision, skip is None) for _, s, skip in trials] == [("bf16", False), ("fp16", True)]
+
+
+def test_global_batch_derives_accumulation_or_is_bad_input():
+    suite, src = load_suite("zero")
+    trials = expand(suite, src, DEFAULTS, ["global_batch=32", "zero_stage=0"])
+    assert [(s.micro_batch, s.grad_accum, s.global_batch) for _, s, _ in trials] == [(4, 4, 32), (8, 2, 32)]
+    with pytest.raises(SpecError, match="global_batch=20 .* not a positive multiple of micro_batch × world_size = 8"):
+        expand(suite, src, DEFAULTS, ["global_batch=20", "zero_stage=0"])

@@ -158,9 +158,11 @@ class PeakMemory:
         self.rss_at_reset: int | None = None
 
     def reset(self) -> None:
+        self.cuda_at_reset = 0
         if self.accelerator == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.cuda_at_reset = torch.cuda.memory_allocated()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -196,8 +198,10 @@ class PeakMemory:
                 cuda_ooms=stats.get("num_ooms", 0),
             )
             out["peak_mem_bytes"] = out["cuda_peak_allocated_bytes"]
+            out["baseline_bytes"] = self.cuda_at_reset
         else:
             out["peak_mem_bytes"] = out["rss_peak_bytes"]
+            out["baseline_bytes"] = self.rss_at_reset
         return out
 
 
@@ -222,3 +226,21 @@ def probe_model_states(engine, run_micro_step) -> ModelStateBytes:
         del engine.allreduce_gradients  # back to the class's method
     snaps.append(model_state_bytes(engine))
     return max(snaps, key=lambda s: s.total)
+
+
+def host_oom_kills() -> int | None:
+    """The kernel's count of OOM kills in this cgroup (v2 `memory.events`, v1 `memory.oom_control`).
+
+    The driver reads it before and after a trial: a rank that died while the count rose was
+    killed by the host's OOM killer (a SIGKILL alone does not say so). None where unreadable.
+    """
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None

@@ -37,9 +37,11 @@ def memory_by_stage(df: pd.DataFrame) -> str:
     ok = df[df["status"] == "ok"].sort_values(["zero_stage", "micro_batch"])
     fig, ax = plt.subplots(figsize=(6.4, 4))
     x = range(len(ok))
-    ax.bar(x, ok["model_state_mib"], label="model states (params + grads + optimizer)", color="#3b528b")
-    ax.bar(x, ok["rest_mib"].clip(lower=0), bottom=ok["model_state_mib"], label="rest of peak (activations, buffers, runtime)",
-           color="#5ec962", alpha=0.7)
+    ax.bar(x, ok["model_state_mib"], label="model states (params + grads + optimizer, measured)", color="#3b528b")
+    ax.bar(x, ok["rest_mib"], bottom=ok["model_state_mib"], label="rest of the trial's peak (activations, buffers, temporaries)",
+           color="#5ec962")
+    ax.bar(x, ok["baseline_mib"], bottom=ok["model_state_mib"] + ok["rest_mib"],
+           label="held before the trial (runtime, libraries)", color="#cccccc")
     ax.set_xticks(list(x), ok["config"], rotation=30, ha="right")
     ax.set(ylabel="MiB per rank (max over ranks)", title="Memory per rank")
     ax.legend(fontsize=8)

@@ -18,7 +18,11 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     df["model_state_mib"] = df["model_state_bytes"].astype(float) / MiB
     df["peak_mem_mib"] = df["peak_mem_bytes"].astype(float) / MiB
-    df["rest_mib"] = df["peak_mem_mib"] - df["model_state_mib"]
+    # On CPU the peak is the process RSS: the part present when the trial started (Python,
+    # torch, DeepSpeed) is the baseline; the rest of the peak is activations, buffers, temporaries.
+    base = df["peak_mem_baseline_bytes"] if "peak_mem_baseline_bytes" in df else pd.Series(0, index=df.index)
+    df["baseline_mib"] = base.astype(float).fillna(0) / MiB
+    df["rest_mib"] = (df["peak_mem_mib"] - df["baseline_mib"] - df["model_state_mib"]).clip(lower=0)
     df["config"] = "ZeRO-" + df["zero_stage"].astype(str) + " mb" + df["micro_batch"].astype(str)
     return df
 

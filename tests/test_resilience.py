@@ -1,0 +1,96 @@
+"""Sweeps that lose nothing: SIGKILL of the driver, resume, Ctrl-C, and no rank left behind."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import llmbench
+
+SUITE = ("name: resilience\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 1, steps: 3}\n"
+         "grid: {zero_stage: [0, 1, 2, 3]}\n")
+
+
+def start_sweep(tmp_path, *extra):
+    suite = tmp_path / "resilience.yaml"
+    suite.write_text(SUITE)
+    db = tmp_path / "r.db"
+    proc = subprocess.Popen([sys.executable, "-m", "llmbench.cli", "sweep", str(suite), "--db", str(db), "--out",
+                             str(tmp_path / "out"), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, suite, db
+
+
+def wait_for_trials(db, n, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=5) as c:
+                    if c.execute("SELECT COUNT(*) FROM trials").fetchone()[0] >= n:
+                        return
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError("no trial finished in time")
+
+
+def descendants(pid):
+    return psutil.Process(pid).children(recursive=True)
+
+
+def assert_all_gone(procs, timeout=30):
+    gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+
+
+def trial_rows(db):
+    with sqlite3.connect(db) as c:
+        return c.execute("SELECT trial_id, status FROM trials ORDER BY seq").fetchall()
+
+
+def test_sigkill_mid_sweep_then_resume_stores_each_trial_once(tmp_path):
+    proc, suite, db = start_sweep(tmp_path)
+    wait_for_trials(db, 1, proc)
+    children = descendants(proc.pid)
+    assert children, "the pool should be running"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_all_gone(children)  # ranks see the control socket close and leave
+    before = trial_rows(db)
+    assert 1 <= len(before) < 4 and all(s == "ok" for _, s in before)
+    with sqlite3.connect(db) as c:
+        (run_id, status), = c.execute("SELECT run_id, status FROM runs").fetchall()
+    assert status == "running"  # the driver never got to say otherwise
+
+    llmbench("sweep", str(suite), "--db", str(db), "--out", str(tmp_path / "out"), "--resume", run_id)
+    after = trial_rows(db)
+    assert sorted(t for t, _ in after) == ["z0", "z1", "z2", "z3"]
+    assert all(s == "ok" for _, s in after)
+    assert after[: len(before)] == before  # nothing measured was lost or re-run
+    recs = [json.loads(x) for x in llmbench("results", run_id, "--db", str(db), "--format", "json").stdout.splitlines()]
+    assert len(recs) == 4 and {r["run_id"] for r in recs} == {run_id}
+
+
+def test_ctrl_c_records_interrupted_and_leaves_no_process(tmp_path):
+    proc, suite, db = start_sweep(tmp_path)
+    wait_for_trials(db, 1, proc)
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert_all_gone(children)
+    rows = trial_rows(db)
+    assert rows[-1][1] == "interrupted" and all(s == "ok" for _, s in rows[:-1])
+    with sqlite3.connect(db) as c:
+        (run_id, status), = c.execute("SELECT run_id, status FROM runs").fetchall()
+    assert status == "interrupted"
+    llmbench("sweep", str(suite), "--db", str(db), "--resume", run_id, "--out", str(tmp_path / "out"))
+    rows = trial_rows(db)
+    assert sorted(t for t, _ in rows) == ["z0", "z1", "z2", "z3"] and all(s == "ok" for _, s in rows)
