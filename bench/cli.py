@@ -59,7 +59,8 @@ def _hostfile_slots(path: str) -> int:
 def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path, out: Path, dry_run: bool = False,
            cpu: bool = False, hostfile: Optional[str] = None, include: Optional[str] = None,
            num_nodes: Optional[int] = None, master_addr: Optional[str] = None, base_config: Optional[Path] = None,
-           resume: Optional[str] = None, warm_pool: bool = True, source_label: Optional[str] = None) -> None:
+           resume: Optional[str] = None, warm_pool: bool = True, source_label: Optional[str] = None,
+           profile: bool = False) -> None:
     from .engine import axes_from_base_config, load_base_config
     from .env import detect_hardware
     from .launch import LaunchOptions
@@ -95,7 +96,7 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
     if dry_run:
         _print_plan(plan, hw)
         return
-    _run_plan(plan, hw, suite.name, label, db, out, options, resume, warm_pool)
+    _run_plan(plan, hw, suite.name, label, db, out, options, resume, warm_pool, profile)
 
 
 def _print_plan(plan, hw) -> None:
@@ -112,7 +113,7 @@ def _print_plan(plan, hw) -> None:
     console.print(t)
 
 
-def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_pool=True) -> None:
+def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_pool=True, profile=False) -> None:
     from .report.html import write_report
     from .store import Store
     from .sweep import run_sweep
@@ -142,7 +143,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     try:
         with progress:
             result = run_sweep(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
-                               options=options, resume=resume, warm_pool=warm_pool,
+                               options=options, resume=resume, warm_pool=warm_pool, profile=profile,
                                on_trial_start=started, on_trial_end=ended)
     except KeyboardInterrupt:
         run = store.run()
@@ -191,12 +192,14 @@ def sweep(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a stored run: run only its unfinished trials."),
     fresh_launch: bool = typer.Option(False, "--fresh-launch",
                                       help="Start a new DeepSpeed launch for every trial instead of the warm pool (slower)."),
+    profile: bool = typer.Option(False, "--profile",
+                                 help="Record a torch.profiler trace of 2 steps per rank (after the timed window) under OUT/traces/RUN/ (open in Perfetto)."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
     _sweep(suite, set_, label, db, out, dry_run, cpu, hostfile, include, num_nodes, master_addr, base_config,
-           resume, not fresh_launch)
+           resume, not fresh_launch, profile=profile)
 
 
 @app.command()

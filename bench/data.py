@@ -31,15 +31,18 @@ class MarkovSource:
         self.stationary = self._stationary()
 
     def _stationary(self) -> np.ndarray:
-        """π with π = π·P, by power iteration on the dense transition matrix."""
+        """π with π = π·P, by power iteration on the sparse transition table.
+
+        Never densify P: at a 32k vocabulary a dense float64 matrix is 8 GB per rank (this
+        once drove two ranks into the host's OOM killer).
+        """
         v = self.vocab_size
-        P = np.zeros((v, v))
-        np.put_along_axis(P, self.successors, self.probs, axis=1)
-        # A lazy chain (P+I)/2 has the same π and converges even if P is periodic.
-        lazy = 0.5 * (P + np.eye(v))
+        flat_next = self.successors.ravel()
         pi = np.full(v, 1.0 / v)
         for _ in range(10_000):
-            nxt = pi @ lazy
+            step = np.bincount(flat_next, weights=(pi[:, None] * self.probs).ravel(), minlength=v)
+            # A lazy chain (P+I)/2 has the same π and converges even if P is periodic.
+            nxt = 0.5 * (step + pi)
             if np.abs(nxt - pi).sum() < 1e-13:
                 break
             pi = nxt

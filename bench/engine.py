@@ -14,7 +14,7 @@ NEVER = 10**9  # steps_per_print: DeepSpeed's periodic logging stays out of the 
 def persistence_threshold(spec: TrialSpec, hidden_size: int) -> int:
     """ZeRO-3's `stage3_param_persistence_threshold` for this trial.
 
-    DeepSpeed keeps every parameter with fewer elements than this whole on every rank
+    DeepSpeed keeps every parameter with at most this many elements whole on every rank
     (default 1e5). For the tiny CPU model nearly every tensor is under 1e5, so the default
     would make ZeRO-3 partition nothing; min(1e5, hidden size) keeps the intent (norms and
     biases persist, weight matrices are partitioned) at every size.

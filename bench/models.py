@@ -135,6 +135,7 @@ class ModelStats:
 
     n_params: int
     n_embedding_params: int  # token embedding (unless tied to the LM head) + learned positions
+    n_layer_params: int  # inside the transformer blocks (what activation checkpointing recomputes)
     n_layers: int
     hidden_size: int
     n_heads: int
@@ -168,10 +169,14 @@ def model_stats(config) -> ModelStats:
     emb = model.get_input_embeddings()
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
     n_emb = 0 if tied else emb.weight.numel()
+    shape = config_shape(config)
+    n_layer_params = 0
     for name, mod in model.named_modules():
         if name.endswith("wpe"):  # GPT-2's learned position embeddings always count as embedding
             n_emb += mod.weight.numel()
-    return ModelStats(n_params=n_params, n_embedding_params=n_emb, **config_shape(config))
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == shape["n_layers"] and not n_layer_params:
+            n_layer_params = sum(p.numel() for p in mod.parameters())
+    return ModelStats(n_params=n_params, n_embedding_params=n_emb, n_layer_params=n_layer_params, **shape)
 
 
 def flops_per_token(stats: ModelStats, seq_len: int) -> float:

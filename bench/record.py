@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 
+from .collect.flops import datasheet_peak_tflops, utilisation
 from .collect.stats import cv, median, median_ci95
 from .models import ModelStats
 from .spec import TrialSpec
@@ -39,6 +40,30 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "tokens_per_s_per_device": None,
         "samples_per_s": None,
         "window_s": None,
+        "step_time_drift": None,
+        "step_times_per_rank": [],
+        "flops_per_token": None,
+        "hfu_flops_per_token": None,
+        "tflops_per_device": None,
+        "peak_tflops": None,
+        "mfu": None,
+        "hfu": None,
+        "measured_peak_tflops": None,
+        "mfu_vs_measured_peak": None,
+        "hfu_vs_measured_peak": None,
+        "fwd_s": None,
+        "bwd_s": None,
+        "bwd_compute_s": None,
+        "comm_s": None,
+        "optimizer_s": None,
+        "breakdown_note": None,
+        "breakdown_per_rank": [],
+        "data_s": None,
+        "telemetry_per_rank": [],
+        "energy_j": None,
+        "tokens_per_joule": None,
+        "traces": [],
+        "loss_gap_to_floor": None,
         "model_state_bytes": None,
         "model_state_bytes_per_rank": [],
         "model_state_breakdown": None,
@@ -75,7 +100,7 @@ def failed_record(rec: dict, status: str, error: str) -> dict:
     return rec
 
 
-def aggregate(rec: dict, ranks: list[dict]) -> dict:
+def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> dict:
     """Fill a record from every rank's result (see trial.RankResult)."""
     ranks = sorted(ranks, key=lambda r: r["rank"])
     bad = [r for r in ranks if r["status"] != "ok"]
@@ -123,8 +148,34 @@ def aggregate(rec: dict, ranks: list[dict]) -> dict:
         model_state_breakdown=[{k: r["model_state"].get(k) for k in ("params", "grads", "optimizer")} for r in ranks],
     )
     rec["model_state_bytes"] = max(rec["model_state_bytes_per_rank"])
+    rec["final_loss"] = rec["losses"][-1] if rec["losses"] else None
+    half = len(steps) // 2
+    if half >= 2:
+        # A steady window: the second half's median within a few % of the first half's.
+        rec["step_time_drift"] = median(steps[half:]) / median(steps[:half]) - 1
+    rec["step_times_per_rank"] = [r["step_times_s"] for r in ranks]
+    if stats is not None:
+        peak = datasheet_peak_tflops(first["device"], rec["precision"])
+        measured = min((r["measured_peak_tflops"] for r in ranks if r.get("measured_peak_tflops")), default=None)
+        rec.update(utilisation(stats, rec["seq_len"], rec["tokens_per_s_per_device"], rec["activation_checkpointing"],
+                               peak, measured))
+    parts = [r.get("breakdown") or {} for r in ranks]
+    rec["breakdown_per_rank"] = parts
+    for key in ("fwd_s", "bwd_s", "bwd_compute_s", "comm_s", "optimizer_s"):
+        vals = [p.get(key) for p in parts if p.get(key) is not None]
+        rec[key] = max(vals) if vals else None  # the slowest rank's
+    rec["breakdown_note"] = parts[0].get("breakdown_note")
+    rec["data_s"] = max((r.get("data_s") or 0) for r in ranks)
+    tele = [r.get("telemetry") or {} for r in ranks]
+    rec["telemetry_per_rank"] = tele
+    energies = [t.get("energy_j") for t in tele]
+    if energies and all(e is not None for e in energies):
+        rec["energy_j"] = sum(energies)  # every device's energy over the window
+        rec["tokens_per_joule"] = tokens / rec["energy_j"] if rec["energy_j"] else None
+    rec["traces"] = [r["trace"] for r in ranks if r.get("trace")]
+    if rec["final_loss"] is not None and rec["entropy_floor"] is not None:
+        rec["loss_gap_to_floor"] = rec["final_loss"] - rec["entropy_floor"]
     # Gradient norm, learning rate and loss scale are global quantities: rank 0's are the run's.
     rec.update(grad_norms=first["grad_norms"], lrs=first["lrs"], loss_scales=first["loss_scales"],
                skipped_steps=max(r["skipped_steps"] for r in ranks))
-    rec["final_loss"] = rec["losses"][-1] if rec["losses"] else None
     return rec

@@ -52,7 +52,7 @@ class TrialSpec(BaseModel):
     contiguous_gradients: bool | None = None
     reduce_bucket_size: int | None = Field(None, ge=1)
     allgather_bucket_size: int | None = Field(None, ge=1)
-    # ZeRO-3 keeps parameters with fewer elements than this whole on every rank. None = auto:
+    # ZeRO-3 keeps parameters with at most this many elements whole on every rank. None = auto:
     # min(DeepSpeed's default 1e5, hidden size), so norms and biases persist but every weight
     # matrix is partitioned, even on the tiny CPU model (see engine.ds_config).
     param_persistence_threshold: int | None = Field(None, ge=0)
@@ -62,8 +62,11 @@ class TrialSpec(BaseModel):
     loss_scale_window: int | None = Field(None, ge=1)
     hysteresis: int | None = Field(None, ge=1)
     min_loss_scale: float | None = Field(None, gt=0)
-    warmup_steps: int = Field(3, ge=1)
+    # At least 2: Adam creates its state at the first step, and model-state memory is
+    # probed during the last warmup step (never in the timed window).
+    warmup_steps: int = Field(3, ge=2)
     steps: int = Field(10, ge=2)
+    breakdown_steps: int = Field(3, ge=0)  # extra steps after the window, timed by DeepSpeed's breakdown timers
     seed: int = 0
     lr: float = Field(1e-3, gt=0)
     timeout_s: float = Field(600.0, gt=0)
@@ -95,7 +98,9 @@ class TrialSpec(BaseModel):
         """A readable id from the swept axes' values, stable across runs of the same suite."""
         short = {"zero_stage": "z", "micro_batch": "mb", "grad_accum": "ga", "seq_len": "seq",
                  "world_size": "ws", "offload": "off-", "precision": "", "model": "", "quant": "",
-                 "activation_checkpointing": "ac-", "compile": "compile-", "attn_implementation": ""}
+                 "activation_checkpointing": "ac-", "compile": "compile-", "attn_implementation": "",
+                 "overlap_comm": "oc-", "contiguous_gradients": "cg-", "reduce_bucket_size": "rb",
+                 "allgather_bucket_size": "ab"}
         parts = [f"{short.get(a, a + '=')}{str(getattr(self, a)).lower()}" for a in axes]
         return "-".join(parts) or "trial"
 

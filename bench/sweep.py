@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .collect.memory import host_oom_kills
+from .collect.memory import host_oom_kills, oom_killed
 from .env import Hardware, environment
 from .launch import LaunchOptions, PoolError, RankPool
 from .models import ModelNotFound, ModelStats, build_config, model_stats
@@ -64,16 +64,25 @@ class SweepResult:
     pool_start_s: list[float]
 
 
-def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | None) -> None:
+def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | None, trace_dir: Path | None) -> None:
     """Run a trial on the pool and fill its record, whatever happens to it."""
     kills_before = host_oom_kills()
+    pids = []
     try:
-        ranks = pool.run(t.trial_id, t.spec.model_dump(), t.spec.timeout_s, base_config)
-        aggregate(rec, ranks)
+        if trace_dir:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+        pids = list(pool.pids.values())
+        ranks = pool.run(t.trial_id, t.spec.model_dump(), t.spec.timeout_s, base_config,
+                         str(trace_dir.resolve()) if trace_dir else None)
+        aggregate(rec, ranks, t.stats)
     except PoolError as e:
         status = e.status
         kills_after = host_oom_kills()
-        if status == "failed" and kills_before is not None and kills_after is not None and kills_after > kills_before:
+        kernel = oom_killed(pids or list(pool.pids.values())) if status == "failed" else None
+        if kernel:
+            status = "oom"
+            e = PoolError("oom", f"the host's OOM killer ended a rank: {kernel}\n{e}")
+        elif status == "failed" and kills_before is not None and kills_after is not None and kills_after > kills_before:
             status = "oom"
             e = PoolError("oom", f"the host's OOM killer ended a rank ({kills_after - kills_before} kill(s) in this cgroup)\n{e}")
         failed_record(rec, status, str(e))
@@ -81,7 +90,7 @@ def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | Non
 
 def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, label: str | None,
               log_dir: Path, options: LaunchOptions | None = None, resume: str | None = None,
-              warm_pool: bool = True,
+              warm_pool: bool = True, profile: bool = False,
               on_trial_start: Callable[[int, PlannedTrial], None] | None = None,
               on_trial_end: Callable[[int, dict], None] | None = None) -> SweepResult:
     """Run every planned trial; a failing trial is recorded and the sweep goes on.
@@ -127,7 +136,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
                         pool.stop()  # one pool alive at a time
                     pool = RankPool(hw, t.spec.world_size, log_dir / f"{run_id}-ws{t.spec.world_size}.log", options)
                 starts_before = pool.starts
-                _run_one(pool, t, rec, plan.base_config)
+                _run_one(pool, t, rec, plan.base_config, log_dir.parent / "traces" / run_id if profile else None)
                 if pool.starts > starts_before:
                     start_times.append(pool.start_s)
                     rec["pool_start_s"] = pool.start_s  # this trial paid for starting the ranks

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .collect import breakdown as bd
 from .collect.memory import PeakMemory, probe_model_states
+from .collect.telemetry import NvmlSampler
 from .data import MarkovSource
 from .engine import ds_config
 from .models import build_config, build_model, config_to_dict, initialize_weights, model_class
@@ -49,6 +51,11 @@ class RankResult:
     model_config: dict = field(default_factory=dict)
     entropy_floor: float | None = None
     notes: list[str] = field(default_factory=list)
+    breakdown: dict = field(default_factory=dict)
+    telemetry: dict = field(default_factory=dict)
+    measured_peak_tflops: float | None = None
+    data_s: float | None = None
+    trace: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +108,20 @@ def _sync(accelerator: str) -> None:
         torch.cuda.synchronize()
 
 
+_GEMM_PEAK: dict[tuple[str, str], float] = {}
+
+
+def measured_peak_tflops(precision: str, accelerator: str) -> float:
+    """This rank's achievable matmul TFLOP/s for the precision (cached per worker process)."""
+    from .kernels.gemm import gemm_tflops
+
+    device = f"cuda:{torch.cuda.current_device()}" if accelerator == "cuda" else "cpu"
+    key = (precision, device)
+    if key not in _GEMM_PEAK:
+        _GEMM_PEAK[key] = gemm_tflops(precision, device)["tflops"]
+    return _GEMM_PEAK[key]
+
+
 def _check_supported(spec: TrialSpec, accelerator: str, nodes: int, res: RankResult) -> None:
     """Refuse what cannot run here, and note options that would have no effect."""
     if spec.quant == "fp8":
@@ -122,7 +143,8 @@ def _check_supported(spec: TrialSpec, accelerator: str, nodes: int, res: RankRes
 
 
 def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,
-              base_config: dict | None = None, ranks_per_node: int | None = None) -> RankResult:
+              base_config: dict | None = None, ranks_per_node: int | None = None,
+              trace_path: str | None = None) -> RankResult:
     import deepspeed
 
     res = RankResult(rank=rank, host=host, device=device)
@@ -142,8 +164,12 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         res.entropy_floor = source.entropy_rate_nats
         n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
         dev = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+        t0 = time.perf_counter()
         batches = [torch.from_numpy(source.batch(spec.micro_batch, spec.seq_len, stream=(rank << 32) + i)).to(dev)
                    for i in range(n_micro)]
+        # Host-side data time per optimizer step, had the batches been made inside the loop.
+        res.data_s = (time.perf_counter() - t0) / n_micro * spec.grad_accum
+        res.measured_peak_tflops = measured_peak_tflops(spec.precision, accelerator)
 
         peak.reset()
         t0 = time.perf_counter()
@@ -198,8 +224,10 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
 
         losses, times, norms, lrs, scales = [], [], [], [], []
         skipped_before = engine.skipped_steps
+        sampler = NvmlSampler(torch.cuda.current_device()) if accelerator == "cuda" else None
         if accelerator == "cuda":
             events = [torch.cuda.Event(enable_timing=True) for _ in range(spec.steps + 1)]
+            sampler.start()
             events[0].record()
         window_start = time.perf_counter()
         for i in range(spec.warmup_steps, spec.warmup_steps + spec.steps):
@@ -217,6 +245,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
                 scales.append(getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None))
         _sync(accelerator)
         res.window_s = time.perf_counter() - window_start
+        res.telemetry = sampler.stop() if sampler else {"available": False, "reason": "no CUDA device: NVML telemetry applies to NVIDIA GPUs"}
         if accelerator == "cuda":
             times = [events[k].elapsed_time(events[k + 1]) / 1000 for k in range(spec.steps)]
         res.step_times_s = times
@@ -230,6 +259,25 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         bad = [x for x in res.losses if not math.isfinite(x)]
         if bad:
             raise Diverged(f"non-finite loss {bad[0]} in the timed window")
+
+        # A separate pass after the window: DeepSpeed's synchronising breakdown timers.
+        if spec.breakdown_steps:
+            bd.enable_breakdown(engine)
+            parts = []
+            for k in range(spec.breakdown_steps):
+                step(k % (spec.warmup_steps + spec.steps))
+                parts.append(bd.snapshot(engine))
+            res.breakdown = bd.summarise(parts, spec)
+        if trace_path:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerator == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for k in range(2):
+                    step(k)
+                _sync(accelerator)
+            prof.export_chrome_trace(trace_path)
+            res.trace = trace_path
         if fp16 and res.skipped_steps > spec.steps // 2 and res.loss_scales and \
                 res.loss_scales[-1] <= (spec.min_loss_scale or 1):
             raise Diverged(f"fp16 loss scale collapsed to {res.loss_scales[-1]:g}: {res.skipped_steps} of "
@@ -253,3 +301,41 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         release_host_memory()
         res.teardown_s = time.perf_counter() - t0
     return res
+
+
+def bare_loop(spec: TrialSpec, rank: int, accelerator: str, base_config: dict | None = None) -> dict:
+    """The reference: a plain DeepSpeed training loop on the same model, data and config,
+    with nothing collected but the wall clock around the whole window. The collector's
+    overhead is llmbench's tokens/s against this one's (benchmarks/test_collector_overhead.py)."""
+    import deepspeed
+
+    torch.manual_seed(spec.seed)
+    config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
+    cfg = ds_config(spec, accelerator, getattr(config, "hidden_size", None) or config.n_embd, base_config)
+    source = MarkovSource(config.vocab_size, seed=spec.seed)
+    dev = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+    n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
+    batches = [torch.from_numpy(source.batch(spec.micro_batch, spec.seq_len, stream=(rank << 32) + i)).to(dev)
+               for i in range(n_micro)]
+    cls = model_class(config)
+    if spec.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = build_model(config, cls)
+    else:
+        model = build_model(config, cls)
+    initialize_weights(model, spec.seed)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    for i, x in enumerate(batches):
+        if i == spec.warmup_steps * spec.grad_accum:
+            _sync(accelerator)
+            start = time.perf_counter()
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    _sync(accelerator)
+    window = time.perf_counter() - start
+    engine.destroy()
+    del engine, model, batches
+    gc.collect()
+    release_host_memory()
+    return {"rank": rank, "status": "ok", "window_s": window,
+            "tokens": spec.steps * spec.grad_accum * spec.micro_batch * spec.seq_len}

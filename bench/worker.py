@@ -19,6 +19,20 @@ import time
 EXIT_DRIVER_GONE = 75
 
 
+def release_own_shm() -> None:
+    """Unlink this rank's DeepSpeed CPU-comm shared-memory segment, which DeepSpeed never
+    removes (see launch.release_shm_buffers); peers keep their mappings, so this is safe."""
+    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
+    if port and rank:
+        from pathlib import Path
+
+        for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
 class Control:
     """Newline-delimited JSON over one TCP connection to the driver."""
 
@@ -36,6 +50,7 @@ class Control:
             self.inbox.put(json.loads(line))
         # EOF: the driver is gone (finished, killed, or crashed). Leave now, whatever the
         # main thread is doing; a rank blocked in a collective would otherwise wait forever.
+        release_own_shm()
         os._exit(EXIT_DRIVER_GONE)
 
     def send(self, msg: dict) -> None:
@@ -66,7 +81,7 @@ def main() -> None:
     import deepspeed
 
     from .spec import TrialSpec
-    from .trial import run_trial
+    from .trial import bare_loop, run_trial
 
     deepspeed.init_distributed(dist_backend=args.backend)
     world = torch.distributed.get_world_size()
@@ -81,9 +96,16 @@ def main() -> None:
         if msg["type"] == "trial":
             spec = TrialSpec.model_validate(msg["spec"])
             ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
-            res = run_trial(spec, rank, world, args.accelerator, host, device, msg.get("base_config"), ranks_per_node)
+            trace = f"{msg['trace_dir']}/{msg['trial_id']}-rank{rank}.json" if msg.get("trace_dir") else None
+            res = run_trial(spec, rank, world, args.accelerator, host, device, msg.get("base_config"), ranks_per_node,
+                            trace)
             ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.to_dict()})
+        if msg["type"] == "bare":  # the reference loop for the collector-overhead benchmark
+            spec = TrialSpec.model_validate(msg["spec"])
+            out = bare_loop(spec, rank, args.accelerator, msg.get("base_config"))
+            ctl.send({"type": "result", "trial_id": msg["trial_id"], **out})
     torch.distributed.destroy_process_group()
+    release_own_shm()
     ctl.send({"type": "bye", "rank": rank})
 
 

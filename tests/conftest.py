@@ -6,15 +6,7 @@ from pathlib import Path
 
 import pytest
 
-
-def llmbench(*args, cwd=None, timeout=900, check=True):
-    """Run the real CLI in a subprocess, as a user would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, "-m", "llmbench.cli", *args], capture_output=True, text=True, cwd=cwd,
-                       timeout=timeout, env=env)
-    if check and p.returncode != 0:
-        raise AssertionError(f"llmbench {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
-    return p
+from helpers import llmbench
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import llmbench
+from helpers import llmbench
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -39,10 +39,31 @@ def test_env_command():
 def test_unsupported_trial_is_recorded_and_sweep_goes_on(tmp_path):
     """fp16 on DeepSpeed's CPU accelerator is refused; the next trial still runs, on a fresh pool."""
     suite = tmp_path / "mixed.yaml"
-    suite.write_text("name: mixed\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 1, steps: 2}\n"
+    suite.write_text("name: mixed\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 2, steps: 2}\n"
                      "grid: {precision: [fp16, bf16]}\n")
     db = str(tmp_path / "m.db")
     llmbench("sweep", str(suite), "--db", db, "--out", str(tmp_path))
     recs = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
     assert [r["status"] for r in recs] == ["unsupported", "ok"]
     assert "fp16" in recs[0]["error"]
+
+
+def test_hung_trial_times_out_and_next_trial_runs(tmp_path):
+    """A trial past its timeout_s is killed with all its processes; the sweep goes on."""
+    suite = tmp_path / "hang.yaml"
+    suite.write_text("name: hang\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 2, timeout_s: 12}\n"
+                     "grid: {steps: [1000000, 2]}\n")
+    db = str(tmp_path / "h.db")
+    llmbench("sweep", str(suite), "--db", db, "--out", str(tmp_path))
+    recs = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
+    assert [r["status"] for r in recs] == ["timeout", "ok"]
+    assert "12s limit" in recs[0]["error"]
+
+
+def test_divergence_is_recorded(tmp_path):
+    db = str(tmp_path / "d.db")
+    p = llmbench("run", "--precision", "fp32", "--set", "lr=1e30", "--set", "seq_len=32", "--set", "steps=3",
+                 "--set", "warmup_steps=2", "--db", db, "--out", str(tmp_path), check=False)
+    (rec,) = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
+    assert rec["status"] == "diverged", rec["error"]
+    assert "loss" in rec["error"] and p.returncode == 1  # no trial succeeded

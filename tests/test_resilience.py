@@ -11,9 +11,9 @@ import time
 import psutil
 import pytest
 
-from conftest import llmbench
+from helpers import llmbench
 
-SUITE = ("name: resilience\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 1, steps: 3}\n"
+SUITE = ("name: resilience\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 2, steps: 3}\n"
          "grid: {zero_stage: [0, 1, 2, 3]}\n")
 
 

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from llmbench.collect.memory import zero_paper_bytes
-from conftest import llmbench
+from helpers import llmbench
 
 RECORD_FIELDS = ["run_id", "trial_id", "status", "error", "model", "n_params", "n_layers", "hidden_size", "n_heads",
                  "n_kv_heads", "vocab_size", "seq_len", "world_size", "micro_batch", "grad_accum", "global_batch",

@@ -144,6 +144,33 @@ def zero_paper_bytes(n_params: int, stage: int, dp: int) -> float:
     return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
 
 
+def deepspeed_model_state_bytes(n_params: int, stage: int, dp: int, precision: str, n_persistent: int = 0) -> float:
+    """Model-state bytes per rank as DeepSpeed (0.19) really lays them out, with Adam.
+
+    p = bytes of a module parameter (2 in bf16/fp16, 4 in fp32); gradients take p as well;
+    Adam keeps 8 bytes (momentum + variance, fp32) and, in ZeRO 1-3 or any mixed precision,
+    a separate 4-byte fp32 master copy. The difference from the ZeRO paper (which assumes
+    16-bit parameters): in fp32, stage 0 keeps no master copy (16Ψ), but stages 1-3 do
+    (the fp32 partition is a clone), so fp32 ZeRO-1 holds 8Ψ + 12Ψ/N_d, ZeRO-2 4Ψ + 16Ψ/N_d,
+    ZeRO-3 20Ψ/N_d. ZeRO-1 holds full gradients until they are reduced; ZeRO-2/3 reduce them
+    in buckets during backward (buckets are buffers, not model states). ZeRO-3 keeps the
+    `n_persistent` parameters under `stage3_param_persistence_threshold` whole on every
+    rank, besides their partition. For bf16 this equals `zero_paper_bytes`.
+    Cross-checked against the engine's tensors on 2 ranks in tests/test_collector.py.
+    """
+    psi, n = float(n_params), float(dp)
+    p = 4.0 if precision == "fp32" else 2.0
+    master = 0.0 if (stage == 0 and precision == "fp32") else 4.0
+    opt = 8.0 + master
+    if stage == 0:
+        return (p + p + opt) * psi
+    if stage == 1:
+        return (p + p) * psi + opt * psi / n
+    if stage == 2:
+        return p * psi + (p + opt) * psi / n
+    return (p + p + opt) * psi / n + p * n_persistent
+
+
 class PeakMemory:
     """Each trial's own peak: CUDA allocator peaks on GPU, the process RSS high-water mark on CPU.
 
@@ -243,4 +270,25 @@ def host_oom_kills() -> int | None:
                         return int(value)
         except (OSError, ValueError):
             continue
+    return None
+
+
+def oom_killed(pids: list[int]) -> str | None:
+    """The kernel log's line if the host's OOM killer ended one of these processes, else None.
+
+    A global OOM kill (the whole host out of memory) does not show in a cgroup's counter;
+    the kernel log names the victim's pid. Needs permission to read it (dmesg); None otherwise.
+    """
+    import subprocess
+
+    if not pids:
+        return None
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in reversed(log.splitlines()):
+        for pid in pids:
+            if f"Killed process {pid} " in line:
+                return line.strip()
     return None

@@ -64,3 +64,32 @@ def loss_curves(losses: pd.DataFrame, floor: float | None) -> str:
     ax.set(xlabel="timed optimizer step", ylabel="loss (nats, mean over ranks)", title="Loss per step")
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)
+
+
+def step_breakdown(df: pd.DataFrame) -> str:
+    """Forward, backward compute, gradient-reduction epilogue and optimizer step per trial,
+    from DeepSpeed's timers in the pass after the window."""
+    ok = df[(df["status"] == "ok") & df["fwd_s"].notna()].sort_values(["zero_stage", "micro_batch"])
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    bottom = pd.Series(0.0, index=ok.index)
+    for col, label, colour in (("fwd_s", "forward", "#3b528b"), ("bwd_compute_s", "backward (compute + overlapped comm)", "#21918c"),
+                               ("comm_s", "gradient reduction after backward", "#fde725"), ("optimizer_s", "optimizer step", "#5ec962")):
+        vals = ok[col].fillna(0).astype(float)
+        ax.bar(range(len(ok)), vals, bottom=bottom, label=label, color=colour)
+        bottom = bottom + vals
+    ax.set_xticks(range(len(ok)), ok["config"], rotation=30, ha="right")
+    ax.set(ylabel="seconds per optimizer step (slowest rank)", title="Where a step's time goes (DeepSpeed timers)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def per_rank_step_times(records: list[dict]) -> str:
+    """Each rank's step times per trial: a straggler stands out as one rank's higher box."""
+    rows = [{"config": r["trial_id"], "rank": f"rank {k}", "step_s": t}
+            for r in records if r["status"] == "ok" for k, ts in enumerate(r.get("step_times_per_rank") or []) for t in ts]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    if rows:
+        sns.boxplot(data=pd.DataFrame(rows), x="config", y="step_s", hue="rank", ax=ax, fliersize=2)
+    ax.tick_params(axis="x", rotation=30)
+    ax.set(xlabel="", ylabel="step time (s)", title="Step times per rank")
+    return _png(fig)

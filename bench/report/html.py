@@ -13,7 +13,7 @@ from .frames import MiB, loss_frame, trials_frame
 
 
 def _fmt(v, digits=3):
-    if v is None:
+    if v is None or (isinstance(v, float) and v != v):
         return "–"
     if isinstance(v, float):
         return f"{v:,.{digits}g}" if abs(v) < 1000 else f"{v:,.0f}"
@@ -31,6 +31,9 @@ def render(run: dict, records: list[dict]) -> str:
         figs["Throughput vs micro-batch"] = figures.throughput_vs_micro_batch(df)
         figs["Model-state bytes per rank by ZeRO stage"] = figures.model_states_by_stage(df)
         figs["Memory per rank: model states and the rest"] = figures.memory_by_stage(df)
+        if "fwd_s" in ok and ok["fwd_s"].notna().any():
+            figs["Where the time goes"] = figures.step_breakdown(df)
+        figs["Step times per rank"] = figures.per_rank_step_times(records)
         floors = [r["entropy_floor"] for r in records if r.get("entropy_floor") is not None]
         figs["Loss curves"] = figures.loss_curves(loss_frame(records), floors[0] if floors else None)
     best = max((r for r in records if r["status"] == "ok"), key=lambda r: r["tokens_per_s"], default=None)
