@@ -192,14 +192,16 @@ def sweep(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a stored run: run only its unfinished trials."),
     fresh_launch: bool = typer.Option(False, "--fresh-launch",
                                       help="Start a new DeepSpeed launch for every trial instead of the warm pool (slower)."),
+    comms: bool = typer.Option(False, "--comms",
+                               help="After each window, record 2 steps of collectives: calls, bytes, algbw and busbw per kind (synchronising; never in the window)."),
     profile: bool = typer.Option(False, "--profile",
                                  help="Record a torch.profiler trace of 2 steps per rank (after the timed window) under OUT/traces/RUN/ (open in Perfetto)."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
-    _sweep(suite, set_, label, db, out, dry_run, cpu, hostfile, include, num_nodes, master_addr, base_config,
-           resume, not fresh_launch, profile=profile)
+    _sweep(suite, set_ + (["comms_steps=2"] if comms else []), label, db, out, dry_run, cpu, hostfile, include,
+           num_nodes, master_addr, base_config, resume, not fresh_launch, profile=profile)
 
 
 @app.command()

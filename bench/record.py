@@ -59,6 +59,8 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "breakdown_note": None,
         "breakdown_per_rank": [],
         "data_s": None,
+        "comms": None,
+        "comm_bytes_per_step": None,
         "telemetry_per_rank": [],
         "energy_j": None,
         "tokens_per_joule": None,
@@ -173,6 +175,9 @@ def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> 
         rec["energy_j"] = sum(energies)  # every device's energy over the window
         rec["tokens_per_joule"] = tokens / rec["energy_j"] if rec["energy_j"] else None
     rec["traces"] = [r["trace"] for r in ranks if r.get("trace")]
+    if first.get("comms"):
+        rec["comms"] = first["comms"]  # rank 0's view; every rank joins the same collectives
+        rec["comm_bytes_per_step"] = sum(v["bytes_per_step"] for v in first["comms"].values())
     if rec["final_loss"] is not None and rec["entropy_floor"] is not None:
         rec["loss_gap_to_floor"] = rec["final_loss"] - rec["entropy_floor"]
     # Gradient norm, learning rate and loss scale are global quantities: rank 0's are the run's.

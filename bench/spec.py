@@ -67,6 +67,7 @@ class TrialSpec(BaseModel):
     warmup_steps: int = Field(3, ge=2)
     steps: int = Field(10, ge=2)
     breakdown_steps: int = Field(3, ge=0)  # extra steps after the window, timed by DeepSpeed's breakdown timers
+    comms_steps: int = Field(0, ge=0)  # extra steps recording every collective (synchronising; `--comms`)
     seed: int = 0
     lr: float = Field(1e-3, gt=0)
     timeout_s: float = Field(600.0, gt=0)

@@ -52,6 +52,7 @@ class RankResult:
     entropy_floor: float | None = None
     notes: list[str] = field(default_factory=list)
     breakdown: dict = field(default_factory=dict)
+    comms: dict = field(default_factory=dict)
     telemetry: dict = field(default_factory=dict)
     measured_peak_tflops: float | None = None
     data_s: float | None = None
@@ -268,6 +269,13 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
                 step(k % (spec.warmup_steps + spec.steps))
                 parts.append(bd.snapshot(engine))
             res.breakdown = bd.summarise(parts, spec)
+        if spec.comms_steps:
+            from .collect.comms import CommsRecorder
+
+            with CommsRecorder(world_size, accelerator) as rec:
+                for k in range(spec.comms_steps):
+                    step(k % (spec.warmup_steps + spec.steps))
+            res.comms = rec.summary(spec.comms_steps)
         if trace_path:
             from torch.profiler import ProfilerActivity, profile
 

@@ -128,3 +128,31 @@ def test_record_carries_collector_fields(zero_sweep):
         if r["zero_stage"] >= 2:
             assert "inside bwd_compute_s" in r["breakdown_note"]
         assert r["loss_gap_to_floor"] == pytest.approx(r["final_loss"] - r["entropy_floor"])
+
+
+def test_bus_bandwidth_follows_nccl_tests():
+    from llmbench.collect.comms import bandwidth
+
+    # nccl-tests PERFORMANCE.md: all-reduce busbw = S/t · 2(n-1)/n; all-gather (n-1)/n on the whole output.
+    assert bandwidth("all_reduce", 8e9, 2.0, 8) == (4e9, 4e9 * 14 / 8)
+    assert bandwidth("all_gather", 8e9, 2.0, 4) == (4e9, 3e9)
+    assert bandwidth("reduce_scatter", 6e9, 3.0, 2) == (2e9, 1e9)
+    assert bandwidth("broadcast", 1e9, 1.0, 16) == (1e9, 1e9)
+
+
+def test_comms_pass_volumes_match_zero(tmp_path):
+    """Gradient traffic per step is the 16-bit gradient, 2Ψ bytes, at every stage; ZeRO-1/2
+    all-gather the updated 2Ψ parameters; ZeRO-3 reduce-scatters 2Ψ of gradients."""
+    db = str(tmp_path / "c.db")
+    llmbench("sweep", "smoke", "--comms", "--db", db, "--out", str(tmp_path))
+    recs = {r["zero_stage"]: r for r in map(json.loads, llmbench("results", "--db", db, "--format", "json").stdout.splitlines())}
+    two_psi = 2 * recs[0]["n_params"]
+    assert recs[0]["comms"]["all_reduce"]["bytes_per_step"] == two_psi
+    for stage in (1, 2):
+        assert recs[stage]["comms"]["all_reduce"]["bytes_per_step"] == pytest.approx(two_psi, abs=64)  # + norm scalars
+        assert recs[stage]["comms"]["all_gather"]["bytes_per_step"] == two_psi
+    assert recs[3]["comms"]["reduce_scatter"]["bytes_per_step"] == two_psi
+    assert recs[3]["comms"]["all_gather"]["bytes_per_step"] >= two_psi * 0.99
+    for r in recs.values():
+        for v in r["comms"].values():
+            assert v["busbw_GBps"] >= 0 and v["calls_per_step"] >= 1
