@@ -132,6 +132,8 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
         mark = "[green]ok[/]" if rec["status"] == "ok" else f"[red]{rec['status']}[/]"
         extra = f"{rec['tokens_per_s']:,.0f} tok/s" if rec["status"] == "ok" else error_summary(rec["error"])
         progress.console.print(f"  {rec['trial_id']:<24} {mark} {extra}", highlight=False)
+        for note in rec.get("notes") or []:
+            progress.console.print(f"  {'':<24} [yellow]note[/] {note}", highlight=False)
         progress.advance(task)
 
     import signal
@@ -171,7 +173,7 @@ def _print_table(records: list[dict], title: str) -> None:
                   str(r["micro_batch"]), str(r["grad_accum"]),
                   f"{r['step_time_s']:.4f}" if ok else "–", f"{r['tokens_per_s']:,.0f}" if ok else "–",
                   f"{r['model_state_bytes'] / 2**20:.2f}" if ok else "–",
-                  f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "–",
+                  f"{r['peak_mem_bytes'] / 2**20:.0f}" if ok and r.get("peak_mem_bytes") else "–",
                   f"{r['final_loss']:.3f}" if ok else "–")
     console.print(t)
 
@@ -207,10 +209,10 @@ def sweep(
 @app.command()
 def run(
     model: Optional[str] = typer.Option(None, "--model", help="Catalog size (tiny, 125m, ... 70b) or a local model directory."),
-    zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="ZeRO stage 0-3 [default: 0]."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Micro-batch per rank [default: 4]."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps [default: 1]."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 [default: bf16]."),
+    zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="ZeRO stage 0-3 \\[default: 0]."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Micro-batch per rank \\[default: 4]."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps \\[default: 1]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 \\[default: bf16]."),
     set_: list[str] = typer.Option([], "--set", help="Any other axis: axis=value (repeatable)."),
     label: Optional[str] = typer.Option(None, "--label", help="A label stored with the run."),
     cpu: bool = typer.Option(False, "--cpu", help="Use DeepSpeed's CPU accelerator even if GPUs are visible."),
@@ -252,6 +254,14 @@ def results(
         fail(f"--format {fmt}: choose table, csv or json")
     store, run = _load_run(db, run_id)
     records = store.trials(run["run_id"])
+    try:
+        _write_results(records, fmt, run)
+    except BrokenPipeError:  # `llmbench results | head`: the reader has what it wanted
+        sys.stdout = None
+        raise typer.Exit(0)
+
+
+def _write_results(records: list[dict], fmt: str, run: dict) -> None:
     if fmt == "json":
         for r in records:
             sys.stdout.write(json.dumps(r) + "\n")

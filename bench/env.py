@@ -59,7 +59,18 @@ def detect_hardware(force_cpu: bool = False) -> Hardware:
         return Hardware("cuda", "nccl", torch.cuda.device_count(), props.name, props.total_memory, cores)
     import psutil
 
-    return Hardware("cpu", "gloo", 2, platform.processor() or platform.machine(), psutil.virtual_memory().total, cores)
+    return Hardware("cpu", "gloo", 2, cpu_model_name(), psutil.virtual_memory().total, cores)
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version(dist: str) -> str | None:

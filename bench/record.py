@@ -72,6 +72,7 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "peak_mem_bytes": None,
         "peak_mem_bytes_per_rank": [],
         "peak_mem_baseline_bytes": None,
+        "other_mem_bytes": None,
         "memory_per_rank": [],
         "losses": [],
         "grad_norms": [],
@@ -150,11 +151,18 @@ def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> 
         model_state_breakdown=[{k: r["model_state"].get(k) for k in ("params", "grads", "optimizer")} for r in ranks],
     )
     rec["model_state_bytes"] = max(rec["model_state_bytes_per_rank"])
+    # The rest of the trial's peak: activations, communication buckets, gathered ZeRO-3
+    # parameters, temporaries, fragmentation (peak minus what was held before, minus model states).
+    rec["other_mem_bytes"] = max(max(0, (r["memory"].get("peak_mem_bytes") or 0) - (r["memory"].get("baseline_bytes") or 0) - ms)
+                                 for r, ms in zip(ranks, rec["model_state_bytes_per_rank"]))
     rec["final_loss"] = rec["losses"][-1] if rec["losses"] else None
     half = len(steps) // 2
     if half >= 2:
         # A steady window: the second half's median within a few % of the first half's.
         rec["step_time_drift"] = median(steps[half:]) / median(steps[:half]) - 1
+        if abs(rec["step_time_drift"]) > 0.10:
+            rec["notes"] = rec["notes"] + [f"timed window not steady: the second half's median step is "
+                                           f"{rec['step_time_drift']:+.0%} against the first half's (more warmup steps?)"]
     rec["step_times_per_rank"] = [r["step_times_s"] for r in ranks]
     if stats is not None:
         peak = datasheet_peak_tflops(first["device"], rec["precision"])

@@ -103,7 +103,7 @@ class TrialSpec(BaseModel):
                  "overlap_comm": "oc-", "contiguous_gradients": "cg-", "reduce_bucket_size": "rb",
                  "allgather_bucket_size": "ab"}
         parts = [f"{short.get(a, a + '=')}{str(getattr(self, a)).lower()}" for a in axes]
-        return "-".join(parts) or "trial"
+        return "-".join(parts) or f"{self.model}-z{self.zero_stage}-mb{self.micro_batch}-ga{self.grad_accum}-{self.precision}"
 
 
 AXES = tuple(TrialSpec.model_fields) + ("global_batch",)

@@ -225,7 +225,11 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
 
         losses, times, norms, lrs, scales = [], [], [], [], []
         skipped_before = engine.skipped_steps
-        sampler = NvmlSampler(torch.cuda.current_device()) if accelerator == "cuda" else None
+        sampler = None
+        if accelerator == "cuda":
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            uuid = getattr(props, "uuid", None)
+            sampler = NvmlSampler(torch.cuda.current_device(), uuid=f"GPU-{uuid}" if uuid else None)
         if accelerator == "cuda":
             events = [torch.cuda.Event(enable_timing=True) for _ in range(spec.steps + 1)]
             sampler.start()
@@ -294,8 +298,9 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         if isinstance(e, KeyboardInterrupt):
             raise
         res.status = classify(e, spec)
-        tb = traceback.format_exc(limit=8)
-        res.error = f"{type(e).__name__}: {e}".strip()[:2000] + "\n" + tb[-3000:]
+        res.error = f"{type(e).__name__}: {e}".strip()[:2000]
+        if not isinstance(e, (Unsupported, Diverged)):  # our own checks need no traceback
+            res.error += "\n" + traceback.format_exc(limit=8)[-3000:]
         if not res.memory:
             res.memory = peak.read()
     finally:

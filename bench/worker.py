@@ -85,7 +85,9 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend=args.backend)
     world = torch.distributed.get_world_size()
-    device = torch.cuda.get_device_name(local_rank) if args.accelerator == "cuda" else "cpu"
+    from .env import cpu_model_name
+
+    device = torch.cuda.get_device_name(local_rank) if args.accelerator == "cuda" else f"cpu ({cpu_model_name()})"
     host = socket.gethostname()
     ctl.send({"type": "ready", "rank": rank, "world_size": world, "device": device,
               "startup_s": time.time() - t_start, "threads": torch.get_num_threads()})

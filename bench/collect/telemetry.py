@@ -13,7 +13,7 @@ import time
 class NvmlSampler:
     """Samples one device every `interval_s`; energy from the device's counter (mJ) around the window."""
 
-    def __init__(self, device_index: int, interval_s: float = 0.1):
+    def __init__(self, device_index: int, interval_s: float = 0.1, uuid: str | None = None):
         self.index, self.interval_s = device_index, interval_s
         self.samples: list[dict] = []
         self.reason: str | None = None
@@ -25,7 +25,10 @@ class NvmlSampler:
 
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            # NVML numbers devices ignoring CUDA_VISIBLE_DEVICES (which DeepSpeed's launcher sets
+            # for --include); the UUID names the same physical device in both.
+            self.handle = (pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid
+                           else pynvml.nvmlDeviceGetHandleByIndex(device_index))
         except Exception as e:  # no driver, no GPU, no library
             self.nvml = self.handle = None
             self.reason = f"NVML unavailable: {type(e).__name__}: {e}"
