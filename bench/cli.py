@@ -246,14 +246,29 @@ def _load_run(db: Path, run_id: Optional[str]):
 @app.command()
 def results(
     run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json (one JSON object per trial per line)."),
+    fmt: str = typer.Option("table", "--format", help="table, csv, json (one JSON object per trial per line) or parquet."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
     db: Path = DbOpt,
 ) -> None:
-    """Print a run's trials as a table, CSV or JSON lines."""
-    if fmt not in ("table", "csv", "json"):
-        fail(f"--format {fmt}: choose table, csv or json")
+    """Print a run's trials as a table, CSV or JSON lines, or write them to a Parquet file."""
+    if fmt not in ("table", "csv", "json", "parquet"):
+        fail(f"--format {fmt}: choose table, csv, json or parquet")
+    if fmt == "parquet" and output is None:
+        fail("--format parquet needs --output FILE")
     store, run = _load_run(db, run_id)
     records = store.trials(run["run_id"])
+    if fmt == "parquet":
+        from .api import load_trials
+
+        df = load_trials(db, run["run_id"])
+        for col in df.columns:  # nested fields (lists, dicts) as JSON text
+            if df[col].map(lambda v: isinstance(v, (list, dict, tuple))).any():
+                df[col] = df[col].map(json.dumps)
+        df.to_parquet(output, index=False)
+        console.print(f"wrote {len(df)} trials to {output}")
+        return
+    if output is not None:
+        sys.stdout = open(output, "w")
     try:
         _write_results(records, fmt, run)
     except BrokenPipeError:  # `llmbench results | head`: the reader has what it wanted
@@ -280,6 +295,8 @@ def _write_results(records: list[dict], fmt: str, run: dict) -> None:
 @app.command()
 def report(
     run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
+                                                  help="Bytes per rank for the 'within budget' recommendation [default: a device's memory]."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
@@ -287,7 +304,35 @@ def report(
     from .report.html import write_report
 
     store, run = _load_run(db, run_id)
-    console.print(f"report: {write_report(run, store.trials(run['run_id']), out)}")
+    console.print(f"report: {write_report(run, store.trials(run['run_id']), out, memory_budget)}")
+
+
+@app.command()
+def best(
+    run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
+    objective: str = typer.Option("throughput", "--objective", help="throughput, memory or budget."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="Bytes per rank, for --objective budget."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Write the recommended trial's DeepSpeed config (JSON) and print its path and a launch command."""
+    from .report.guidance import OBJECTIVES, default_memory_budget, exportable_config, recommend
+
+    if objective not in OBJECTIVES:
+        fail(f"--objective {objective}: choose {', '.join(OBJECTIVES)}")
+    store, run = _load_run(db, run_id)
+    rec = recommend(store.trials(run["run_id"]), objective, memory_budget or default_memory_budget(run["env"]))
+    if rec.winner is None:
+        fail(f"run {run['run_id']}: {rec.reason}", code=1)
+    w = rec.winner
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ds_config-{run['run_id']}-{objective}.json"
+    path.write_text(json.dumps(exportable_config(w), indent=2) + "\n")
+    console.print(f"best for {objective}: {w['trial_id']} (ZeRO-{w['zero_stage']}, micro-batch {w['micro_batch']}, "
+                  f"accumulation {w['grad_accum']}, {w['precision']}): {w['tokens_per_s']:,.0f} tokens/s; {rec.reason}")
+    console.print(f"config: {path}")
+    n = w["world_size"]
+    console.print(f"launch: deepspeed --num_gpus {n} your_train.py --deepspeed --deepspeed_config {path}", soft_wrap=True)
 
 
 @app.command()

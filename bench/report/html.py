@@ -10,6 +10,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import figures
 from .frames import MiB, loss_frame, trials_frame
+from .guidance import OBJECTIVES, default_memory_budget, recommend, statements, tokens_ci
 
 
 def _fmt(v, digits=3):
@@ -20,7 +21,7 @@ def _fmt(v, digits=3):
     return v
 
 
-def render(run: dict, records: list[dict]) -> str:
+def render(run: dict, records: list[dict], memory_budget: float | None = None) -> str:
     env = Environment(loader=PackageLoader("llmbench.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
     env.filters["fmt"] = _fmt
     env.filters["mib"] = lambda b: "–" if b is None else f"{b / MiB:,.2f}"
@@ -36,19 +37,20 @@ def render(run: dict, records: list[dict]) -> str:
         figs["Step times per rank"] = figures.per_rank_step_times(records)
         floors = [r["entropy_floor"] for r in records if r.get("entropy_floor") is not None]
         figs["Loss curves"] = figures.loss_curves(loss_frame(records), floors[0] if floors else None)
-    best = max((r for r in records if r["status"] == "ok"), key=lambda r: r["tokens_per_s"], default=None)
-    lowest_mem = min((r for r in records if r["status"] == "ok"), key=lambda r: r["model_state_bytes"], default=None)
+    budget = memory_budget or default_memory_budget(run["env"])
+    recs = [recommend(records, o, budget) for o in OBJECTIVES]
+    env.globals["tokens_ci"] = tokens_ci
     return env.get_template("report.html.j2").render(
-        run=run, records=records, figures=figs, best=best, lowest_mem=lowest_mem,
+        run=run, records=records, figures=figs, recommendations=recs, budget=budget, guidance=statements(records),
         env_json=json.dumps(run["env"], indent=2, sort_keys=True),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         counts={s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})},
     )
 
 
-def write_report(run: dict, records: list[dict], out_dir: Path) -> Path:
+def write_report(run: dict, records: list[dict], out_dir: Path, memory_budget: float | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"report-{run['run_id']}.html"
-    path.write_text(render(run, records), encoding="utf-8")
+    path.write_text(render(run, records, memory_budget), encoding="utf-8")
     return path

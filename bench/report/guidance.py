@@ -1,0 +1,172 @@
+"""Which configuration to use, and why: recommendations and statements drawn from one run's data.
+
+Every statement carries the trials and numbers behind it; where the run lacks the data for
+a statement, the statement is omitted. Leaders within each other's noise are called a tie,
+broken by a fixed rule (less memory, then the simpler configuration), so two runs of the
+same sweep do not recommend different winners because of noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OBJECTIVES = ("throughput", "memory", "budget")
+
+
+def trial_mem_bytes(r: dict) -> float:
+    """Memory the trial itself used per rank: its peak less what the process held before it."""
+    return (r.get("peak_mem_bytes") or 0) - (r.get("peak_mem_baseline_bytes") or 0)
+
+
+def tokens_ci(r: dict) -> tuple[float, float]:
+    """95% interval of tokens/s from the step-time interval of the median (same step size)."""
+    ci = r.get("step_time_ci95_s")
+    if not ci:
+        return r["tokens_per_s"], r["tokens_per_s"]
+    tokens_per_step = r["global_batch"] * r["seq_len"]
+    return tokens_per_step / ci[1], tokens_per_step / ci[0]
+
+
+def simplicity(r: dict) -> tuple:
+    """Smaller is simpler: no offload, lower ZeRO stage, less accumulation, no extras."""
+    return ({"none": 0, "optimizer": 1, "optimizer+params": 2}.get(r.get("offload", "none"), 3), r["zero_stage"],
+            r["grad_accum"], bool(r.get("activation_checkpointing")), r["micro_batch"])
+
+
+def _median_tps(r: dict) -> float:
+    """Throughput at the median step: the figure the interval is around."""
+    return r["global_batch"] * r["seq_len"] / r["step_time_s"]
+
+
+@dataclass
+class Recommendation:
+    objective: str
+    winner: dict | None
+    tied: list[dict] = field(default_factory=list)  # the others within the winner's noise
+    reason: str = ""
+
+
+def recommend(records: list[dict], objective: str, memory_budget: float | None = None) -> Recommendation:
+    ok = [r for r in records if r["status"] == "ok" and r.get("step_time_s")]
+    if objective == "budget":
+        ok = [r for r in ok if memory_budget is None or (r.get("peak_mem_bytes") or 0) <= memory_budget]
+    if not ok:
+        return Recommendation(objective, None, reason="no successful trial" + (" fits the memory budget" if objective == "budget" else ""))
+    if objective == "memory":
+        best = min(ok, key=lambda r: (r["model_state_bytes"] + (r.get("other_mem_bytes") or 0), simplicity(r)))
+        return Recommendation(objective, best, reason=f"least memory per rank: {fmt_mib(best['model_state_bytes'])} "
+                                                      f"of model states + {fmt_mib(best.get('other_mem_bytes') or 0)} for the rest")
+    leader = max(ok, key=_median_tps)
+    lo, _ = tokens_ci(leader)
+    contenders = [r for r in ok if tokens_ci(r)[1] >= lo]  # intervals overlap the leader's
+    winner = min(contenders, key=lambda r: (r["model_state_bytes"] + (r.get("other_mem_bytes") or 0), simplicity(r)))
+    tied = [r for r in contenders if r is not winner]
+    if tied:
+        reason = (f"{len(contenders)} configurations are within each other's 95% intervals of the fastest; "
+                  "the tie goes to the one with less memory, then the simpler configuration")
+    else:
+        reason = "fastest, and its 95% interval clears every other trial's"
+    return Recommendation(objective, winner, tied, reason)
+
+
+def fmt_mib(b: float) -> str:
+    return f"{b / 2**20:,.2f} MiB"
+
+
+def _fmt_tps(r: dict) -> str:
+    lo, hi = tokens_ci(r)
+    return f"{r['tokens_per_s']:,.0f} tokens/s (95% CI {lo:,.0f}–{hi:,.0f})"
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    (alo, ahi), (blo, bhi) = tokens_ci(a), tokens_ci(b)
+    return alo <= bhi and blo <= ahi
+
+
+def statements(records: list[dict]) -> list[dict]:
+    """Tuning statements, each {"text", "trials"}; only those this run's data supports."""
+    ok = [r for r in records if r["status"] == "ok" and r.get("step_time_s")]
+    out: list[dict] = []
+
+    def group(key_fields, vary):
+        groups: dict[tuple, list[dict]] = {}
+        for r in ok:
+            groups.setdefault(tuple(r.get(k) for k in key_fields), []).append(r)
+        return [sorted(g, key=lambda r: r[vary]) for g in groups.values() if len({r[vary] for r in g}) > 1]
+
+    base = ("model", "precision", "seq_len", "world_size", "offload", "activation_checkpointing")
+    # ZeRO stage: memory saved and throughput lost against stage 0 at the same micro-batch.
+    for g in group(base + ("micro_batch", "grad_accum"), "zero_stage"):
+        ref = g[0]
+        for r in g[1:]:
+            saved = 1 - r["model_state_bytes"] / ref["model_state_bytes"]
+            change = r["tokens_per_s"] / ref["tokens_per_s"] - 1
+            noise = " (within noise)" if _overlap(r, ref) else ""
+            out.append({"text": f"ZeRO-{r['zero_stage']} vs ZeRO-{ref['zero_stage']} at micro-batch {r['micro_batch']}: "
+                                f"{saved:.0%} less model-state memory per rank ({fmt_mib(ref['model_state_bytes'])} → "
+                                f"{fmt_mib(r['model_state_bytes'])}), throughput {change:+.0%}{noise}.",
+                        "trials": [ref["trial_id"], r["trial_id"]]})
+    # Micro-batch: where throughput stops growing; a larger batch that is slower contradicts the rule of thumb.
+    for g in group(base + ("zero_stage", "grad_accum"), "micro_batch"):
+        if all(b["tokens_per_s"] > a["tokens_per_s"] and not _overlap(a, b) for a, b in zip(g, g[1:])):
+            out.append({"text": f"ZeRO-{g[0]['zero_stage']}: throughput still grows up to micro-batch {g[-1]['micro_batch']} "
+                                f"({_fmt_tps(g[0])} at {g[0]['micro_batch']} → {_fmt_tps(g[-1])}); a larger micro-batch may "
+                                f"pay if memory allows.", "trials": [r["trial_id"] for r in g]})
+            continue
+        for a, b in zip(g, g[1:]):
+            if _overlap(a, b):
+                out.append({"text": f"ZeRO-{a['zero_stage']}: throughput stops growing between micro-batch {a['micro_batch']} "
+                                    f"({_fmt_tps(a)}) and {b['micro_batch']} ({_fmt_tps(b)}): the intervals overlap.",
+                            "trials": [a["trial_id"], b["trial_id"]]})
+                break
+            if b["tokens_per_s"] < a["tokens_per_s"]:
+                out.append({"text": f"ZeRO-{a['zero_stage']}: a larger micro-batch is not always faster here: "
+                                    f"{b['micro_batch']} gives {_fmt_tps(b)} against {_fmt_tps(a)} at {a['micro_batch']}.",
+                            "trials": [a["trial_id"], b["trial_id"]]})
+                break
+    # Gradient accumulation at a fixed micro-batch.
+    for g in group(base + ("zero_stage", "micro_batch"), "grad_accum"):
+        a, b = g[0], g[-1]
+        verdict = "pays" if b["tokens_per_s"] > a["tokens_per_s"] and not _overlap(a, b) else "does not pay in throughput"
+        out.append({"text": f"Gradient accumulation {a['grad_accum']} → {b['grad_accum']} at micro-batch {a['micro_batch']} "
+                            f"{verdict}: {_fmt_tps(a)} → {_fmt_tps(b)} (the global batch grows {b['grad_accum'] // a['grad_accum']}×).",
+                    "trials": [a["trial_id"], b["trial_id"]]})
+    # Precision.
+    for g in group(("model", "seq_len", "world_size", "zero_stage", "micro_batch", "grad_accum", "offload"), "precision"):
+        parts = ", ".join(f"{r['precision']} {_fmt_tps(r)}" for r in g)
+        out.append({"text": f"Precision at ZeRO-{g[0]['zero_stage']}: {parts}.", "trials": [r["trial_id"] for r in g]})
+    failed = [r for r in records if r["precision"] == "fp16" and r["status"] in ("unsupported", "diverged")]
+    for r in failed:
+        out.append({"text": f"fp16 was {r['status']} here: {(r['error'] or '').splitlines()[0]}", "trials": [r["trial_id"]]})
+    # Offload.
+    for g in group(("model", "precision", "seq_len", "world_size", "zero_stage", "micro_batch", "grad_accum"), "offload"):
+        ref = next((r for r in g if r["offload"] == "none"), None)
+        for r in g:
+            if ref is None or r is ref:
+                continue
+            out.append({"text": f"Offload {r['offload']} at ZeRO-{r['zero_stage']}: model states on the device "
+                                f"{fmt_mib(ref['model_state_bytes'])} → {fmt_mib(r['model_state_bytes'])}, throughput "
+                                f"{r['tokens_per_s'] / ref['tokens_per_s'] - 1:+.0%}.", "trials": [ref["trial_id"], r["trial_id"]]})
+    return out
+
+
+def exportable_config(record: dict) -> dict:
+    """The trial's DeepSpeed config for users to copy: llmbench's measurement settings out,
+    and `train_batch_size` left for DeepSpeed to derive (micro × accumulation × ranks), so it
+    initialises at any world size."""
+    cfg = dict(record["ds_config"])
+    cfg.pop("train_batch_size", None)
+    cfg.pop("steps_per_print", None)
+    cfg.pop("timers", None)
+    opt = cfg.get("optimizer", {}).get("params", {})
+    if opt.get("torch_adam") and record["env"].get("accelerator") == "cuda":
+        opt.pop("torch_adam")
+    return cfg
+
+
+def default_memory_budget(env: dict) -> float | None:
+    """Memory per rank: a GPU's memory, or on CPU the host's memory shared by its ranks."""
+    mem = env.get("device_memory_bytes")
+    if not mem:
+        return None
+    return mem if env.get("accelerator") == "cuda" else mem / max(1, env.get("world_size") or 1)

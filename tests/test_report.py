@@ -1,0 +1,93 @@
+"""Recommendations, guidance, the config to copy, exports, and escaping in the HTML report."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from helpers import llmbench
+from llmbench.report.guidance import recommend, statements
+from llmbench.report.html import render
+
+
+def test_recommendation_names_a_winner_and_is_deterministic(zero_sweep):
+    recs = zero_sweep["records"]
+    a, b = recommend(recs, "throughput"), recommend(list(reversed(recs)), "throughput")
+    assert a.winner is not None and a.winner["trial_id"] == b.winner["trial_id"]
+    mem = recommend(recs, "memory")
+    assert mem.winner["zero_stage"] >= 2  # the least-memory configuration partitions gradients
+
+
+def test_ties_go_to_less_memory_then_simpler():
+    base = {"status": "ok", "global_batch": 8, "seq_len": 100, "grad_accum": 1, "micro_batch": 4, "offload": "none",
+            "other_mem_bytes": 0, "precision": "bf16"}
+    fast = {**base, "trial_id": "z0", "zero_stage": 0, "tokens_per_s": 1000.0, "step_time_s": 0.8,
+            "step_time_ci95_s": [0.75, 0.85], "model_state_bytes": 16}
+    close = {**base, "trial_id": "z3", "zero_stage": 3, "tokens_per_s": 980.0, "step_time_s": 0.816,
+             "step_time_ci95_s": [0.78, 0.86], "model_state_bytes": 8}
+    slow = {**base, "trial_id": "z1", "zero_stage": 1, "tokens_per_s": 500.0, "step_time_s": 1.6,
+            "step_time_ci95_s": [1.55, 1.65], "model_state_bytes": 10}
+    rec = recommend([fast, close, slow], "throughput")
+    assert rec.winner["trial_id"] == "z3" and [t["trial_id"] for t in rec.tied] == ["z0"]
+    assert "tie" in rec.reason
+    rec = recommend([fast, slow], "throughput")
+    assert rec.winner["trial_id"] == "z0" and not rec.tied
+
+
+def test_guidance_cites_real_trials(zero_sweep):
+    recs = zero_sweep["records"]
+    ids = {r["trial_id"] for r in recs}
+    said = statements(recs)
+    assert any("ZeRO-3 vs ZeRO-0" in s["text"] for s in said)
+    for s in said:
+        assert s["trials"] and set(s["trials"]) <= ids
+
+
+def test_best_config_initialises_deepspeed(zero_sweep, tmp_path):
+    p = llmbench("best", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
+    cfg_path = next(tmp_path.glob("ds_config-*-throughput.json"))
+    assert str(cfg_path.name) in p.stdout and "launch: deepspeed" in p.stdout
+    rec = next(r for r in zero_sweep["records"] if r["trial_id"] in p.stdout.split(":")[1])
+    script = f"""
+import json, torch, deepspeed
+from llmbench.models import config_from_dict, build_model
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = json.load(open({str(cfg_path)!r}))
+model = build_model(config_from_dict(json.loads({json.dumps(json.dumps(rec["model_config"]))})))
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+x = torch.randint(0, 512, (cfg["train_micro_batch_size_per_gpu"], 16))
+engine.backward(engine(input_ids=x, labels=x).loss); engine.step()
+print("ENGINE OK", engine.zero_optimization_stage(), engine.train_batch_size())
+"""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29400 + os.getpid() % 500), DS_ACCELERATOR="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "ENGINE OK" in out.stdout, out.stderr[-3000:]
+    stage, batch = out.stdout.split("ENGINE OK")[1].split()
+    assert int(stage) == rec["zero_stage"] and int(batch) == rec["micro_batch"] * rec["grad_accum"]
+
+
+def test_exports_parquet_and_python_api(zero_sweep, tmp_path):
+    from llmbench.api import load_trials
+
+    df = load_trials(zero_sweep["db"])
+    assert len(df) == 8 and df["tokens_per_s"].gt(0).all()
+    out = tmp_path / "t.parquet"
+    llmbench("results", "--db", str(zero_sweep["db"]), "--format", "parquet", "--output", str(out))
+    back = pd.read_parquet(out)
+    assert list(back["trial_id"]) == list(df["trial_id"])
+
+
+def test_user_and_data_strings_are_escaped(zero_sweep):
+    evil = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+    run = {"run_id": "r1", "suite": evil, "label": evil, "status": "finished", "env": zero_sweep["records"][0]["env"]}
+    recs = copy.deepcopy(zero_sweep["records"])
+    recs[0]["model"] = evil
+    recs[1]["status"], recs[1]["error"] = "failed", evil
+    html = render(run, recs)
+    assert "<script>" not in html and "onerror=alert(1)>" not in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
