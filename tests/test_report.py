@@ -91,3 +91,60 @@ def test_user_and_data_strings_are_escaped(zero_sweep):
     html = render(run, recs)
     assert "<script>" not in html and "onerror=alert(1)>" not in html
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+
+
+def test_report_renders_in_headless_chromium(zero_sweep, tmp_path):
+    """Open the real report in a browser: no console errors, and a screenshot that shows the figures."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here (.ci/run installs it)")
+    html = next(zero_sweep["out"].glob("report-*.html"))
+    shot = tmp_path / "report.png"
+    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                        f"--screenshot={shot}", "--window-size=1300,2400", html.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.exists(), p.stderr[-2000:]
+    console_errors = [ln for ln in p.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or "rror" in ln)]
+    assert not console_errors
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(shot)
+    assert img.shape[0] >= 2000 and img.shape[1] >= 1200
+    # Figures are large coloured areas: a page of text alone is nearly all white.
+    coloured = ((img[..., :3].max(axis=2) - img[..., :3].min(axis=2)) > 0.15).mean()
+    assert coloured > 0.05, coloured
+
+
+def test_compare_flags_a_25_percent_slowdown_and_not_a_rerun(zero_sweep, tmp_path):
+    """A copy of the run with every step 1/0.75 as long: throughput -25%, beyond the noise;
+    the run against itself: no change anywhere."""
+    from llmbench.store import Store
+
+    src = Store(zero_sweep["db"])
+    run = src.runs()[-1]
+    db = tmp_path / "cmp.db"
+    dst = Store(db)
+    for run_id, factor in (("base", 1.0), ("slow", 1 / 0.75)):
+        dst.create_run(run_id, run["suite"], run_id, run["env"])
+        for seq, r in enumerate(src.trials(run["run_id"])):
+            r = copy.deepcopy(r)
+            r["run_id"] = run_id
+            r["step_time_s"] *= factor
+            r["step_time_ci95_s"] = [x * factor for x in r["step_time_ci95_s"]]
+            r["step_times_s"] = [x * factor for x in r["step_times_s"]]
+            r["tokens_per_s"] /= factor
+            dst.add_trial(r, seq)
+    out = llmbench("compare", "base", "slow", "--db", str(db), "--out", str(tmp_path)).stdout
+    assert "-25.0%" in out
+    from llmbench.report.compare import compare
+
+    rows = compare(dst.trials("base"), dst.trials("slow"))
+    tps = [r for r in rows if r["figure"] == "tokens/s"]
+    assert len(tps) == 8 and all(r["better"] is False and r["change"] == pytest.approx(-0.25) for r in tps)
+    # A trial whose own 95% interval is wider than 25% (a noisy 12-step window) may not be flagged.
+    assert sum(bool(r["significant"]) for r in tps) >= 6
+    same = compare(dst.trials("base"), dst.trials("base"))
+    assert not any(r["significant"] for r in same) and all(r["change"] in (0, None) for r in same)
+    assert list(tmp_path.glob("compare-base-slow.html"))

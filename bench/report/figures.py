@@ -93,3 +93,68 @@ def per_rank_step_times(records: list[dict]) -> str:
     ax.tick_params(axis="x", rotation=30)
     ax.set(xlabel="", ylabel="step time (s)", title="Step times per rank")
     return _png(fig)
+
+
+def mfu_heatmap(df: pd.DataFrame) -> str:
+    """MFU over ZeRO stage × micro-batch (against the datasheet peak, or the measured GEMM peak on CPU)."""
+    ok = df[df["status"] == "ok"].copy()
+    col = "mfu" if ok["mfu"].notna().any() else "mfu_vs_measured_peak"
+    grid = ok.pivot_table(index="zero_stage", columns="micro_batch", values=col, aggfunc="max")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.heatmap(grid, annot=True, fmt=".2f", cmap="viridis", ax=ax, cbar_kws={"label": col})
+    ax.set(xlabel="micro-batch per rank", ylabel="ZeRO stage",
+           title="MFU" + (" (vs datasheet peak)" if col == "mfu" else " (vs measured GEMM peak)"))
+    return _png(fig)
+
+
+def throughput_vs_accumulation(df: pd.DataFrame) -> str:
+    ok = df[df["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    sns.lineplot(data=ok, x="grad_accum", y="tokens_per_s", hue="zero_stage", style="micro_batch", marker="o",
+                 palette="viridis", ax=ax)
+    ax.set(xlabel="gradient accumulation steps", ylabel="global tokens/s", title="Throughput vs gradient accumulation")
+    return _png(fig)
+
+
+def loss_by_precision(losses: pd.DataFrame, floor: float | None) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    sns.lineplot(data=losses, x="step", y="loss", hue="precision", units="trial_id", estimator=None, ax=ax, linewidth=1)
+    if floor is not None:
+        ax.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"entropy floor {floor:.3f}")
+    ax.set(xlabel="timed optimizer step", ylabel="loss (nats)", title="Loss per precision")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def pareto(df: pd.DataFrame) -> str:
+    """Throughput against memory per rank; the frontier joins the trials no other beats on both."""
+    ok = df[df["status"] == "ok"].copy()
+    ok["mem_mib"] = ok["model_state_mib"] + ok["rest_mib"]
+    front, best = [], -1.0
+    for _, r in ok.sort_values(["mem_mib", "tokens_per_s"], ascending=[True, False]).iterrows():
+        if r["tokens_per_s"] > best:
+            front.append(r)
+            best = r["tokens_per_s"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    sns.scatterplot(data=ok, x="mem_mib", y="tokens_per_s", hue="zero_stage", style="micro_batch", palette="viridis", ax=ax, s=60)
+    if front:
+        f = pd.DataFrame(front)
+        ax.plot(f["mem_mib"], f["tokens_per_s"], color="#b42318", linewidth=1.2, label="Pareto frontier")
+        for _, r in f.iterrows():
+            ax.annotate(r["trial_id"], (r["mem_mib"], r["tokens_per_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="memory per rank used by the trial (MiB)", ylabel="global tokens/s", title="Throughput vs memory")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def failures(df: pd.DataFrame) -> str:
+    """Every trial's status at a glance."""
+    colours = {"ok": "#5ec962", "skipped": "#cccccc", "unsupported": "#fde725", "oom": "#b42318", "timeout": "#f08c00",
+               "failed": "#7f1d1d", "diverged": "#9d4edd", "interrupted": "#888888"}
+    fig, ax = plt.subplots(figsize=(6.4, max(2.0, 0.28 * len(df) + 0.8)))
+    ax.barh(df["trial_id"], 1, color=[colours.get(s, "#000") for s in df["status"]])
+    for i, s in enumerate(df["status"]):
+        ax.text(0.5, i, s, ha="center", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xticks=[], title="Trial outcomes")
+    return _png(fig)

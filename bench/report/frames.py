@@ -16,6 +16,10 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
+    for col in ("mfu", "mfu_vs_measured_peak", "fwd_s", "bwd_compute_s", "comm_s", "optimizer_s", "other_mem_bytes",
+                "peak_mem_baseline_bytes", "activation_checkpointing", "offload"):
+        if col not in df:  # records from older llmbench versions
+            df[col] = None
     df["model_state_mib"] = df["model_state_bytes"].astype(float) / MiB
     df["peak_mem_mib"] = df["peak_mem_bytes"].astype(float) / MiB
     # On CPU the peak is the process RSS: the part present when the trial started (Python,

@@ -36,7 +36,17 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None) -
             figs["Where the time goes"] = figures.step_breakdown(df)
         figs["Step times per rank"] = figures.per_rank_step_times(records)
         floors = [r["entropy_floor"] for r in records if r.get("entropy_floor") is not None]
-        figs["Loss curves"] = figures.loss_curves(loss_frame(records), floors[0] if floors else None)
+        floor = floors[0] if floors else None
+        figs["Loss curves"] = figures.loss_curves(loss_frame(records), floor)
+        if ok["mfu"].notna().any() or ok["mfu_vs_measured_peak"].notna().any():
+            figs["MFU by ZeRO stage and micro-batch"] = figures.mfu_heatmap(df)
+        if ok["grad_accum"].nunique() > 1:
+            figs["Throughput vs gradient accumulation"] = figures.throughput_vs_accumulation(df)
+        if ok["precision"].nunique() > 1:
+            figs["Loss per precision"] = figures.loss_by_precision(loss_frame(records), floor)
+        figs["Throughput vs memory (Pareto frontier)"] = figures.pareto(df)
+    if not df.empty and (df["status"] != "ok").any():
+        figs["Failures at a glance"] = figures.failures(df)
     budget = memory_budget or default_memory_budget(run["env"])
     recs = [recommend(records, o, budget) for o in OBJECTIVES]
     env.globals["tokens_ci"] = tokens_ci
@@ -53,4 +63,14 @@ def write_report(run: dict, records: list[dict], out_dir: Path, memory_budget: f
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"report-{run['run_id']}.html"
     path.write_text(render(run, records, memory_budget), encoding="utf-8")
+    return path
+
+
+def write_compare(run_a: dict, run_b: dict, rows: list[dict], out_dir: Path) -> Path:
+    env = Environment(loader=PackageLoader("llmbench.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
+    env.filters["fmt"] = _fmt
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"compare-{run_a['run_id']}-{run_b['run_id']}.html"
+    path.write_text(env.get_template("compare.html.j2").render(a=run_a, b=run_b, rows=rows), encoding="utf-8")
     return path
