@@ -16,10 +16,12 @@ from .spec import TrialSpec
 STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "interrupted")
 
 
-def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats | None, env: dict) -> dict:
+def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats | None, env: dict,
+                label: str | None = None) -> dict:
     """The fields every record has, whatever happened to the trial."""
     rec = {
         "run_id": run_id,
+        "label": label,
         "trial_id": trial_id,
         "status": "ok",
         "error": None,

@@ -104,6 +104,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
     done: set[str] = set()
     if resume:
         run_id = resume
+        label = store.run(run_id)["label"]
         existing = store.trials(run_id)
         done = {r["trial_id"] for r in existing if r["status"] != "interrupted"}
         for r in existing:
@@ -127,7 +128,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
             if on_trial_start:
                 on_trial_start(seq, t)
             t_trial = time.perf_counter()
-            rec = base_record(run_id, t.trial_id, t.spec, t.stats, env)
+            rec = base_record(run_id, t.trial_id, t.spec, t.stats, env, label)
             if t.skip:
                 failed_record(rec, "skipped", t.skip)
             else:
@@ -156,7 +157,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         if pool is not None:
             pool.kill()
         if current is not None:
-            rec = failed_record(base_record(run_id, current.trial_id, current.spec, current.stats, env),
+            rec = failed_record(base_record(run_id, current.trial_id, current.spec, current.stats, env, label),
                                 "interrupted", "the sweep was interrupted (Ctrl-C) during this trial")
             store.add_trial(rec, seq)
             records.append(rec)

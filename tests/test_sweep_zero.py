@@ -85,6 +85,7 @@ def test_store_tables(zero_sweep):
     db = sqlite3.connect(zero_sweep["db"])
     (run_id, status, label), = db.execute("SELECT run_id, status, label FROM runs").fetchall()
     assert status == "finished" and label == "ci"
+    assert {r["label"] for r in zero_sweep["records"]} == {"ci"}
     n_steps = db.execute("SELECT COUNT(*) FROM steps WHERE run_id=?", (run_id,)).fetchone()[0]
     assert n_steps == sum(r["steps"] for r in zero_sweep["records"])
 
