@@ -143,6 +143,22 @@ def _check_supported(spec: TrialSpec, accelerator: str, nodes: int, res: RankRes
             raise Unsupported("torch.compile on CPU needs a C++ compiler (g++)")
 
 
+def build_trial_model(spec: TrialSpec, config, cfg: dict):
+    """The model a trial trains: under ZeRO-3 built inside `deepspeed.zero.Init`, so parameters
+    are partitioned as they are created and the whole model never materialises on one rank;
+    at every stage initialised identically from the seed."""
+    import deepspeed
+
+    cls = model_class(config)  # imported outside zero.Init (see model_class)
+    if spec.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = build_model(config, cls)
+    else:
+        model = build_model(config, cls)
+    initialize_weights(model, spec.seed)
+    return model
+
+
 def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,
               base_config: dict | None = None, ranks_per_node: int | None = None,
               trace_path: str | None = None) -> RankResult:
@@ -174,15 +190,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
 
         peak.reset()
         t0 = time.perf_counter()
-        cls = model_class(config)  # imported outside zero.Init (see model_class)
-        if spec.zero_stage == 3:
-            # Parameters are partitioned as they are created: the whole model never
-            # materialises on one rank.
-            with deepspeed.zero.Init(config_dict_or_path=cfg):
-                model = build_model(config, cls)
-        else:
-            model = build_model(config, cls)
-        initialize_weights(model, spec.seed)  # identical starting weights at every stage
+        model = build_trial_model(spec, config, cfg)
         if spec.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec.quant == "fp8":
@@ -330,13 +338,7 @@ def bare_loop(spec: TrialSpec, rank: int, accelerator: str, base_config: dict | 
     n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
     batches = [torch.from_numpy(source.batch(spec.micro_batch, spec.seq_len, stream=(rank << 32) + i)).to(dev)
                for i in range(n_micro)]
-    cls = model_class(config)
-    if spec.zero_stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=cfg):
-            model = build_model(config, cls)
-    else:
-        model = build_model(config, cls)
-    initialize_weights(model, spec.seed)
+    model = build_trial_model(spec, config, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     for i, x in enumerate(batches):
         if i == spec.warmup_steps * spec.grad_accum:
