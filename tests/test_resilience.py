@@ -94,3 +94,23 @@ def test_ctrl_c_records_interrupted_and_leaves_no_process(tmp_path):
     llmbench("sweep", str(suite), "--db", str(db), "--resume", run_id, "--out", str(tmp_path / "out"))
     rows = trial_rows(db)
     assert sorted(t for t, _ in rows) == ["z0", "z1", "z2", "z3"] and all(s == "ok" for _, s in rows)
+
+
+def test_two_sweeps_at_once_share_a_store_without_colliding(tmp_path):
+    """Separate rendezvous ports, control sockets and logs; one SQLite store (WAL) for both."""
+    suite = tmp_path / "pair.yaml"
+    suite.write_text("name: pair\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 2, steps: 2, "
+                     "breakdown_steps: 0}\ngrid: {zero_stage: [0, 3]}\n")
+    db = tmp_path / "shared.db"
+    procs = [subprocess.Popen([sys.executable, "-m", "llmbench.cli", "sweep", str(suite), "--db", str(db), "--out",
+                               str(tmp_path / "out"), "--label", f"s{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    with sqlite3.connect(db) as c:
+        runs = c.execute("SELECT run_id, label, status FROM runs ORDER BY label").fetchall()
+        assert [(label, status) for _, label, status in runs] == [("s0", "finished"), ("s1", "finished")]
+        for run_id, _, _ in runs:
+            rows = c.execute("SELECT trial_id, status FROM trials WHERE run_id=? ORDER BY seq", (run_id,)).fetchall()
+            assert rows == [("z0", "ok"), ("z3", "ok")]
+    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2
