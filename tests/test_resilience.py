@@ -1,7 +1,6 @@
 """Sweeps that lose nothing: SIGKILL of the driver, resume, Ctrl-C, and no rank left behind."""
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 from helpers import llmbench
 
