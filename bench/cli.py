@@ -156,7 +156,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     run = store.run(result.run_id)
     records = store.trials(result.run_id)  # a resumed run reports all its trials
     _print_table(records, f"run {result.run_id} ({result.wall_s:.0f} s)")
-    path = write_report(run, records, out)
+    path = write_report(run, records, out, None, *_kernels_for(store, run))
     console.print(f"report: {path}")
     if not any(r["status"] == "ok" for r in records):
         fail(f"no trial of run {result.run_id} succeeded; see the errors above and the logs in {Path(out) / 'logs'}", code=1)
@@ -304,7 +304,17 @@ def report(
     from .report.html import write_report
 
     store, run = _load_run(db, run_id)
-    console.print(f"report: {write_report(run, store.trials(run['run_id']), out, memory_budget)}")
+    kernels, kernels_run = _kernels_for(store, run)
+    console.print(f"report: {write_report(run, store.trials(run['run_id']), out, memory_budget, kernels, kernels_run)}")
+
+
+def _kernels_for(store, run: dict) -> tuple[list[dict], str | None]:
+    """A kernels run's own results, or for a sweep the newest kernels run on the same device."""
+    own = store.kernels(run["run_id"])
+    if own:
+        return own, run["run_id"]
+    other = store.latest_kernels_run(run["env"].get("device_name"))
+    return (store.kernels(other), other) if other else ([], None)
 
 
 @app.command()
@@ -361,6 +371,143 @@ def compare_cmd(
                   {True: "yes", False: "no", None: "–"}[r["significant"]])
     console.print(t)
     console.print(f"report: {write_compare(a, b, rows, out)}")
+
+
+@app.command()
+def kernels(
+    model: Optional[str] = typer.Option(None, "--model", help="Catalog size whose shapes to use [default: as a sweep picks]."),
+    family: str = typer.Option("llama", "--family", help="llama or gpt2."),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    micro_batch: int = typer.Option(4, "--micro-batch"),
+    precision: Optional[list[str]] = typer.Option(None, "--precision", help="Repeatable [default: fp32 and bf16; on GPU also fp16]."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated benches: gemm, attention, norm, mlp, optimizer, collective."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Comma-separated: adamw-foreach, adamw-forloop, adamw-fused, deepspeed."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Ranks [default: as a sweep uses]."),
+    repeats: int = typer.Option(15, "--repeats", help="Samples per case."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer and smaller sizes (a smoke run in well under a minute)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Use the CPU accelerator even if GPUs are visible."),
+    label: Optional[str] = typer.Option(None, "--label"),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Kernel micro-benchmarks: GEMM, attention backends, norms, MLP, optimizer step, collectives."""
+    from pydantic import ValidationError
+
+    from .env import detect_hardware
+    from .kernels.plan import KernelPlan
+    from .microbench import run_kernels_on_pool
+    from .models import CATALOG, ModelNotFound, build_config
+    from .report.html import write_report
+    from .store import Store
+
+    hw = detect_hardware(force_cpu=cpu)
+    cuda = hw.accelerator == "cuda"
+    fields: dict = dict(model=model or hw.default_model, family=family, seq_len=seq_len, micro_batch=micro_batch,
+                        repeats=repeats, world_size=world_size or hw.world_size,
+                        precisions=precision or (["bf16", "fp16", "fp32"] if cuda else ["fp32", "bf16"]))
+    if only:
+        fields["benches"] = [b.strip() for b in only.split(",") if b.strip()]
+    if optimizer:
+        fields["optimizers"] = [o.strip() for o in optimizer.split(",") if o.strip()]
+    if cuda:
+        fields.update(square_sizes=[2048, 4096, 8192, 16384], message_bytes=[2**k for k in range(10, 31, 2)])
+    if quick:
+        fields.update(square_sizes=[256, 512], message_bytes=[2**10, 2**16, 2**20], repeats=min(repeats, 7))
+    try:
+        plan = KernelPlan(**fields)
+        if plan.model not in CATALOG:
+            build_config(plan.model, plan.family, plan.seq_len)  # a local model directory must hold a config
+        if not cuda and "fp16" in plan.precisions:
+            raise SpecError("--precision fp16: the CPU accelerator has no fp16 kernels; use fp32 or bf16")
+    except ValidationError as e:
+        from .spec import _first_error
+
+        fail(f"llmbench kernels: {_first_error(e)}")
+    except (SpecError, ModelNotFound) as e:
+        fail(str(e))
+    store = Store(db)
+    console.print(f"llmbench kernels: {', '.join(plan.benches)} at {plan.model} shapes on {hw.accelerator} × "
+                  f"{plan.world_size} ({hw.comm_backend}); store {db}")
+    run_id, records, wall = run_kernels_on_pool(plan, hw, store, label=label, log_dir=Path(out) / "logs")
+    run = store.run(run_id)
+    if run["status"] != "finished":
+        fail(f"kernels run {run_id} failed: {run['meta'].get('error')}", code=1)
+    _print_kernels(records, f"kernels run {run_id} ({wall:.0f} s)")
+    console.print(f"report: {write_report(run, [], out, kernels=records)}")
+
+
+def _print_kernels(records: list[dict], title: str) -> None:
+    t = Table(title=title)
+    for col in ("bench", "case", "shape", "median", "±CV", "rate", "note"):
+        t.add_column(col, overflow="fold")
+    for r in records:
+        if r["status"] != "ok":
+            t.add_row(r["bench"], r["case"], r["shape"], "–", "", "", f"[yellow]{r['status']}[/] {error_summary(r['reason'], 70)}")
+            continue
+        if r.get("tflops"):
+            rate = f"{r['tflops']:.3g} TFLOP/s"
+        elif r.get("busbw_gbs") is not None:
+            rate = f"bus {r['busbw_gbs']:.3g} GB/s (alg {r['algbw_gbs']:.3g})"
+        elif r.get("gbytes_per_s"):
+            rate = f"{r['gbytes_per_s']:.3g} GB/s"
+        elif r.get("params_per_s"):
+            rate = f"{r['params_per_s'] / 1e6:,.0f} M params/s"
+        else:
+            rate = ""
+        note = f"{r['datasheet_peak_tflops']:.0f} datasheet" if r.get("datasheet_peak_tflops") else ""
+        t.add_row(r["bench"], r["case"], r["shape"], f"{r['median_s'] * 1e3:.3g} ms", f"{100 * (r['cv'] or 0):.0f}%", rate, note)
+    console.print(t)
+
+
+@app.command("gate")
+def gate_cmd(
+    baseline: str = typer.Argument(..., help="Baseline: a run id (or unique prefix) in --db, or a `results` export (.json, .csv, .parquet)."),
+    candidate: str = typer.Argument(..., help="Candidate, the same way."),
+    margin: Optional[list[str]] = typer.Option(None, "--margin", help="METRIC=FRACTION, repeatable (e.g. step_times_s=0.2, peak_mem_bytes=0.05)."),
+    alpha: float = typer.Option(0.002, "--alpha", help="Significance level of the Mann-Whitney U test (asv's default)."),
+    time_basis: str = typer.Option("auto", "--time", help="Gate wall-clock (wall) or CPU seconds per step (cpu); auto: cpu for CPU-accelerator runs."),
+    db: Path = DbOpt,
+) -> None:
+    """Noise-aware regression check of CANDIDATE against BASELINE: prints a table, exits 1 on a regression."""
+    from .gate import METRICS, GateInputError, gate, load_side
+
+    if time_basis not in ("auto", "wall", "cpu"):
+        fail(f"--time {time_basis}: choose auto, wall or cpu")
+    known = {m[0] for m in METRICS} | {m[1] for m in METRICS}
+    margins = {}
+    for m in margin or []:
+        key, eq, val = m.partition("=")
+        try:
+            if not eq or key not in known:
+                raise ValueError
+            margins[key] = float(val)
+        except ValueError:
+            fail(f"--margin {m}: use METRIC=FRACTION with METRIC one of {', '.join(x[0] for x in METRICS)}")
+    try:
+        a_name, a = load_side(baseline, db)
+        b_name, b = load_side(candidate, db)
+    except GateInputError as e:
+        fail(str(e))
+    result = gate(a, b, margins, alpha, time_basis)
+    t = Table(title=f"gate: {a_name} (baseline) → {b_name} (candidate)")
+    for col in ("trial", "metric", "baseline", "candidate", "change", "margin", "test", "p", "verdict"):
+        t.add_column(col, justify="left" if col in ("trial", "metric", "test", "verdict") else "right")
+    colour = {"regression": "red", "improvement": "green", "reported": "dim"}
+    fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+    for v in result.verdicts:
+        change = "–" if v.change is None else f"{100 * v.change:+.1f}%"
+        verdict = v.outcome if not v.why else f"{v.outcome} ({v.why})"
+        if v.outcome in colour:
+            verdict = f"[{colour[v.outcome]}]{verdict}[/]"
+        t.add_row(v.trial_id, v.metric, fmt(v.baseline), fmt(v.candidate), change,
+                  "–" if v.margin is None else f"±{100 * v.margin:.0f}%", v.test,
+                  "–" if v.p_value is None else f"{v.p_value:.2g}", verdict)
+    console.print(t)
+    n = len(result.regressions)
+    if n:
+        console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''} ({', '.join(sorted({v.trial_id for v in result.regressions}))})")
+        raise typer.Exit(1)
+    console.print(f"[green]PASS[/]: no regression in {len({v.trial_id for v in result.verdicts})} matched trials")
 
 
 @app.command()

@@ -44,6 +44,7 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "window_s": None,
         "step_time_drift": None,
         "step_times_per_rank": [],
+        "step_cpu_s": [],
         "flops_per_token": None,
         "hfu_flops_per_token": None,
         "tflops_per_device": None,
@@ -166,6 +167,8 @@ def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> 
             rec["notes"] = rec["notes"] + [f"timed window not steady: the second half's median step is "
                                            f"{rec['step_time_drift']:+.0%} against the first half's (more warmup steps?)"]
     rec["step_times_per_rank"] = [r["step_times_s"] for r in ranks]
+    if all(r.get("step_cpu_s") for r in ranks):  # CPU accelerator: CPU seconds all ranks spent per step
+        rec["step_cpu_s"] = [sum(r["step_cpu_s"][i] for r in ranks) for i in range(len(first["step_cpu_s"]))]
     if stats is not None:
         peak = datasheet_peak_tflops(first["device"], rec["precision"])
         measured = min((r["measured_peak_tflops"] for r in ranks if r.get("measured_peak_tflops")), default=None)

@@ -41,6 +41,15 @@ CREATE TABLE IF NOT EXISTS steps (
     PRIMARY KEY (run_id, trial_id, step),
     FOREIGN KEY (run_id, trial_id) REFERENCES trials(run_id, trial_id)
 );
+CREATE TABLE IF NOT EXISTS kernels (
+    run_id      TEXT NOT NULL REFERENCES runs(run_id),
+    seq         INTEGER NOT NULL,
+    bench       TEXT NOT NULL,           -- gemm, attention, norm, mlp, optimizer, collective
+    case_id     TEXT NOT NULL,
+    status      TEXT NOT NULL,           -- ok, unsupported, failed
+    record_json TEXT NOT NULL,
+    PRIMARY KEY (run_id, case_id)
+);
 """
 
 
@@ -115,6 +124,27 @@ class Store:
     def trials(self, run_id: str) -> list[dict]:
         cur = self.db.execute("SELECT record_json FROM trials WHERE run_id=? ORDER BY seq", (run_id,))
         return [json.loads(r[0]) for r in cur]
+
+    # -- kernel micro-benchmarks -----------------------------------------------------------
+    def add_kernels(self, run_id: str, records: list[dict]) -> None:
+        """Store a kernels run's cases in one transaction."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO kernels VALUES (?,?,?,?,?,?)",
+                                [(run_id, i, r["bench"], r["case"], r["status"], json.dumps(r)) for i, r in enumerate(records)])
+
+    def kernels(self, run_id: str) -> list[dict]:
+        cur = self.db.execute("SELECT record_json FROM kernels WHERE run_id=? ORDER BY seq", (run_id,))
+        return [json.loads(r[0]) for r in cur]
+
+    def latest_kernels_run(self, device_name: str | None = None) -> str | None:
+        """The newest run holding kernel results (on this device, if named)."""
+        for r in reversed(self.runs()):
+            if device_name and r["env"].get("device_name") != device_name:
+                continue
+            if self.db.execute("SELECT 1 FROM kernels WHERE run_id=? LIMIT 1", (r["run_id"],)).fetchone():
+                return r["run_id"]
+        return None
 
     def steps(self, run_id: str) -> list[tuple]:
         return list(self.db.execute("SELECT trial_id, step, step_time_s, loss FROM steps WHERE run_id=? ORDER BY trial_id, step",

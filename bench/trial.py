@@ -39,6 +39,7 @@ class RankResult:
     warmup_s: float = 0.0
     window_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
+    step_cpu_s: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float | None] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
@@ -231,7 +232,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         if not math.isfinite(warm_loss.item()):
             raise Diverged(f"loss {warm_loss.item()} during warmup")
 
-        losses, times, norms, lrs, scales = [], [], [], [], []
+        losses, times, cpu, norms, lrs, scales = [], [], [], [], [], []
         skipped_before = engine.skipped_steps
         sampler = None
         if accelerator == "cuda":
@@ -244,12 +245,13 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
             events[0].record()
         window_start = time.perf_counter()
         for i in range(spec.warmup_steps, spec.warmup_steps + spec.steps):
-            s = time.perf_counter()
+            s, c = time.perf_counter(), time.process_time()
             losses.append(step(i))
             if accelerator == "cuda":
                 events[len(losses)].record()
             else:
                 times.append(time.perf_counter() - s)
+                cpu.append(time.process_time() - c)
             # Host-side attribute reads: DeepSpeed computed these during the step already.
             norm = engine.get_global_grad_norm()
             norms.append(norm.detach().clone() if isinstance(norm, torch.Tensor) else norm)
@@ -262,6 +264,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         if accelerator == "cuda":
             times = [events[k].elapsed_time(events[k + 1]) / 1000 for k in range(spec.steps)]
         res.step_times_s = times
+        res.step_cpu_s = cpu
         res.losses = [float(x) for x in torch.stack(losses).float().cpu()]
         res.grad_norms = [None if n is None else float(n) for n in norms]
         res.lrs = [float(x) for x in lrs]

@@ -106,6 +106,16 @@ def main() -> None:
             spec = TrialSpec.model_validate(msg["spec"])
             out = bare_loop(spec, rank, args.accelerator, msg.get("base_config"))
             ctl.send({"type": "result", "trial_id": msg["trial_id"], **out})
+        if msg["type"] == "kernels":  # `llmbench kernels`: micro-benchmarks on every rank
+            from .kernels.plan import KernelPlan
+            from .kernels.run import run_kernels
+
+            try:
+                rows = run_kernels(KernelPlan.model_validate(msg["spec"]), rank, args.accelerator, device_name=device)
+                ctl.send({"type": "result", "trial_id": msg["trial_id"], "rank": rank, "status": "ok", "rows": rows})
+            except Exception as e:  # a bug or a broken device: reported, the driver records it
+                ctl.send({"type": "result", "trial_id": msg["trial_id"], "rank": rank, "status": "failed",
+                          "error": f"{type(e).__name__}: {e}"})
     torch.distributed.destroy_process_group()
     release_own_shm()
     ctl.send({"type": "bye", "rank": rank})

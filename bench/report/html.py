@@ -10,6 +10,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import figures
 from .frames import MiB, loss_frame, trials_frame
+from .kernels import findings as kernel_findings, kernel_figures
 from .guidance import OBJECTIVES, default_memory_budget, recommend, statements, tokens_ci
 
 
@@ -21,7 +22,8 @@ def _fmt(v, digits=3):
     return v
 
 
-def render(run: dict, records: list[dict], memory_budget: float | None = None) -> str:
+def render(run: dict, records: list[dict], memory_budget: float | None = None, kernels: list[dict] | None = None,
+           kernels_run: str | None = None) -> str:
     env = Environment(loader=PackageLoader("llmbench.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
     env.filters["fmt"] = _fmt
     env.filters["mib"] = lambda b: "–" if b is None else f"{b / MiB:,.2f}"
@@ -47,6 +49,7 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None) -
         figs["Throughput vs memory (Pareto frontier)"] = figures.pareto(df)
     if not df.empty and (df["status"] != "ok").any():
         figs["Failures at a glance"] = figures.failures(df)
+    kernels = kernels or []
     budget = memory_budget or default_memory_budget(run["env"])
     recs = [recommend(records, o, budget) for o in OBJECTIVES]
     env.globals["tokens_ci"] = tokens_ci
@@ -55,14 +58,17 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None) -
         env_json=json.dumps(run["env"], indent=2, sort_keys=True),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         counts={s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})},
+        kernels=kernels, kernels_run=kernels_run or run["run_id"], kernel_figures=kernel_figures(kernels),
+        kernel_findings=kernel_findings(kernels),
     )
 
 
-def write_report(run: dict, records: list[dict], out_dir: Path, memory_budget: float | None = None) -> Path:
+def write_report(run: dict, records: list[dict], out_dir: Path, memory_budget: float | None = None,
+                 kernels: list[dict] | None = None, kernels_run: str | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"report-{run['run_id']}.html"
-    path.write_text(render(run, records, memory_budget), encoding="utf-8")
+    path.write_text(render(run, records, memory_budget, kernels, kernels_run), encoding="utf-8")
     return path
 
 

@@ -1,0 +1,218 @@
+"""`llmbench gate BASELINE CANDIDATE`: does the candidate regress against the baseline?
+
+Trials are matched by trial id (and must describe the same configuration). Each metric has
+a direction and a margin:
+
+- Which time is gated: on a GPU, the wall-clock step time (which sets tokens/s). On the CPU
+  accelerator, where other processes time-share the cores, the CPU seconds all ranks spend
+  per step (`step_cpu_s`): on the 2-core CI machine under load its run-to-run CV was
+  1–9% against 20–34% for the wall-clock step time (README, "Regression gates"). The
+  other one is shown and marked "reported". `time_basis` forces either.
+- Time-based figures use the rule of asv
+  (airspeed velocity; `asv compare --factor` with `asv.statistics.is_different`): a change
+  counts only when it exceeds the margin AND the two sets of samples differ significantly:
+  a two-sided Mann-Whitney U test on the per-step samples at `alpha` (asv's p_threshold,
+  0.002) when the samples can reach that significance, otherwise (too few samples) the
+  pessimistic check that the 95% intervals of the medians do not overlap.
+- Counts that do not depend on time (model-state bytes, weight bytes, parameters) and
+  figures with little noise (peak memory, final loss, perplexity) use the margin alone.
+- A trial that was ok in the baseline and is not ok (or absent) in the candidate regresses.
+
+The default margins come from measured noise (README, "Regression gates"); each can be set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .collect.stats import median, median_ci95
+
+# (field, label, higher is better, kind, default margin); kind "time" takes the samples test
+METRICS: list[tuple[str, str, bool, str, float]] = [
+    ("step_times_s", "step time", False, "time", 0.10),
+    ("step_cpu_s", "CPU s/step", False, "time", 0.20),
+    ("model_state_bytes", "model-state bytes", False, "count", 0.01),
+    ("peak_mem_bytes", "peak memory", False, "level", 0.10),
+    ("final_loss", "final loss", False, "level", 0.02),
+    ("weight_bytes", "weight bytes", False, "count", 0.01),
+    ("perplexity", "perplexity", False, "level", 0.02),
+]
+IDENTITY = ("model", "family", "precision", "zero_stage", "micro_batch", "grad_accum", "world_size", "seq_len",
+            "offload", "quant", "scenario")
+
+
+class GateInputError(ValueError):
+    """A baseline or candidate that cannot be read (bad input: exit code 2)."""
+
+
+@dataclass
+class Verdict:
+    trial_id: str
+    metric: str
+    baseline: object
+    candidate: object
+    change: float | None = None       # candidate / baseline − 1 (of the median, for time)
+    margin: float | None = None
+    p_value: float | None = None
+    test: str = ""
+    outcome: str = "same"             # same, regression, improvement, not compared
+    why: str = ""
+
+
+@dataclass
+class GateResult:
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def regressions(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.outcome == "regression"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions
+
+
+def _records_from_file(path: Path) -> list[dict]:
+    """`llmbench results --format json|csv|parquet` output."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".json", ".jsonl", ".ndjson"):
+            text = path.read_text()
+            if text.lstrip().startswith("["):
+                return json.loads(text)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        import pandas as pd
+
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix == ".csv":
+            df = pd.read_csv(path)
+        else:
+            raise GateInputError(f"{path}: unknown format (use a run id, or a .json, .csv or .parquet export)")
+    except (OSError, ValueError) as e:
+        if isinstance(e, GateInputError):
+            raise
+        raise GateInputError(f"{path}: cannot be read: {e}") from None
+    records = []
+    for row in df.to_dict("records"):
+        for k, v in row.items():
+            if isinstance(v, str) and v[:1] in "[{":
+                try:
+                    row[k] = json.loads(v)
+                except ValueError:
+                    pass
+            elif isinstance(v, float) and math.isnan(v):
+                row[k] = None
+        records.append(row)
+    return records
+
+
+def load_side(ref: str, db: Path | None) -> tuple[str, list[dict]]:
+    """A run id (or unique prefix) in the store, or an exported results file."""
+    path = Path(ref)
+    if path.is_file():
+        records = _records_from_file(path)
+        name = str(path)
+    else:
+        from .store import Store
+
+        if db is None or not Path(db).exists():
+            raise GateInputError(f"{ref}: neither a file nor a run (no store at {db})")
+        store = Store(db)
+        run = store.run(ref)
+        if run is None:
+            raise GateInputError(f"{ref}: neither a file nor a run in {db}")
+        records, name = store.trials(run["run_id"]), run["run_id"]
+    if not records or not all("trial_id" in r and "status" in r for r in records):
+        raise GateInputError(f"{ref}: holds no llmbench trial records")
+    return name, records
+
+
+def mann_whitney_p(a: list[float], b: list[float]) -> float:
+    from scipy.stats import mannwhitneyu
+
+    # the exact distribution where it is cheap and valid (no ties); scipy's "auto" switches
+    # to the normal approximation above 8 samples, which overstates p in the tails
+    exact = len(a) + len(b) <= 60 and len(set(a) | set(b)) == len(a) + len(b)
+    return float(mannwhitneyu(a, b, alternative="two-sided", method="exact" if exact else "asymptotic").pvalue)
+
+
+def min_p(n: int, m: int) -> float:
+    """The smallest two-sided p-value a Mann-Whitney U test can give for n and m samples
+    (all of one sample below all of the other): 2 / C(n+m, n)."""
+    return min(1.0, 2 / math.comb(n + m, n))
+
+
+def compare_time(a: list[float], b: list[float], alpha: float) -> tuple[float, float | None, str, bool]:
+    """(change of the median, p-value or None, which test, significant?) for lower-is-better samples."""
+    ma, mb = median(a), median(b)
+    change = mb / ma - 1
+    if len(a) >= 2 and len(b) >= 2 and min_p(len(a), len(b)) < alpha:
+        p = mann_whitney_p(a, b)
+        return change, p, "Mann-Whitney U", p < alpha
+    ca, cb = median_ci95(a), median_ci95(b)
+    if ca is None or cb is None:
+        return change, None, "too few samples", False
+    return change, None, "95% CIs overlap?", cb[1] < ca[0] or cb[0] > ca[1]
+
+
+def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] | None = None,
+         alpha: float = 0.002, time_basis: str = "auto") -> GateResult:
+    margins = margins or {}
+    cand = {r["trial_id"]: r for r in candidate}
+    out = GateResult()
+    for b in baseline:
+        tid = b["trial_id"]
+        c = cand.get(tid)
+        if b["status"] != "ok":
+            out.verdicts.append(Verdict(tid, "status", b["status"], c["status"] if c else "absent",
+                                        outcome="improvement" if c and c["status"] == "ok" else "not compared",
+                                        why="not ok in the baseline"))
+            continue
+        if c is None or c["status"] != "ok":
+            out.verdicts.append(Verdict(tid, "status", "ok", c["status"] if c else "absent", outcome="regression",
+                                        why=(c.get("error") or "")[:120] if c else "the candidate has no such trial"))
+            continue
+        differs = [k for k in IDENTITY if b.get(k) != c.get(k)]
+        if differs:
+            out.verdicts.append(Verdict(tid, "configuration", "", "", outcome="not compared",
+                                        why="different configuration: " + ", ".join(f"{k} {b.get(k)}→{c.get(k)}" for k in differs)))
+            continue
+        metrics = list(METRICS)
+        if not b.get("step_times_s") or not c.get("step_times_s"):  # e.g. a CSV export: no per-step samples
+            metrics.insert(0, ("tokens_per_s", "tokens/s", True, "level", METRICS[0][4]))
+        has_cpu = bool(b.get("step_cpu_s")) and bool(c.get("step_cpu_s"))
+        gated_time = "step_cpu_s" if time_basis == "cpu" or (time_basis == "auto" and has_cpu) else "step_times_s"
+        for fld, label, higher, kind, default in metrics:
+            va, vb = b.get(fld), c.get(fld)
+            if va in (None, []) or vb in (None, []):
+                if fld == gated_time and not any(m[0] == "tokens_per_s" for m in metrics):
+                    out.verdicts.append(Verdict(tid, label, f"{len(va or [])} samples", f"{len(vb or [])} samples",
+                                                outcome="not compared", why="no such samples in one of the runs"))
+                continue
+            margin = margins.get(fld, margins.get(label, default))
+            v = Verdict(tid, label, va, vb, margin=margin)
+            if kind == "time":
+                v.baseline, v.candidate = median(va), median(vb)
+                v.change, v.p_value, v.test, sig = compare_time(va, vb, alpha)
+                beyond = abs(v.change) > margin
+                if fld != gated_time:
+                    v.outcome, v.margin = "reported", None
+                    v.why = "not gated: " + ("shared-CPU noise; see CPU s/step" if gated_time == "step_cpu_s"
+                                             else "the wall-clock step time is gated")
+                elif beyond and sig:
+                    v.outcome = "regression" if (v.change > 0) != higher else "improvement"
+                elif beyond:
+                    v.why = "beyond the margin but not significant"
+                elif sig:
+                    v.why = "significant but within the margin"
+            else:
+                v.change = vb / va - 1 if va else (0.0 if vb == va else math.inf)
+                v.test = "margin" if fld != "tokens_per_s" else "margin only (no per-step samples)"
+                if abs(v.change) > margin:
+                    v.outcome = "regression" if (v.change > 0) != higher else "improvement"
+            out.verdicts.append(v)
+    return out

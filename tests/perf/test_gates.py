@@ -1,0 +1,151 @@
+"""The perf gates CI runs: pytest-benchmark records the absolute times (reported, not gated on
+a shared CPU machine); the gates are on counts that do not depend on time and on ratios
+measured in one run, interleaved against a reference (llmbench.perfgate, tests/perf/baseline.json)."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmbench.collect.stats import cv
+from llmbench.env import detect_hardware
+from llmbench.kernels.optimizer import make_optimizer
+from llmbench.kernels.timing import interleaved_ratio
+from llmbench.launch import RankPool
+from llmbench.models import build_config, flops_per_token, model_stats
+from llmbench.perfgate import assert_gate
+from llmbench.spec import TrialSpec
+
+TRAIN_MARGIN = 0.15   # llmbench vs bare DeepSpeed: see README "Regression gates" for the measured noise
+KERNEL_MARGIN = 0.30  # kernel ratios: interleaved rounds on one thread, noisier (measured CV in the README)
+PAIRS = 3
+
+
+# -- counts: no time involved, exact up to the software versions ---------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gate_model_counts(perf_baseline, benchmark, family):
+    config = build_config("tiny", family, 128)
+    stats = benchmark.pedantic(model_stats, args=(config,), rounds=3, iterations=1)
+    perf_baseline.check(f"count.tiny-{family}.flops_per_token.seq128", flops_per_token(stats, 128), "count", "equal", 0.0)
+    assert_gate(perf_baseline, f"count.tiny-{family}.n_params", stats.n_params, "count", "equal", 0.0)
+    assert_gate(perf_baseline, f"count.tiny-{family}.flops_per_token.seq128", flops_per_token(stats, 128), "count",
+                "equal", 0.0)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gate_model_state_bytes(perf_baseline, zero_sweep, stage):
+    rec = next(r for r in zero_sweep["records"] if r["trial_id"] == f"z{stage}-mb4")
+    assert rec["status"] == "ok", rec["error"]
+    assert_gate(perf_baseline, f"count.zero.z{stage}-mb4.model_state_bytes", rec["model_state_bytes"], "count", "equal", 0.005)
+
+
+# -- llmbench's training step against a bare DeepSpeed loop, interleaved in one pool ----------
+@functools.lru_cache(maxsize=1)
+def train_rounds() -> dict:
+    """Two rounds (A and B, the 'unchanged rerun') of PAIRS interleaved pairs each:
+    llmbench's trial and trial.bare_loop on the same model, data and config."""
+    import tempfile
+
+    hw = detect_hardware(force_cpu=True)
+    spec = TrialSpec(model="tiny", zero_stage=1, micro_batch=4, seq_len=128, warmup_steps=3, steps=12,
+                     breakdown_steps=0).model_dump()
+    pool = RankPool(hw, 2, Path(tempfile.mkdtemp()) / "pool.log")
+
+    def tokens_per_s(results):
+        assert all(r["status"] == "ok" for r in results), results
+        return sum(r["tokens"] for r in results) / max(r["window_s"] for r in results)
+
+    out = {"A": [], "B": [], "llmbench_tokens_per_s": [], "bare_tokens_per_s": []}
+    try:
+        for name in ("A", "B"):
+            for i in range(PAIRS):
+                order = ("bare", "trial") if i % 2 == 0 else ("trial", "bare")
+                got = {k: tokens_per_s(pool.run(f"{name}{i}{k}", spec, 300, kind=k)) for k in order}
+                out[name].append(got["trial"] / got["bare"])
+                out["llmbench_tokens_per_s"].append(got["trial"])
+                out["bare_tokens_per_s"].append(got["bare"])
+    finally:
+        pool.stop()
+    return out
+
+
+def test_gate_training_step_vs_bare_deepspeed(perf_baseline, benchmark):
+    rounds = benchmark.pedantic(train_rounds, rounds=1, iterations=1)
+    ratio = statistics.median(rounds["A"])
+    benchmark.extra_info.update(ratio=ratio, ratios=rounds["A"] + rounds["B"],
+                                llmbench_tokens_per_s=rounds["llmbench_tokens_per_s"],
+                                bare_tokens_per_s=rounds["bare_tokens_per_s"])
+    assert_gate(perf_baseline, "ratio.train.llmbench_vs_bare_tokens_per_s", ratio, "ratio", "higher", TRAIN_MARGIN,
+                cv(rounds["A"] + rounds["B"]))
+
+
+def test_gate_passes_unchanged_rerun_and_fails_injected_slowdown(perf_baseline):
+    """The same gate on round B (an unchanged rerun) passes; on round A with llmbench's
+    tokens/s made 25% lower (the ratio divided by 1.25) it fails."""
+    rounds = train_rounds()
+    name = "ratio.train.llmbench_vs_bare_tokens_per_s"
+    why = perf_baseline.env_mismatch("ratio")
+    if why:
+        pytest.skip(f"baseline from another environment: {why}")
+    rerun = perf_baseline.evaluate(name, statistics.median(rounds["B"]))
+    assert rerun.passed, rerun.message
+    slowed = perf_baseline.evaluate(name, statistics.median([r / 1.25 for r in rounds["A"]]))
+    assert not slowed.passed, "a 25% slowdown passed the gate: " + slowed.message
+
+
+# -- kernels: one implementation against another, interleaved, on one thread ----------------
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _kernel_gate(perf_baseline, benchmark, name, fa, fb):
+    ratio, ratios = benchmark.pedantic(interleaved_ratio, args=(fa, fb, "cpu"), rounds=1, iterations=1)
+    benchmark.extra_info.update(ratio=ratio, ratios=ratios)
+    assert_gate(perf_baseline, name, ratio, "ratio", "higher", KERNEL_MARGIN, cv(ratios))
+
+
+def test_gate_sdpa_flash_vs_math(perf_baseline, benchmark, one_thread):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(4, 4, 128, 32) for _ in range(3))
+
+    def run(backend):
+        with torch.no_grad(), sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    _kernel_gate(perf_baseline, benchmark, "ratio.kernel.sdpa_math_over_flash.fwd.fp32",
+                 lambda: run(SDPBackend.MATH), lambda: run(SDPBackend.FLASH_ATTENTION))
+
+
+def test_gate_fused_adamw_vs_foreach(perf_baseline, benchmark, one_thread):
+    def opt(kind):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(512, 128), (128, 384), (128, 344), (344, 128)] * 4]
+        for p in params:
+            p.grad = torch.randn(p.shape) * 1e-3
+        return make_optimizer(kind, params, "cpu")
+
+    foreach, fused = opt("adamw-foreach"), opt("adamw-fused")
+    _kernel_gate(perf_baseline, benchmark, "ratio.kernel.adamw_foreach_over_fused.step", foreach.step, fused.step)
+
+
+def test_gate_gemm_model_shape_efficiency(perf_baseline, benchmark, one_thread):
+    """TFLOP/s of the MLP up-projection at the tiny model's shapes / TFLOP/s of a 512³ GEMM."""
+    a, b = torch.randn(512, 128), torch.randn(128, 344)
+    c, d = torch.randn(512, 512), torch.randn(512, 512)
+    flops_ab, flops_cd = 2 * 512 * 128 * 344, 2 * 512**3
+    # time(cd)/time(ab) · flops(ab)/flops(cd) = efficiency of the model shape vs square
+    ratio, ratios = benchmark.pedantic(interleaved_ratio, args=(lambda: c @ d, lambda: a @ b, "cpu"), rounds=1,
+                                       iterations=1)
+    eff = [r * flops_ab / flops_cd for r in ratios]
+    benchmark.extra_info.update(efficiency=statistics.median(eff), efficiencies=eff)
+    assert_gate(perf_baseline, "ratio.kernel.gemm_mlp_up_vs_square512.fp32", statistics.median(eff), "ratio", "higher",
+                KERNEL_MARGIN, cv(eff))
