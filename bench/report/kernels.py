@@ -73,9 +73,10 @@ def findings(records: list[dict]) -> list[str]:
         for op in ("fwd", "fwd+bwd"):
             a = {r["backend"]: r for r in ok if r["bench"] == "attention" and r["dtype"] == dtype and r["op"] == op}
             if "eager" in a and len(a) > 1:
-                best = min(a.values(), key=lambda r: r["median_s"])
-                out.append(f"Attention {op} {dtype}: fastest is {best['backend']} "
-                           f"({a['eager']['median_s'] / best['median_s']:.2f}× the eager formula)")
+                sdpa = min((r for k, r in a.items() if k != "eager"), key=lambda r: r["median_s"])
+                speed = a["eager"]["median_s"] / sdpa["median_s"]
+                out.append(f"Attention {op} {dtype}: the fastest SDPA backend, {sdpa['backend']}, runs at {speed:.2f}× "
+                           f"the eager formula's speed" + (" (slower: the eager formula wins here)" if speed < 1 else ""))
     opt = {r["case"]: r for r in ok if r["bench"] == "optimizer"}
     if opt:
         best = max(opt.values(), key=lambda r: r["params_per_s"])
@@ -89,9 +90,12 @@ def findings(records: list[dict]) -> list[str]:
         best = max(c, key=lambda r: r["busbw_gbs"])
         out.append(f"{op} over {best['world_size']} ranks ({best['backend']}): peak bus bandwidth "
                    f"{best['busbw_gbs']:.3g} GB/s at {best['bytes']:,} bytes")
+    missing: dict[tuple[str, str], set] = {}
     for r in records:
-        if r["status"] != "ok" and r["bench"] == "attention" and r["op"] == "fwd":
-            out.append(f"{r['backend']} ({r['dtype']}): {r['status']} here — {r['reason']}")
+        if r["status"] != "ok":
+            missing.setdefault((r["backend"], (r["reason"] or "").split(". ")[0]), set()).add(r["dtype"])
+    for (backend, reason), dtypes in missing.items():
+        out.append(f"{backend} ({', '.join(sorted(dtypes))}): not available here — {reason}")
     return out
 
 
