@@ -343,17 +343,22 @@ def bare_loop(spec: TrialSpec, rank: int, accelerator: str, base_config: dict | 
                for i in range(n_micro)]
     model = build_trial_model(spec, config, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    times, first_timed = [], spec.warmup_steps * spec.grad_accum
     for i, x in enumerate(batches):
-        if i == spec.warmup_steps * spec.grad_accum:
+        if i == first_timed:
             _sync(accelerator)
             start = time.perf_counter()
+        if i >= first_timed and i % spec.grad_accum == 0:
+            step_start = time.perf_counter()
         engine.backward(engine(input_ids=x, labels=x).loss)
         engine.step()
+        if accelerator == "cpu" and i >= first_timed and (i + 1) % spec.grad_accum == 0:
+            times.append(time.perf_counter() - step_start)  # no device to synchronise on a CPU
     _sync(accelerator)
     window = time.perf_counter() - start
     engine.destroy()
     del engine, model, batches
     gc.collect()
     release_host_memory()
-    return {"rank": rank, "status": "ok", "window_s": window,
+    return {"rank": rank, "status": "ok", "window_s": window, "step_times_s": times,
             "tokens": spec.steps * spec.grad_accum * spec.micro_batch * spec.seq_len}
