@@ -130,7 +130,8 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     from .sweep import run_sweep
 
     store = Store(db)
-    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {plan.trials[0].spec.world_size} "
+    sizes = "/".join(str(n) for n in sorted({t.spec.world_size for t in plan.trials}))
+    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {sizes} "
                   f"({hw.comm_backend}); store {db}" + (f"; resuming {resume}" if resume else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
@@ -319,7 +320,7 @@ def _write_results(records: list[dict], fmt: str, run: dict) -> None:
 
         buf = io.StringIO()
         df = trials_frame(records)
-        df = df[[c for c in df.columns if not isinstance(df[c].iloc[0] if len(df) else None, (dict, list))]]
+        df = df[[c for c in df.columns if not df[c].map(lambda v: isinstance(v, (dict, list, tuple))).any()]]
         df.to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
         sys.stdout.write(buf.getvalue())
     else:
