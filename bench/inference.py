@@ -28,6 +28,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .collect.memory import PeakMemory
@@ -216,8 +217,7 @@ def state_dict_bytes(model: torch.nn.Module) -> int:
 
 def eval_batches(source: MarkovSource, n: int, batch: int, seq_len: int) -> torch.Tensor:
     """Held-out [n, batch, seq_len] tokens: streams no training or validation batch uses."""
-    return torch.from_numpy(__import__("numpy").stack([source.batch(batch, seq_len, stream=EVAL_STREAM + i)
-                                                       for i in range(n)]))
+    return torch.from_numpy(np.stack([source.batch(batch, seq_len, stream=EVAL_STREAM + i) for i in range(n)]))
 
 
 def tokens_sha256(tokens: torch.Tensor) -> str:
@@ -391,9 +391,14 @@ def summarise(res: dict, spec: TrialSpec) -> dict:
     out["prefill_latency_s_per_batch"] = {b: median(v) for b, v in pre.items() if v}
     out["decode_latency_s_per_token"] = {b: median(v) for b, v in dec.items() if v}
     out["decode_latency_ci95_s_per_token"] = {b: median_ci95(v) for b, v in dec.items() if v}
-    # tokens/s from the median repeat's decode time: batch × decoded tokens / decode seconds.
-    out["decode_tokens_per_s"] = {b: int(b) * n_steps / median(v) for b, v in per_repeat.items() if v}
-    out["decode_tokens_per_s_ci95"] = {b: [int(b) * n_steps / ci[1], int(b) * n_steps / ci[0]]
-                                       for b, v in per_repeat.items() if v for ci in [median_ci95(v)]}
+    # tokens/s of the median repeat (decode_tokens_per_s: batch × decoded tokens / decode seconds);
+    # its 95% interval from the interval of the median decode time.
+    out["decode_tokens_per_s"] = {b: decode_tokens_per_s(int(b), [median(v) / n_steps] * n_steps)
+                                  for b, v in per_repeat.items() if v}
+    out["decode_tokens_per_s_ci95"] = {}
+    for b, v in per_repeat.items():
+        ci = median_ci95(v) if v else None
+        if ci:
+            out["decode_tokens_per_s_ci95"][b] = [int(b) * n_steps / ci[1], int(b) * n_steps / ci[0]]
     out["step_times_s"] = dec[first]  # per decoded token at the first batch size: the store's steps table
     return out

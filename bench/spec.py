@@ -269,10 +269,17 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
                 grid[key] = values
                 fixed.pop(key, None)
         axes = [a for a in grid if a != "global_batch"] + (["global_batch"] if "global_batch" in grid else [])
+        # An inference trial runs in one process: unless world_size is given, it is 1, not the
+        # hardware's default number of ranks.
+        explicit = {k for k, v in block_fixed.items() if v != "auto"} | set(grid) | from_cli
+        if "world_size" not in explicit and (fixed.get("scenario") == "inference" or "scenario" in grid):
+            fixed["world_size"] = None
         combos += [(fixed, axes, combo, source) for combo in itertools.product(*(grid[a] for a in axes))]
     trials: list[tuple[str, TrialSpec, str | None]] = []
     for fixed, axes, combo, _ in combos:
         values = {**fixed, **dict(zip(axes, combo))}
+        if values.get("world_size", 0) is None:  # the default for this trial's scenario
+            values["world_size"] = 1 if values.get("scenario") == "inference" else defaults.get("world_size", 2)
         where = ", ".join(f"{a}={v}" for a, v in zip(axes, combo)) or "fixed"
         if "global_batch" in values:
             gb = values.pop("global_batch")

@@ -242,3 +242,26 @@ def test_state_dict_bytes_is_a_real_file_size():
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     assert state_dict_bytes(model) == len(buf.getvalue())
+
+
+def test_inference_defaults_to_one_process():
+    """`llmbench run --set scenario=inference` needs no world_size: one process, not the hardware's ranks."""
+    from llmbench.spec import Suite
+
+    trials = expand(Suite(name="run"), "llmbench run", DEFAULTS, ["scenario=inference", "quant=int8-wo"])
+    assert [(t, s.world_size, skip) for t, s, skip in trials] == [("inf-tiny-int8-wo-bf16", 1, None)]
+    trials = expand(Suite(name="g", grid={"scenario": ["train", "inference"]}), "g", DEFAULTS)
+    assert [(s.scenario, s.world_size) for _, s, _ in trials] == [("train", 2), ("inference", 1)]
+
+
+def test_summary_takes_medians_and_intervals_per_batch():
+    from llmbench.inference import summarise
+
+    spec = TrialSpec(scenario="inference", world_size=1, decode_batches=[1, 4], new_tokens=3)
+    res = {"prefill_times_s": {"1": [0.1, 0.2, 0.3], "4": [0.2] * 3}, "decode_step_times_s": {"1": [0.1] * 6, "4": [0.2] * 6},
+           "decode_times_s": {"1": [0.2, 0.3, 0.4], "4": [0.4] * 3}}
+    out = summarise(res, spec)
+    assert out["prefill_latency_s"] == 0.2 and out["prefill_latency_s_per_batch"] == {"1": 0.2, "4": 0.2}
+    assert out["decode_tokens_per_s"] == {"1": pytest.approx(1 * 2 / 0.3), "4": pytest.approx(4 * 2 / 0.4)}
+    assert out["decode_tokens_per_s_ci95"]["1"] == [pytest.approx(2 / 0.4), pytest.approx(2 / 0.2)]
+    assert out["step_times_s"] == [0.1] * 6
