@@ -323,6 +323,8 @@ def run_inference(spec: TrialSpec, accelerator: str, host: str = "", device_name
         tokens = eval_batches(source, spec.eval_batches, spec.micro_batch, spec.seq_len)
         res.eval_batches_sha256, res.eval_tokens = tokens_sha256(tokens), spec.eval_batches * spec.micro_batch * (spec.seq_len - 1)
 
+        gc.collect()
+        release_host_memory()  # training's freed heap back to the OS: the peak below is inference's own
         peak.reset()
         model = build_model(config)
         model.load_state_dict(state)

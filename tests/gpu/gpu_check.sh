@@ -27,7 +27,8 @@ PY
 # Inference quantization on CUDA: the quant suite's inference grid (int8, int4 weight-only, fp8
 # weight-only and dynamic; torchao) on the tiny model trained to near the entropy floor. int4-wo
 # needs torchao's kernel package (mslk); without it the trial is recorded `unsupported` with
-# torchao's message, as on CPU. The training grid of `quant` is covered by the gpu suite's ZeRO runs.
+# torchao's message, as on CPU. torchao must be importable there (carry its wheel in .whl/ with the
+# others). The training grid of `quant` is covered by the gpu suite's ZeRO runs.
 cat > "$dest/quant-inference.yaml" <<'YAML'
 name: quant-inference
 description: The inference grid of the quant suite, alone (GPU evidence).
