@@ -1,10 +1,10 @@
 """The inference scenario: one process measures a trained model, quantized or not.
 
 For a trial it (1) gets the standard model trained on the Markov source until its loss is
-within `TRAIN_TOLERANCE_NATS` of the entropy floor (cached on disk, so the `none` trial and
-every quantized trial start from the same weights), (2) casts it to the trial's precision
+within `TRAIN_TOLERANCE_NATS` of the entropy floor (trainedmodel.py: cached on disk, so the
+`none` trial and every quantized trial start from the same weights), (2) casts it to the trial's precision
 and quantizes its linear layers with torchao, (3) measures the weight bytes its tensors
-really hold, the perplexity on held-out batches of the source, the prefill latency and the
+really hold (collect/weights.py), the perplexity on held-out batches of the source, the prefill latency and the
 greedy decode rate with the KV cache at several batch sizes, and the peak memory.
 
 Threads: the worker pool's share of cores per rank (on the 2-core CPU machine, 1). A 2-thread
@@ -20,37 +20,22 @@ from __future__ import annotations
 import gc
 import hashlib
 import inspect
-import io
 import math
-import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .collect.memory import PeakMemory
 from .collect.stats import median, median_ci95
+from .collect.weights import weight_bytes
 from .data import MarkovSource
-from .models import build_config, build_model, config_to_dict, initialize_weights
+from .models import build_config, build_model, config_to_dict
 from .spec import TrialSpec
+from .trainedmodel import EVAL_STREAM, TRAIN_TOLERANCE_NATS, trained_state
 from .trial import Unsupported, classify, release_host_memory
-
-# Training recipe for the model that inference measures (AdamW, fp32, linear warmup then
-# cosine decay over the step cap). Measured on the 2-core CPU machine: the tiny model gets
-# within ~0.11 nats of the floor in ~200 steps of 2,048 tokens (30-60 s, load-dependent).
-TRAIN_TOKENS_PER_STEP = 2048
-TRAIN_LR = 1e-2
-TRAIN_WARMUP_STEPS = 20
-TRAIN_MAX_STEPS = 300
-TRAIN_TOLERANCE_NATS = 0.12  # stop once the validation loss is within this of the entropy floor
-TRAIN_CHECK_EVERY = 25
-# Disjoint RNG streams of the same source (the chain is defined by the seed, so held-out data
-# is the same chain with other streams): training uses streams 0.., validation and eval these.
-VALID_STREAM = 1 << 39
-EVAL_STREAM = 1 << 40
 
 QUANT_CONFIGS = {  # quant value → torchao.quantization config class name
     "int8-wo": "Int8WeightOnlyConfig",
@@ -95,124 +80,6 @@ class InferenceResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# -- the trained model ------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """Where trained weights are cached: $LLMBENCH_CACHE/trained, else ~/.cache/llmbench/trained."""
-    root = os.environ.get("LLMBENCH_CACHE") or Path.home() / ".cache" / "llmbench"
-    return Path(root) / "trained"
-
-
-def _cache_path(spec: TrialSpec) -> Path:
-    key = (f"{spec.model}|{spec.family}|seq{spec.seq_len}|seed{spec.seed}|steps{TRAIN_MAX_STEPS}|tol{TRAIN_TOLERANCE_NATS}"
-           f"|lr{TRAIN_LR}|tok{TRAIN_TOKENS_PER_STEP}|torch{torch.__version__}")
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    name = Path(spec.model).name if Path(spec.model).name else "model"
-    return cache_dir() / f"{name}-{spec.family}-seq{spec.seq_len}-seed{spec.seed}-{digest}.pt"
-
-
-def _mean_loss(model, batches: list[torch.Tensor]) -> float:
-    with torch.no_grad():
-        return float(sum(model(input_ids=x, labels=x).loss.item() for x in batches) / len(batches))
-
-
-def train_to_floor(spec: TrialSpec, config, source: MarkovSource, device: torch.device) -> tuple[dict, dict]:
-    """Train the standard model (fp32, AdamW) on the source until its validation loss is
-    within TRAIN_TOLERANCE_NATS of the entropy floor, or TRAIN_MAX_STEPS; returns the
-    state_dict and what happened (final losses, steps, seconds)."""
-    torch.manual_seed(spec.seed)
-    model = build_model(config)
-    initialize_weights(model, spec.seed)
-    model.to(device=device, dtype=torch.float32).train()
-    batch = max(1, TRAIN_TOKENS_PER_STEP // spec.seq_len)
-    valid = [torch.from_numpy(source.batch(16, spec.seq_len, stream=VALID_STREAM + i)).to(device) for i in range(4)]
-    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, betas=(0.9, 0.95), weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        warm = min(1.0, (step + 1) / TRAIN_WARMUP_STEPS)
-        return warm * 0.5 * (1 + math.cos(math.pi * min(step, TRAIN_MAX_STEPS) / TRAIN_MAX_STEPS))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    floor = source.entropy_rate_nats
-    t0 = time.perf_counter()
-    loss = valid_loss = float("nan")
-    step = 0
-    for step in range(1, TRAIN_MAX_STEPS + 1):
-        x = torch.from_numpy(source.batch(batch, spec.seq_len, stream=step)).to(device)
-        out = model(input_ids=x, labels=x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % TRAIN_CHECK_EVERY == 0 or step == TRAIN_MAX_STEPS:
-            loss = out.loss.item()
-            model.eval()
-            valid_loss = _mean_loss(model, valid)
-            model.train()
-            if not math.isfinite(valid_loss):
-                raise RuntimeError(f"training the inference model diverged: validation loss {valid_loss}")
-            if valid_loss - floor <= TRAIN_TOLERANCE_NATS:
-                break
-    meta = {"train_loss_final": loss, "valid_loss_final": valid_loss, "train_steps": step,
-            "train_s": time.perf_counter() - t0, "entropy_floor_nats": floor,
-            "reached_tolerance": valid_loss - floor <= TRAIN_TOLERANCE_NATS}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return state, meta
-
-
-def trained_state(spec: TrialSpec, config, source: MarkovSource, device: torch.device) -> tuple[dict, dict, str]:
-    """The trained weights from the cache, or trained now and cached (atomically)."""
-    path = _cache_path(spec)
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            return blob["state_dict"], blob["meta"], "hit"
-        except Exception:  # a corrupt cache file is retrained and replaced
-            pass
-    state, meta = train_to_floor(spec, config, source, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": state, "meta": meta}, tmp)
-    os.replace(tmp, path)
-    return state, meta, "miss"
-
-
-# -- measurements -------------------------------------------------------------------------
-
-def _storage_bytes(t: torch.Tensor, seen: set) -> int:
-    """Bytes of a tensor's storage(s): a tensor subclass (torchao's Int8Tensor, Float8Tensor)
-    is summed over its inner tensors (`__tensor_flatten__`), recursively; each storage once."""
-    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-        names, _ = t.__tensor_flatten__()
-        return sum(_storage_bytes(getattr(t, n), seen) for n in names if getattr(t, n, None) is not None)
-    data = t.data if isinstance(t, torch.nn.Parameter) else t
-    if hasattr(data, "__tensor_flatten__") and type(data) is not torch.Tensor:
-        return _storage_bytes(data, seen)
-    storage = data.untyped_storage()
-    key = (storage.data_ptr(), data.device)
-    if key in seen:
-        return 0
-    seen.add(key)
-    return storage.nbytes()
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes the model's parameters and buffers really hold, measured from their storages
-    (quantized data, scales and zero points included; tied or shared storages once)."""
-    seen: set = set()
-    tensors = [p for _, p in model.named_parameters(remove_duplicate=False)] + \
-              [b for _, b in model.named_buffers(remove_duplicate=False)]
-    return sum(_storage_bytes(t, seen) for t in tensors)
-
-
-def state_dict_bytes(model: torch.nn.Module) -> int:
-    """Size of `torch.save(model.state_dict())`: an independent check of `weight_bytes`."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return len(buf.getvalue())
 
 
 def eval_batches(source: MarkovSource, n: int, batch: int, seq_len: int) -> torch.Tensor:

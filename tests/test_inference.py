@@ -9,8 +9,9 @@ import torch
 
 from helpers import llmbench
 from llmbench.data import MarkovSource
-from llmbench.inference import (EVAL_STREAM, TRAIN_TOLERANCE_NATS, decode_tokens_per_s, eval_batches, perplexity,
-                                state_dict_bytes, tokens_sha256, weight_bytes)
+from llmbench.collect.weights import state_dict_bytes, weight_bytes
+from llmbench.inference import decode_tokens_per_s, eval_batches, perplexity, tokens_sha256
+from llmbench.trainedmodel import EVAL_STREAM, TRAIN_TOLERANCE_NATS
 from llmbench.models import build_config, build_model, initialize_weights
 from llmbench.spec import SpecError, TrialSpec, expand, load_suite
 
@@ -136,7 +137,7 @@ def test_decode_tokens_per_s_is_batch_tokens_over_time():
 # -- one real sweep ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def quant_sweep(tmp_path_factory, monkeypatch_session=None):
+def quant_sweep(tmp_path_factory):
     """One real `llmbench sweep quant`: ZeRO++ training trials on 2 gloo ranks, then the inference
     trials in one process; the trained model's cache starts empty, so this trains once."""
     import os
