@@ -44,6 +44,17 @@ def error_summary(error: str | None, width: int = 160) -> str:
     return text[:width]
 
 
+def ok_summary(rec: dict) -> str:
+    """One line for a finished trial: tokens/s for training; decode rate, weights and perplexity for inference."""
+    if rec.get("scenario") == "inference":
+        tps = rec.get("decode_tokens_per_s") or {}
+        first = next(iter(tps), None)
+        rate = f"decode {tps[first]:,.0f} tok/s at batch {first}" if first else "no decode"
+        return (f"{rate}, prefill {1e3 * (rec.get('prefill_latency_s') or 0):.1f} ms, weights "
+                f"{(rec.get('weight_bytes') or 0) / 2**20:.2f} MiB, perplexity {rec.get('perplexity') or float('nan'):.3f}")
+    return f"{rec['tokens_per_s']:,.0f} tok/s"
+
+
 def _hostfile_slots(path: str) -> int:
     """World size from an MPI-style hostfile (`host slots=N`), as DeepSpeed's launcher reads it."""
     total = 0
@@ -119,7 +130,8 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     from .sweep import run_sweep
 
     store = Store(db)
-    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {plan.trials[0].spec.world_size} "
+    sizes = "/".join(str(n) for n in sorted({t.spec.world_size for t in plan.trials}))
+    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {sizes} "
                   f"({hw.comm_backend}); store {db}" + (f"; resuming {resume}" if resume else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
@@ -130,7 +142,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
 
     def ended(seq, rec):
         mark = "[green]ok[/]" if rec["status"] == "ok" else f"[red]{rec['status']}[/]"
-        extra = f"{rec['tokens_per_s']:,.0f} tok/s" if rec["status"] == "ok" else error_summary(rec["error"])
+        extra = ok_summary(rec) if rec["status"] == "ok" else error_summary(rec["error"])
         progress.console.print(f"  {rec['trial_id']:<24} {mark} {extra}", highlight=False)
         for note in rec.get("notes") or []:
             progress.console.print(f"  {'':<24} [yellow]note[/] {note}", highlight=False)
@@ -167,7 +179,8 @@ def _print_table(records: list[dict], title: str) -> None:
     for col in ("trial", "status", "precision", "zero", "micro", "accum", "step s", "tokens/s", "model states MiB",
                 "peak MiB", "final loss"):
         t.add_column(col, justify="right")
-    for r in records:
+    train = [r for r in records if r.get("scenario", "train") == "train"]
+    for r in train:
         ok = r["status"] == "ok"
         t.add_row(r["trial_id"], r["status"] if ok else f"[red]{r['status']}[/]", r["precision"], str(r["zero_stage"]),
                   str(r["micro_batch"]), str(r["grad_accum"]),
@@ -175,6 +188,28 @@ def _print_table(records: list[dict], title: str) -> None:
                   f"{r['model_state_bytes'] / 2**20:.2f}" if ok else "–",
                   f"{r['peak_mem_bytes'] / 2**20:.0f}" if ok and r.get("peak_mem_bytes") else "–",
                   f"{r['final_loss']:.3f}" if ok else "–")
+    if train or len(train) == len(records):
+        console.print(t)
+    inf = [r for r in records if r.get("scenario") == "inference"]
+    if inf:
+        _print_inference_table(inf)
+
+
+def _print_inference_table(records: list[dict]) -> None:
+    t = Table(title="inference")
+    batches = sorted({b for r in records for b in (r.get("decode_tokens_per_s") or {})}, key=int)
+    for col in ("trial", "status", "quant", "precision", "prefill ms", *[f"decode tok/s b{b}" for b in batches],
+                "weights MiB", "perplexity", "peak RSS MiB"):
+        t.add_column(col, justify="right")
+    for r in records:
+        ok = r["status"] == "ok"
+        tps = r.get("decode_tokens_per_s") or {}
+        t.add_row(r["trial_id"], r["status"] if ok else f"[red]{r['status']}[/]", r["quant"], r["precision"],
+                  f"{1e3 * r['prefill_latency_s']:.2f}" if ok and r.get("prefill_latency_s") else "–",
+                  *[f"{tps[b]:,.0f}" if b in tps else "–" for b in batches],
+                  f"{r['weight_bytes'] / 2**20:.3f}" if r.get("weight_bytes") else "–",
+                  f"{r['perplexity']:.4f}" if ok and r.get("perplexity") else "–",
+                  f"{r['peak_rss_bytes'] / 2**20:.0f}" if ok and r.get("peak_rss_bytes") else "–")
     console.print(t)
 
 
@@ -285,7 +320,7 @@ def _write_results(records: list[dict], fmt: str, run: dict) -> None:
 
         buf = io.StringIO()
         df = trials_frame(records)
-        df = df[[c for c in df.columns if not isinstance(df[c].iloc[0] if len(df) else None, (dict, list))]]
+        df = df[[c for c in df.columns if not df[c].map(lambda v: isinstance(v, (dict, list, tuple))).any()]]
         df.to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
         sys.stdout.write(buf.getvalue())
     else:

@@ -325,6 +325,9 @@ class RankPool:
                 self.kill()
                 raise PoolError("failed", f"rank {rank} died during the trial (launcher code {code}); "
                                           f"a code of -9 is often the host's OOM killer:\n{self.log_tail()}")
-        if any(r["status"] != "ok" for r in results.values()):
+        clean = kind == "inference" and all(r["status"] in ("ok", "unsupported") for r in results.values())
+        if any(r["status"] != "ok" for r in results.values()) and not clean:
             self.kill()  # the next trial starts on a clean pool
+        # (a single-process inference trial refused by torchao leaves its process clean: no
+        # collective is pending and its model is freed, so the pool is kept)
         return [results[r] for r in sorted(results)]

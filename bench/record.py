@@ -13,6 +13,12 @@ from .collect.stats import cv, median, median_ci95
 from .models import ModelStats
 from .spec import TrialSpec
 
+# Fields only the inference scenario fills (see README "What is recorded").
+INFERENCE_FIELDS = ("prefill_latency_s", "prefill_latency_ci95_s", "prefill_latency_s_per_batch", "decode_tokens_per_s",
+                    "decode_tokens_per_s_ci95", "decode_latency_s_per_token", "decode_latency_ci95_s_per_token",
+                    "weight_bytes", "weight_bytes_reference", "perplexity", "eval_nll_nats", "eval_batches_sha256",
+                    "eval_tokens", "train_loss_final", "train_steps", "train_s", "trained_cache", "entropy_floor_nats",
+                    "peak_rss_bytes", "quant_config", "threads")
 STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "interrupted")
 
 
@@ -93,6 +99,8 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "overhead_s": None,
         "model_config": None,
         "ds_config": None,
+        # Inference scenario (inference.py); None in training records.
+        **{k: None for k in INFERENCE_FIELDS},
         "hosts": [],
         "devices": [],
         "env": env,
@@ -196,4 +204,36 @@ def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> 
     # Gradient norm, learning rate and loss scale are global quantities: rank 0's are the run's.
     rec.update(grad_norms=first["grad_norms"], lrs=first["lrs"], loss_scales=first["loss_scales"],
                skipped_steps=max(r["skipped_steps"] for r in ranks))
+    return rec
+
+
+def aggregate_inference(rec: dict, ranks: list[dict], spec: TrialSpec) -> dict:
+    """Fill an inference record from its single process's result (inference.InferenceResult)."""
+    from .inference import summarise
+
+    if len(ranks) != 1:
+        return failed_record(rec, "failed", f"an inference trial runs in one process; {len(ranks)} reported")
+    r = ranks[0]
+    mem = r.get("memory") or {}
+    rec.update(
+        model_config=r["model_config"] or None,
+        entropy_floor=r["entropy_floor"],
+        entropy_floor_nats=r["entropy_floor"],
+        hosts=[r["host"]],
+        devices=[r["device"]],
+        setup_s=r["setup_s"],
+        teardown_s=r["teardown_s"],
+        notes=list(r.get("notes") or []),
+        memory_per_rank=[mem],
+        peak_mem_bytes=mem.get("peak_mem_bytes"),
+        peak_mem_bytes_per_rank=[mem.get("peak_mem_bytes")],
+        peak_mem_baseline_bytes=mem.get("baseline_bytes"),
+        peak_rss_bytes=mem.get("rss_peak_bytes"),
+        **{k: r.get(k) for k in ("train_loss_final", "train_steps", "train_s", "trained_cache", "quant_config",
+                                 "weight_bytes", "weight_bytes_reference", "eval_batches_sha256", "eval_tokens",
+                                 "eval_nll_nats", "perplexity", "threads")},
+    )
+    if r["status"] != "ok":
+        return failed_record(rec, r["status"], r["error"] or "")
+    rec.update(summarise(r, spec))
     return rec

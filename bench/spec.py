@@ -12,13 +12,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Precision = Literal["fp32", "fp16", "bf16"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
-# ZeRO++ (Wang et al. 2023): quantized weight all-gather (qw), quantized gradients (qg),
-# hierarchical partitioning (hpz), or all three; fp8 = torchao float8 linear layers.
-Quant = Literal["none", "zeropp-qw", "zeropp-qg", "zeropp-hpz", "zeropp", "fp8"]
+# Training (scenario=train): ZeRO++ (Wang et al. 2023): quantized weight all-gather (qw),
+# quantized gradients (qg), hierarchical partitioning (hpz), or all three; fp8 = torchao
+# float8 linear layers.
+TRAIN_QUANT = ("zeropp-qw", "zeropp-qg", "zeropp-hpz", "zeropp", "fp8")
+# Inference (scenario=inference): torchao post-training quantization of the linear layers
+# (`torchao.quantization.quantize_`): int8 weight-only, int8 dynamic activation + int8
+# weight, int4 weight-only, float8 weight-only, float8 dynamic activation + float8 weight.
+INFERENCE_QUANT = ("int8-wo", "int8-dyn", "int4-wo", "fp8-wo", "fp8-dyn")
+Quant = Literal["none", "zeropp-qw", "zeropp-qg", "zeropp-hpz", "zeropp", "fp8",
+                "int8-wo", "int8-dyn", "int4-wo", "fp8-wo", "fp8-dyn"]
+Scenario = Literal["train", "inference"]
 FP16_KNOBS = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
 
 
@@ -34,6 +42,9 @@ class TrialSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # train: DeepSpeed trains the model (the timed optimizer steps); inference: one process
+    # measures a trained model's prefill, decode and perplexity, quantized or not (inference.py).
+    scenario: Scenario = "train"
     model: str = "tiny"
     family: Literal["llama", "gpt2"] = "llama"
     seq_len: int = Field(128, ge=8)
@@ -71,6 +82,26 @@ class TrialSpec(BaseModel):
     seed: int = 0
     lr: float = Field(1e-3, gt=0)
     timeout_s: float = Field(600.0, gt=0)
+    # Inference scenario: greedy decoding with the KV cache after a prompt of `prompt_len`
+    # tokens, `new_tokens` generated per sequence, at each batch size of `decode_batches`;
+    # perplexity over `eval_batches` held-out batches of `micro_batch` × `seq_len` tokens;
+    # `repeats` timed repetitions after one warmup.
+    decode_batches: tuple[int, ...] = (1, 4, 16)
+    prompt_len: int = Field(64, ge=1)
+    new_tokens: int = Field(32, ge=2)
+    eval_batches: int = Field(16, ge=1)
+    repeats: int = Field(5, ge=2)
+
+    @field_validator("decode_batches", mode="before")
+    @classmethod
+    def _batches(cls, v: Any) -> Any:
+        """One batch size (`--set decode_batches=4`) or a list of them, each ≥ 1, no repeats."""
+        v = (v,) if isinstance(v, int) else v
+        if isinstance(v, (list, tuple)):
+            if not v or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in v) or len(set(v)) != len(v):
+                raise ValueError("decode_batches must be distinct positive integers")
+            return tuple(v)
+        return v
 
     def incompatibility(self) -> str | None:
         """Why this combination makes no sense, or None. In a grid such a trial is recorded
@@ -79,6 +110,19 @@ class TrialSpec(BaseModel):
             return "offload=optimizer+params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)"
         if self.offload != "none" and self.zero_stage == 0:
             return f"offload={self.offload} needs zero_stage >= 1 (ZeRO-Offload offloads partitioned states)"
+        if self.scenario == "inference":
+            if self.quant in TRAIN_QUANT:
+                return f"quant={self.quant} is a training method; scenario=inference takes none, {', '.join(INFERENCE_QUANT)}"
+            if self.world_size != 1:
+                return f"scenario=inference runs in one process: world_size must be 1, not {self.world_size}"
+            if self.zero_stage != 0 or self.offload != "none":
+                return "scenario=inference does not use DeepSpeed's ZeRO: zero_stage must be 0 and offload none"
+            if self.prompt_len + self.new_tokens > self.seq_len:
+                return (f"prompt_len + new_tokens = {self.prompt_len + self.new_tokens} exceeds seq_len={self.seq_len}, "
+                        f"the context the model was trained on")
+            return None
+        if self.quant in INFERENCE_QUANT:
+            return f"quant={self.quant} is an inference method (torchao post-training quantization); it needs scenario=inference"
         if self.quant.startswith("zeropp") and self.zero_stage != 3:
             return f"quant={self.quant} needs zero_stage 3 (ZeRO++ extends ZeRO-3)"
         knobs = [k for k in FP16_KNOBS if getattr(self, k) is not None]
@@ -102,15 +146,32 @@ class TrialSpec(BaseModel):
                  "activation_checkpointing": "ac-", "compile": "compile-", "attn_implementation": "",
                  "overlap_comm": "oc-", "contiguous_gradients": "cg-", "reduce_bucket_size": "rb",
                  "allgather_bucket_size": "ab"}
+        axes = [a for a in axes if a != "scenario"]
         parts = [f"{short.get(a, a + '=')}{str(getattr(self, a)).lower()}" for a in axes]
+        if self.scenario == "inference":
+            return "inf-" + ("-".join(parts) or f"{self.model}-{self.quant}-{self.precision}")
         return "-".join(parts) or f"{self.model}-z{self.zero_stage}-mb{self.micro_batch}-ga{self.grad_accum}-{self.precision}"
 
 
 AXES = tuple(TrialSpec.model_fields) + ("global_batch",)
 
 
+class Block(BaseModel):
+    """A further grid of a suite: its `fixed` settings extend (and override) the suite's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
 class Suite(BaseModel):
-    """A named grid plus fixed settings, as written in suites/*.yaml."""
+    """A named grid plus fixed settings, as written in suites/*.yaml.
+
+    `also` lists further grids run in the same sweep (e.g. the quant suite's training grid
+    and its inference grid): each block's trials are the suite's `fixed`, then the block's
+    `fixed`, then its grid. Trial ids must stay distinct across blocks.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +179,13 @@ class Suite(BaseModel):
     description: str = ""
     fixed: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    also: list[Block] = Field(default_factory=list)
+
+    def blocks(self) -> list[tuple[str, dict[str, Any], dict[str, list[Any]]]]:
+        """(where, fixed, grid) of every grid of the suite, in order."""
+        out = [("", dict(self.fixed), dict(self.grid))]
+        out += [(f"also[{i}].", {**self.fixed, **b.fixed}, dict(b.grid)) for i, b in enumerate(self.also)]
+        return out
 
 
 def builtin_suites() -> dict[str, Path]:
@@ -147,13 +215,15 @@ def load_suite(name_or_path: str) -> tuple[Suite, str]:
         suite = Suite.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"{path}: {_first_error(e)}") from None
-    for section in ("fixed", "grid"):
-        for key in getattr(suite, section):
-            if key not in AXES:
-                raise SpecError(f"{path}: {section}.{key}: unknown axis; known axes are {', '.join(AXES)}")
-    for key, values in suite.grid.items():
-        if not values:
-            raise SpecError(f"{path}: grid.{key}: empty list of values")
+    sections = [("", suite)] + [(f"also[{i}].", b) for i, b in enumerate(suite.also)]
+    for where, part in sections:
+        for section in ("fixed", "grid"):
+            for key in getattr(part, section):
+                if key not in AXES:
+                    raise SpecError(f"{path}: {where}{section}.{key}: unknown axis; known axes are {', '.join(AXES)}")
+        for key, values in part.grid.items():
+            if not values:
+                raise SpecError(f"{path}: {where}grid.{key}: empty list of values")
     return suite, str(path)
 
 
@@ -183,24 +253,33 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
     A combination that makes no sense is kept with its reason (recorded as `skipped`) when
     it comes from a grid; a single explicit configuration that makes no sense is bad input.
     `global_batch` may be given instead of `grad_accum` (DeepSpeed's rule derives it).
+    A suite with `also` blocks expands each block the same way; `--set` applies to every block.
     """
-    fixed = {**defaults, **{k: v for k, v in suite.fixed.items() if v != "auto"}}
-    grid = dict(suite.grid)
-    from_cli: set[str] = set()
-    for text in overrides:
-        key, values = parse_override(text)
-        from_cli.add(key)
-        if len(values) == 1:
-            fixed[key] = values[0]
-            grid.pop(key, None)
-        else:
-            grid[key] = values
-            fixed.pop(key, None)
-    axes = [a for a in grid if a != "global_batch"] + (["global_batch"] if "global_batch" in grid else [])
-    combos = list(itertools.product(*(grid[a] for a in axes)))
+    parsed = [parse_override(text) for text in overrides]
+    from_cli = {key for key, _ in parsed}
+    combos: list[tuple[dict[str, Any], list[str], tuple, str]] = []
+    for _, block_fixed, block_grid in suite.blocks():
+        fixed = {**defaults, **{k: v for k, v in block_fixed.items() if v != "auto"}}
+        grid = dict(block_grid)
+        for key, values in parsed:
+            if len(values) == 1:
+                fixed[key] = values[0]
+                grid.pop(key, None)
+            else:
+                grid[key] = values
+                fixed.pop(key, None)
+        axes = [a for a in grid if a != "global_batch"] + (["global_batch"] if "global_batch" in grid else [])
+        # An inference trial runs in one process: unless world_size is given, it is 1, not the
+        # hardware's default number of ranks.
+        explicit = {k for k, v in block_fixed.items() if v != "auto"} | set(grid) | from_cli
+        if "world_size" not in explicit and (fixed.get("scenario") == "inference" or "scenario" in grid):
+            fixed["world_size"] = None
+        combos += [(fixed, axes, combo, source) for combo in itertools.product(*(grid[a] for a in axes))]
     trials: list[tuple[str, TrialSpec, str | None]] = []
-    for combo in combos:
+    for fixed, axes, combo, _ in combos:
         values = {**fixed, **dict(zip(axes, combo))}
+        if values.get("world_size", 0) is None:  # the default for this trial's scenario
+            values["world_size"] = 1 if values.get("scenario") == "inference" else defaults.get("world_size", 2)
         where = ", ".join(f"{a}={v}" for a, v in zip(axes, combo)) or "fixed"
         if "global_batch" in values:
             gb = values.pop("global_batch")

@@ -12,7 +12,7 @@ from .collect.memory import host_oom_kills, oom_killed
 from .env import Hardware, environment
 from .launch import LaunchOptions, PoolError, RankPool
 from .models import ModelNotFound, ModelStats, build_config, model_stats
-from .record import aggregate, base_record, failed_record
+from .record import aggregate, aggregate_inference, base_record, failed_record
 from .spec import SpecError, TrialSpec
 from .store import Store
 
@@ -72,6 +72,10 @@ def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | Non
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
         pids = list(pool.pids.values())
+        if t.spec.scenario == "inference":
+            ranks = pool.run(t.trial_id, t.spec.model_dump(mode="json"), t.spec.timeout_s, kind="inference")
+            aggregate_inference(rec, ranks, t.spec)
+            return
         ranks = pool.run(t.trial_id, t.spec.model_dump(), t.spec.timeout_s, base_config,
                          str(trace_dir.resolve()) if trace_dir else None)
         aggregate(rec, ranks, t.stats)

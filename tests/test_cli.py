@@ -14,6 +14,8 @@ from helpers import llmbench
     (["sweep", "zero", "--set", "model=/no/such/dir"], "unknown model '/no/such/dir'"),
     (["sweep", "zero", "--set", "colour=red"], "--set colour: unknown axis"),
     (["run", "--zero-stage", "1", "--set", "offload=optimizer+params"], "needs zero_stage 3"),
+    (["run", "--set", "quant=int8-wo"], "quant=int8-wo is an inference method"),
+    (["run", "--set", "scenario=inference", "--set", "world_size=1", "--set", "quant=zeropp-qg"], "is a training method"),
     (["results", "--db", "/no/such.db"], "no such store"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):

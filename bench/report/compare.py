@@ -12,6 +12,10 @@ FIGURES = [  # (field, label, higher is better)
     ("model_state_bytes", "model-state bytes", False),
     ("peak_mem_bytes", "peak bytes", False),
     ("final_loss", "final loss", False),
+    # inference records
+    ("prefill_latency_s", "prefill s", False),
+    ("weight_bytes", "weight bytes", False),
+    ("perplexity", "perplexity", False),
 ]
 
 
@@ -23,8 +27,13 @@ def significant(field: str, a: dict, b: dict) -> bool | None:
             return None
         (alo, ahi), (blo, bhi) = tokens_ci(a), tokens_ci(b)
         return bhi < alo or blo > ahi
-    if field == "model_state_bytes":
+    if field in ("model_state_bytes", "weight_bytes"):
         return a[field] != b[field]
+    if field == "prefill_latency_s":
+        if not a.get("prefill_latency_ci95_s") or not b.get("prefill_latency_ci95_s"):
+            return None
+        (alo, ahi), (blo, bhi) = a["prefill_latency_ci95_s"], b["prefill_latency_ci95_s"]
+        return bhi < alo or blo > ahi
     return None
 
 

@@ -158,3 +158,38 @@ def failures(df: pd.DataFrame) -> str:
     ax.invert_yaxis()
     ax.set(xticks=[], title="Trial outcomes")
     return _png(fig)
+
+
+def quant_changes(q: pd.DataFrame) -> str:
+    """One chart: each method's change against `none` in decode tokens/s (at the smallest and
+    largest decode batch), weight bytes and perplexity; methods this hardware refused are named
+    with their status instead of bars."""
+    rows, refused = [], []
+    methods = [m for m in q["quant"] if m != "none"]
+    for _, r in q[q["quant"] != "none"].iterrows():
+        if r["status"] != "ok":
+            refused.append(r["quant"])
+            continue
+        dc = r["decode_change"] or {}
+        if dc:
+            lo, hi = min(dc, key=int), max(dc, key=int)
+            rows.append({"method": r["quant"], "metric": f"decode tok/s, batch {lo}", "change": 100 * dc[lo]})
+            if hi != lo:
+                rows.append({"method": r["quant"], "metric": f"decode tok/s, batch {hi}", "change": 100 * dc[hi]})
+        if r["weight_change"] is not None:
+            rows.append({"method": r["quant"], "metric": "weight bytes", "change": 100 * r["weight_change"]})
+        if r["perplexity_change"] is not None:
+            rows.append({"method": r["quant"], "metric": "perplexity", "change": 100 * r["perplexity_change"]})
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    if rows:
+        sns.barplot(data=pd.DataFrame(rows), x="method", y="change", hue="metric", order=methods, palette="viridis", ax=ax)
+        for bars in ax.containers:
+            ax.bar_label(bars, fmt="{:+.2f}", fontsize=6)
+        ax.legend(fontsize=7, title=None)
+    ax.axhline(0, color="black", linewidth=0.8)
+    for m in refused:
+        ax.text(methods.index(m), 0, "unsupported\nhere", ha="center", va="bottom", fontsize=7, color="#b42318")
+    ax.set(xlabel="quantization method (torchao)", ylabel="% change vs none (same weights, same batches)",
+           title="Quantization: speed, memory and perplexity against the unquantized model")
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    return _png(fig)

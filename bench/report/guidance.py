@@ -170,3 +170,103 @@ def default_memory_budget(env: dict) -> float | None:
     if not mem:
         return None
     return mem if env.get("accelerator") == "cuda" else mem / max(1, env.get("world_size") or 1)
+
+
+# A quantization method pays on this model and hardware when its perplexity rises by less than
+# PPL_BUDGET against the unquantized model on the same batches, and it is faster (decode
+# tokens/s beyond the 95% intervals at some batch size) or its weights are at least
+# MIN_WEIGHT_SAVING smaller.
+PPL_BUDGET = 0.01
+MIN_WEIGHT_SAVING = 0.10
+QUANT_RULE = (f"rule: a method pays when perplexity rises by less than {PPL_BUDGET:.0%} against none on the same "
+              f"batches and it decodes faster (95% intervals apart at some batch size) or its weights are at least "
+              f"{MIN_WEIGHT_SAVING:.0%} smaller")
+
+
+def _faster(r: dict, ref: dict, batch: str) -> bool | None:
+    """True/False when the decode-rate intervals at this batch size are apart; None within noise."""
+    a = (r.get("decode_tokens_per_s_ci95") or {}).get(batch)
+    b = (ref.get("decode_tokens_per_s_ci95") or {}).get(batch)
+    if not a or not b:
+        return None
+    if a[0] > b[1]:
+        return True
+    if a[1] < b[0]:
+        return False
+    return None
+
+
+def quant_statements(records: list[dict]) -> list[dict]:
+    """One statement per quantization method of the inference scenario, against `none`
+    (weights, decode rate, perplexity, and whether it pays by QUANT_RULE), plus one per method
+    this hardware refused, with the reason."""
+    from .frames import quant_frame
+
+    q = quant_frame(records)
+    out: list[dict] = []
+    paying = []
+    for _, row in q.iterrows():
+        if row["quant"] == "none":
+            continue
+        if row["status"] != "ok":
+            reason = (row["error"] or "").splitlines()[0].removeprefix("Unsupported: ") if row["error"] else ""
+            out.append({"text": f"{row['quant']}: {row['status']} here — {reason}", "trials": [row["trial_id"]]})
+            continue
+        ref = row["ref"]
+        if ref is None:
+            continue
+        r = next(x for x in records if x["trial_id"] == row["trial_id"])
+        tps, ref_tps = r.get("decode_tokens_per_s") or {}, ref.get("decode_tokens_per_s") or {}
+        batches = sorted(set(tps) & set(ref_tps), key=int)
+        speed = ", ".join(f"{100 * (tps[b] / ref_tps[b] - 1):+.0f}% at batch {b} ({ref_tps[b]:,.0f} → {tps[b]:,.0f})"
+                          for b in batches)
+        verdicts = [_faster(r, ref, b) for b in batches]
+        faster, slower = any(v is True for v in verdicts), all(v is False for v in verdicts)
+        wchange, pchange = row["weight_change"], row["perplexity_change"]
+        smaller = wchange is not None and -wchange >= MIN_WEIGHT_SAVING
+        if pchange is None or pchange >= PPL_BUDGET:
+            verdict = "does not pay: perplexity rises too much"
+        elif faster and smaller:
+            verdict = "pays: smaller and faster"
+        elif smaller:
+            verdict = "pays for memory only" + (": decoding is slower at every batch size here" if slower else
+                                                ": no decode speed-up beyond the noise here")
+        elif faster:
+            verdict = "pays for speed only: the weights are not smaller"
+        else:
+            verdict = "does not pay: neither smaller nor faster"
+        if verdict.startswith("pays"):
+            dchange = [tps[b] / ref_tps[b] - 1 for b in batches]
+            paying.append((row["quant"], faster, smaller, wchange, sum(dchange) / max(1, len(dchange)), pchange))
+        out.append({"text": f"{row['quant']}: weights {100 * wchange:+.0f}% ({fmt_mib(ref['weight_bytes'])} → "
+                            f"{fmt_mib(r['weight_bytes'])}, measured), decode tok/s {speed}, perplexity "
+                            f"{100 * pchange:+.2f}% ({ref['perplexity']:.4f} → {r['perplexity']:.4f}): {verdict}.",
+                    "trials": [ref["trial_id"], row["trial_id"]]})
+    if out:
+        both = [p for p in paying if p[1] and p[2]]
+        small = [p for p in paying if p[2]]
+        fast = [p for p in paying if p[1]]
+        # Among methods that pay the same way: the fastest decode (mean change over batch sizes), then
+        # the smaller perplexity rise, then the smaller weights.
+        def rank(p):
+            return (-p[4], p[5], p[3])
+
+        if both:
+            best = min(both, key=rank)
+            summary = (f"For this model and hardware, {best[0]} pays: weights {100 * best[3]:+.0f}% and faster decoding "
+                       f"at {100 * best[5]:+.2f}% perplexity.")
+        elif small:
+            best = min(small, key=rank)
+            summary = (f"For this model and hardware, {best[0]} pays for memory: weights {100 * best[3]:+.0f}% at "
+                       f"{100 * best[5]:+.2f}% perplexity, with the least decode slowdown of the methods that pay "
+                       f"({100 * best[4]:+.0f}% tok/s averaged over batch sizes); " +
+                       (f"{', '.join(p[0] for p in fast)} decode faster." if fast else
+                        "no method decodes faster than none beyond the noise here."))
+        elif fast:
+            best = min(fast, key=rank)
+            summary = f"For this model and hardware, {best[0]} pays for speed only ({100 * best[4]:+.0f}% decode tok/s)."
+        else:
+            summary = "For this model and hardware, no quantization method pays: keep the unquantized model."
+        cited = list(dict.fromkeys(t for s in out for t in s["trials"]))
+        out.insert(0, {"text": f"{summary} ({QUANT_RULE}.)", "trials": cited})
+    return out

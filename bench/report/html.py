@@ -9,9 +9,9 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import figures
-from .frames import MiB, loss_frame, trials_frame
+from .frames import MiB, loss_frame, quant_frame, split, trials_frame
+from .guidance import OBJECTIVES, QUANT_RULE, default_memory_budget, quant_statements, recommend, statements, tokens_ci
 from .kernels import findings as kernel_findings, kernel_figures
-from .guidance import OBJECTIVES, default_memory_budget, recommend, statements, tokens_ci
 
 
 def _fmt(v, digits=3):
@@ -27,6 +27,8 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None, k
     env = Environment(loader=PackageLoader("llmbench.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
     env.filters["fmt"] = _fmt
     env.filters["mib"] = lambda b: "–" if b is None else f"{b / MiB:,.2f}"
+    all_records = records
+    records, inference = split(all_records)  # training figures and recommendations: training records only
     df = trials_frame(records)
     ok = df[df["status"] == "ok"] if not df.empty else df
     figs = {}
@@ -47,17 +49,24 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None, k
         if ok["precision"].nunique() > 1:
             figs["Loss per precision"] = figures.loss_by_precision(loss_frame(records), floor)
         figs["Throughput vs memory (Pareto frontier)"] = figures.pareto(df)
-    if not df.empty and (df["status"] != "ok").any():
-        figs["Failures at a glance"] = figures.failures(df)
+    everything = trials_frame(all_records)
+    if not everything.empty and (everything["status"] != "ok").any():
+        figs["Failures at a glance"] = figures.failures(everything)
+    quant_fig = None
+    if any(r["quant"] != "none" for r in inference):
+        quant_fig = figures.quant_changes(quant_frame(inference))
     kernels = kernels or []
     budget = memory_budget or default_memory_budget(run["env"])
-    recs = [recommend(records, o, budget) for o in OBJECTIVES]
+    recs = [recommend(records, o, budget) for o in OBJECTIVES] if records else []
     env.globals["tokens_ci"] = tokens_ci
     return env.get_template("report.html.j2").render(
-        run=run, records=records, figures=figs, recommendations=recs, budget=budget, guidance=statements(records),
+        run=run, records=records, inference=inference, quant_figure=quant_fig, quant_guidance=quant_statements(inference),
+        quant_rule=QUANT_RULE, figures=figs,
+        quant_batches=sorted({b for r in inference for b in (r.get("decode_tokens_per_s") or {})}, key=int), recommendations=recs, budget=budget, guidance=statements(records),
         env_json=json.dumps(run["env"], indent=2, sort_keys=True),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
-        counts={s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})},
+        n_trials=len(all_records), errors=[r for r in all_records if r["error"]],
+        counts={s: sum(r["status"] == s for r in all_records) for s in sorted({r["status"] for r in all_records})},
         kernels=kernels, kernels_run=kernels_run or run["run_id"], kernel_figures=kernel_figures(kernels),
         kernel_findings=kernel_findings(kernels),
     )

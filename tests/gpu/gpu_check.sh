@@ -24,3 +24,27 @@ for line in open(sys.argv[1]):
     print(f"{r['trial_id']:12} {r['status']:11} tok/s={r['tokens_per_s'] or 0:,.0f} MFU={r['mfu']} "
           f"peak={r['peak_mem_bytes']} scales={r['loss_scales'][:3]} energy_j={r['energy_j']} err={(r['error'] or '')[:80]}")
 PY
+# Inference quantization on CUDA: the quant suite's inference grid (int8, int4 weight-only, fp8
+# weight-only and dynamic; torchao) on the tiny model trained to near the entropy floor. int4-wo
+# needs torchao's kernel package (mslk); without it the trial is recorded `unsupported` with
+# torchao's message, as on CPU. torchao must be importable there (carry its wheel in .whl/ with the
+# others). The training grid of `quant` is covered by the gpu suite's ZeRO runs.
+cat > "$dest/quant-inference.yaml" <<'YAML'
+name: quant-inference
+description: The inference grid of the quant suite, alone (GPU evidence).
+fixed: {scenario: inference, model: tiny, world_size: 1, zero_stage: 0, precision: bf16, seq_len: 128, micro_batch: 4,
+        prompt_len: 64, new_tokens: 32, decode_batches: [1, 4, 16], eval_batches: 16, repeats: 5}
+grid:
+  quant: [none, int8-wo, int4-wo, int8-dyn, fp8-wo, fp8-dyn]
+YAML
+LLMBENCH_CACHE="$dest/cache" python3 -m llmbench.cli sweep "$dest/quant-inference.yaml" --db "$dest/quant.db" --out "$dest" \
+  --label gpu-quant 2>&1 | tee "$dest/quant.log"
+python3 -m llmbench.cli results --db "$dest/quant.db" --format json > "$dest/quant.jsonl"
+python3 - "$dest/quant.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['trial_id']:14} {r['status']:11} weights={r['weight_bytes']} ref={r['weight_bytes_reference']} "
+          f"ppl={r['perplexity']} prefill_s={r['prefill_latency_s']} decode={r['decode_tokens_per_s']} "
+          f"cuda_peak={r['peak_mem_bytes']} err={(r['error'] or '')[:100]}")
+PY
