@@ -500,15 +500,18 @@ def gate_cmd(
     candidate: str = typer.Argument(..., help="Candidate, the same way."),
     margin: Optional[list[str]] = typer.Option(None, "--margin", help="METRIC=FRACTION, repeatable (e.g. step_times_s=0.2, peak_mem_bytes=0.05)."),
     alpha: float = typer.Option(0.002, "--alpha", help="Significance level of the Mann-Whitney U test (asv's default)."),
-    time_basis: str = typer.Option("auto", "--time", help="Gate wall-clock (wall) or CPU seconds per step (cpu); auto: cpu for CPU-accelerator runs."),
+    time_basis: str = typer.Option("auto", "--time", help="Gate wall-clock step time (wall), step time ÷ the in-run reference (rel), CPU seconds per step (cpu) or CPU seconds ÷ the reference's (cpu-rel); auto: cpu-rel on CPU, wall on GPU."),
+    decide: str = typer.Option("auto", "--decide", help="Who decides on time: each trial (trial) or the whole run (run); auto: run on CPU, trial on GPU."),
     db: Path = DbOpt,
 ) -> None:
     """Noise-aware regression check of CANDIDATE against BASELINE: prints a table, exits 1 on a regression."""
     from .gate import METRICS, GateInputError, gate, load_side
 
-    if time_basis not in ("auto", "wall", "cpu"):
-        fail(f"--time {time_basis}: choose auto, wall or cpu")
-    known = {m[0] for m in METRICS} | {m[1] for m in METRICS}
+    if decide not in ("auto", "trial", "run"):
+        fail(f"--decide {decide}: choose auto, trial or run")
+    if time_basis not in ("auto", "wall", "rel", "cpu", "cpu-rel"):
+        fail(f"--time {time_basis}: choose auto, wall, rel, cpu or cpu-rel")
+    known = {m[0] for m in METRICS} | {m[1] for m in METRICS} | {"run"}
     margins = {}
     for m in margin or []:
         key, eq, val = m.partition("=")
@@ -517,17 +520,17 @@ def gate_cmd(
                 raise ValueError
             margins[key] = float(val)
         except ValueError:
-            fail(f"--margin {m}: use METRIC=FRACTION with METRIC one of {', '.join(x[0] for x in METRICS)}")
+            fail(f"--margin {m}: use METRIC=FRACTION with METRIC one of {', '.join(x[0] for x in METRICS)}, run")
     try:
         a_name, a = load_side(baseline, db)
         b_name, b = load_side(candidate, db)
     except GateInputError as e:
         fail(str(e))
-    result = gate(a, b, margins, alpha, time_basis)
+    result = gate(a, b, margins, alpha, time_basis, decide)
     t = Table(title=f"gate: {a_name} (baseline) → {b_name} (candidate)")
     for col in ("trial", "metric", "baseline", "candidate", "change", "margin", "test", "p", "verdict"):
         t.add_column(col, justify="left" if col in ("trial", "metric", "test", "verdict") else "right")
-    colour = {"regression": "red", "improvement": "green", "reported": "dim"}
+    colour = {"regression": "red", "improvement": "green", "reported": "dim", "slower": "yellow", "faster": "cyan"}
     fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
     for v in result.verdicts:
         change = "–" if v.change is None else f"{100 * v.change:+.1f}%"
@@ -542,7 +545,8 @@ def gate_cmd(
     if n:
         console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''} ({', '.join(sorted({v.trial_id for v in result.regressions}))})")
         raise typer.Exit(1)
-    console.print(f"[green]PASS[/]: no regression in {len({v.trial_id for v in result.verdicts})} matched trials")
+    n_trials = len({v.trial_id for v in result.verdicts} - {"(all trials)"})
+    console.print(f"[green]PASS[/]: no regression in {n_trials} matched trials")
 
 
 @app.command()

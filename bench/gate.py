@@ -4,10 +4,11 @@ Trials are matched by trial id (and must describe the same configuration). Each 
 a direction and a margin:
 
 - Which time is gated: on a GPU, the wall-clock step time (which sets tokens/s). On the CPU
-  accelerator, where other processes time-share the cores, the CPU seconds all ranks spend
-  per step (`step_cpu_s`): on the 2-core CI machine under load its run-to-run CV was
-  1–9% against 20–34% for the wall-clock step time (README, "Regression gates"). The
-  other one is shown and marked "reported". `time_basis` forces either.
+  accelerator, each step time divided by a fixed reference workload timed on the same ranks
+  just before and after the window (`step_times_rel`, trial.reference_samples): a shared
+  machine's effective speed drifts by tens of percent between runs minutes apart (measured:
+  README, "Regression gates"), and the ratio cancels that drift. The other times are shown
+  and marked "reported". `time_basis` (wall, rel, cpu) forces one.
 - Time-based figures use the rule of asv
   (airspeed velocity; `asv compare --factor` with `asv.statistics.is_different`): a change
   counts only when it exceeds the margin AND the two sets of samples differ significantly:
@@ -33,7 +34,9 @@ from .collect.stats import median, median_ci95
 # (field, label, higher is better, kind, default margin); kind "time" takes the samples test
 METRICS: list[tuple[str, str, bool, str, float]] = [
     ("step_times_s", "step time", False, "time", 0.10),
+    ("step_times_rel", "step ÷ reference", False, "time", 0.15),
     ("step_cpu_s", "CPU s/step", False, "time", 0.20),
+    ("step_cpu_rel", "CPU ÷ reference", False, "time", 0.15),
     ("model_state_bytes", "model-state bytes", False, "count", 0.01),
     ("peak_mem_bytes", "peak memory", False, "level", 0.10),
     ("final_loss", "final loss", False, "level", 0.02),
@@ -159,11 +162,20 @@ def compare_time(a: list[float], b: list[float], alpha: float) -> tuple[float, f
     return change, None, "95% CIs overlap?", cb[1] < ca[0] or cb[0] > ca[1]
 
 
+RUN_MARGIN = 0.15
+
+
 def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] | None = None,
-         alpha: float = 0.002, time_basis: str = "auto") -> GateResult:
+         alpha: float = 0.002, time_basis: str = "auto", decide: str = "auto") -> GateResult:
+    """Judge every matched trial; see the module docstring. `decide` says who decides on time:
+    each trial (`trial`, the default on a GPU), or the whole run (`run`, the default on the CPU
+    accelerator): the geometric mean over matched trials of the gated time's ratio must exceed
+    the run margin with at least 3/4 of the trials moving the same way; per-trial time
+    verdicts are then shown as advisory ("slower", "faster")."""
     margins = margins or {}
     cand = {r["trial_id"]: r for r in candidate}
     out = GateResult()
+    timed: list[tuple[Verdict, bool]] = []
     for b in baseline:
         tid = b["trial_id"]
         c = cand.get(tid)
@@ -184,8 +196,11 @@ def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] 
         metrics = list(METRICS)
         if not b.get("step_times_s") or not c.get("step_times_s"):  # e.g. a CSV export: no per-step samples
             metrics.insert(0, ("tokens_per_s", "tokens/s", True, "level", METRICS[0][4]))
-        has_cpu = bool(b.get("step_cpu_s")) and bool(c.get("step_cpu_s"))
-        gated_time = "step_cpu_s" if time_basis == "cpu" or (time_basis == "auto" and has_cpu) else "step_times_s"
+        has_rel = bool(b.get("step_times_rel")) and bool(c.get("step_times_rel"))
+        cpu_run = bool(b.get("step_cpu_s"))  # per-step CPU seconds are recorded on the CPU accelerator only
+        gated_time = {"wall": "step_times_s", "rel": "step_times_rel", "cpu": "step_cpu_s",
+                      "cpu-rel": "step_cpu_rel"}.get(time_basis) or (
+            "step_times_rel" if cpu_run and has_rel else "step_times_s")
         for fld, label, higher, kind, default in metrics:
             va, vb = b.get(fld), c.get(fld)
             if va in (None, []) or vb in (None, []):
@@ -195,24 +210,55 @@ def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] 
                 continue
             margin = margins.get(fld, margins.get(label, default))
             v = Verdict(tid, label, va, vb, margin=margin)
+            if kind == "time" and fld not in (gated_time, "step_times_s"):
+                continue  # the other CPU-time views stay in the records; one gated time plus the wall time is shown
             if kind == "time":
                 v.baseline, v.candidate = median(va), median(vb)
                 v.change, v.p_value, v.test, sig = compare_time(va, vb, alpha)
                 beyond = abs(v.change) > margin
                 if fld != gated_time:
                     v.outcome, v.margin = "reported", None
-                    v.why = "not gated: " + ("shared-CPU noise; see CPU s/step" if gated_time == "step_cpu_s"
-                                             else "the wall-clock step time is gated")
+                    v.why = "not gated: " + {"step_times_rel": "see step ÷ reference",
+                                             "step_cpu_rel": "see CPU ÷ reference",
+                                             "step_cpu_s": "see CPU s/step",
+                                             "step_times_s": "the wall-clock step time is gated"}[gated_time]
                 elif beyond and sig:
                     v.outcome = "regression" if (v.change > 0) != higher else "improvement"
                 elif beyond:
                     v.why = "beyond the margin but not significant"
                 elif sig:
                     v.why = "significant but within the margin"
+                if fld == gated_time:
+                    timed.append((v, cpu_run))
             else:
                 v.change = vb / va - 1 if va else (0.0 if vb == va else math.inf)
                 v.test = "margin" if fld != "tokens_per_s" else "margin only (no per-step samples)"
                 if abs(v.change) > margin:
                     v.outcome = "regression" if (v.change > 0) != higher else "improvement"
             out.verdicts.append(v)
+    run_level = decide == "run" or (decide == "auto" and timed and all(cpu for _, cpu in timed))
+    if run_level and timed:
+        out.verdicts.append(run_verdict([v for v, _ in timed], margins.get("run", RUN_MARGIN)))
     return out
+
+
+def run_verdict(timed: list[Verdict], margin: float) -> Verdict:
+    """The run-level decision: geometric mean of the matched trials' time ratios (candidate /
+    baseline medians), a regression when it exceeds `margin` and at least 3/4 of the trials
+    are slower (a sign-consistency check: a real slowdown moves every trial, noise scatters)."""
+    ratios = [1 + v.change for v in timed]
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    slower, faster = sum(r > 1 for r in ratios), sum(r < 1 for r in ratios)
+    need = math.ceil(0.75 * len(ratios))
+    for v in timed:  # per-trial verdicts become advice
+        if v.outcome in ("regression", "improvement"):
+            v.outcome = "slower" if v.outcome == "regression" else "faster"
+            v.why = "advisory: the run-level row decides"
+    label = timed[0].metric
+    outcome = "same"
+    if geo - 1 > margin and slower >= need:
+        outcome = "regression"
+    elif 1 - geo > margin and faster >= need:
+        outcome = "improvement"
+    return Verdict("(all trials)", f"{label}, geometric mean", f"{len(ratios)} trials", f"{slower} slower, {faster} faster",
+                   change=geo - 1, margin=margin, test=f"sign: ≥{need} of {len(ratios)} the same way", outcome=outcome)

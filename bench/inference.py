@@ -73,6 +73,7 @@ class InferenceResult:
     perplexity: float | None = None
     prefill_times_s: dict = field(default_factory=dict)  # batch → per-repeat seconds
     decode_step_times_s: dict = field(default_factory=dict)  # batch → per-token seconds (all repeats)
+    decode_step_cpu_s: dict = field(default_factory=dict)  # batch → per-token CPU seconds (CPU only)
     decode_times_s: dict = field(default_factory=dict)  # batch → per-repeat decode seconds
     memory: dict = field(default_factory=dict)
     threads: int | None = None
@@ -124,10 +125,13 @@ def _forward_kwargs(model) -> tuple[str, dict]:
     return ("cache" if "cache" in params else "past_key_values"), extra
 
 
-def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list[float]]:
+def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.device,
+                   cpu_steps: list | None = None) -> tuple[float, list[float]]:
     """Prefill the prompt, then greedy-decode `new_tokens` tokens one at a time with the KV
     cache. Returns (prefill seconds, seconds per decoded token): the prefill produces the
-    first new token; each decode step feeds the last token and produces the next one."""
+    first new token; each decode step feeds the last token and produces the next one.
+    `cpu_steps`, if given, receives each decode step's CPU seconds (what `llmbench gate`
+    compares on a CPU, where other processes move wall time)."""
     cache_kw, extra = _forward_kwargs(model)
     with torch.no_grad():
         _sync(device)
@@ -138,12 +142,14 @@ def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
         prefill = time.perf_counter() - t0
         steps = []
         for _ in range(new_tokens - 1):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             past = getattr(out, "cache", None) or out.past_key_values
             out = model(input_ids=nxt, use_cache=True, **{cache_kw: past}, **extra)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             _sync(device)
             steps.append(time.perf_counter() - t)
+            if cpu_steps is not None:
+                cpu_steps.append(time.process_time() - c)
     return prefill, steps
 
 
@@ -218,13 +224,14 @@ def run_inference(spec: TrialSpec, accelerator: str, host: str = "", device_name
         for b in spec.decode_batches:
             prompt = gen[:b]
             generate_timed(model, prompt, spec.new_tokens, dev)  # warmup: allocator, kernels, caches
-            pre, dec, steps = [], [], []
+            pre, dec, steps, cpu = [], [], [], []
             for _ in range(spec.repeats):
-                p, s = generate_timed(model, prompt, spec.new_tokens, dev)
+                p, s = generate_timed(model, prompt, spec.new_tokens, dev, cpu if accelerator == "cpu" else None)
                 pre.append(p)
                 dec.append(sum(s))
                 steps += s
             res.prefill_times_s[str(b)], res.decode_times_s[str(b)], res.decode_step_times_s[str(b)] = pre, dec, steps
+            res.decode_step_cpu_s[str(b)] = cpu
         res.memory = peak.read()
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
         if isinstance(e, KeyboardInterrupt):
@@ -270,4 +277,5 @@ def summarise(res: dict, spec: TrialSpec) -> dict:
         if ci:
             out["decode_tokens_per_s_ci95"][b] = [int(b) * n_steps / ci[1], int(b) * n_steps / ci[0]]
     out["step_times_s"] = dec[first]  # per decoded token at the first batch size: the store's steps table
+    out["step_cpu_s"] = (res.get("decode_step_cpu_s") or {}).get(first) or []
     return out

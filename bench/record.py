@@ -51,6 +51,10 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "step_time_drift": None,
         "step_times_per_rank": [],
         "step_cpu_s": [],
+        "reference_s": None,
+        "step_times_rel": [],
+        "reference_cpu_s": None,
+        "step_cpu_rel": [],
         "flops_per_token": None,
         "hfu_flops_per_token": None,
         "tflops_per_device": None,
@@ -175,8 +179,18 @@ def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> 
             rec["notes"] = rec["notes"] + [f"timed window not steady: the second half's median step is "
                                            f"{rec['step_time_drift']:+.0%} against the first half's (more warmup steps?)"]
     rec["step_times_per_rank"] = [r["step_times_s"] for r in ranks]
+    if all(r.get("reference_s") for r in ranks):
+        # the slowest rank's median reference time (trial.reference_samples), and every step
+        # time divided by it: the trial's speed relative to the machine's at that moment
+        rec["reference_s"] = max(median(r["reference_s"]) for r in ranks)
+        rec["step_times_rel"] = [t / rec["reference_s"] for t in steps]
     if all(r.get("step_cpu_s") for r in ranks):  # CPU accelerator: CPU seconds all ranks spent per step
         rec["step_cpu_s"] = [sum(r["step_cpu_s"][i] for r in ranks) for i in range(len(first["step_cpu_s"]))]
+        if all(r.get("reference_cpu_s") for r in ranks):
+            # the same against the reference's CPU seconds (summed over ranks): cancels both other
+            # processes time-sharing the cores (CPU time) and a slower machine (the ratio)
+            rec["reference_cpu_s"] = sum(median(r["reference_cpu_s"]) for r in ranks)
+            rec["step_cpu_rel"] = [c / rec["reference_cpu_s"] for c in rec["step_cpu_s"]]
     if stats is not None:
         peak = datasheet_peak_tflops(first["device"], rec["precision"])
         measured = min((r["measured_peak_tflops"] for r in ranks if r.get("measured_peak_tflops")), default=None)

@@ -56,6 +56,8 @@ class RankResult:
     comms: dict = field(default_factory=dict)
     telemetry: dict = field(default_factory=dict)
     measured_peak_tflops: float | None = None
+    reference_s: list[float] = field(default_factory=list)
+    reference_cpu_s: list[float] = field(default_factory=list)
     data_s: float | None = None
     trace: str | None = None
 
@@ -122,6 +124,39 @@ def measured_peak_tflops(precision: str, accelerator: str) -> float:
     if key not in _GEMM_PEAK:
         _GEMM_PEAK[key] = gemm_tflops(precision, device)["tflops"]
     return _GEMM_PEAK[key]
+
+
+_REFERENCE: dict[str, tuple] = {}
+
+
+def reference_samples(accelerator: str, n: int = 5, cpu: list | None = None) -> list[float]:
+    """Seconds of a fixed reference workload (a fp32 256³ matmul ×16 on a CPU rank's threads;
+    a bf16 4096³ matmul ×10 on a GPU), `n` samples, taken next to a trial's window.
+
+    A trial's step time divided by this is its speed relative to what the machine could do
+    at that moment: on a shared machine whose effective speed drifts (other tenants, CPU
+    steal), both slow down together and the ratio holds, which is what `llmbench gate`
+    compares on CPU (the design's "ratio against a reference, measured in the same run")."""
+    if accelerator not in _REFERENCE:
+        if accelerator == "cuda":
+            a = torch.randn(4096, 4096, device=f"cuda:{torch.cuda.current_device()}", dtype=torch.bfloat16)
+            _REFERENCE[accelerator] = (a, a.clone(), 10)
+        else:
+            g = torch.Generator().manual_seed(0)
+            _REFERENCE[accelerator] = (torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g), 16)
+    a, b, reps = _REFERENCE[accelerator]
+    out = []
+    for i in range(n + 1):  # the first is a warmup
+        _sync(accelerator)
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            a @ b
+        _sync(accelerator)
+        if i:
+            out.append(time.perf_counter() - t)
+            if cpu is not None:
+                cpu.append(time.process_time() - c)
+    return out
 
 
 def _check_supported(spec: TrialSpec, accelerator: str, nodes: int, res: RankResult) -> None:
@@ -234,6 +269,8 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
 
         losses, times, cpu, norms, lrs, scales = [], [], [], [], [], []
         skipped_before = engine.skipped_steps
+        ref_cpu: list[float] = []
+        reference_before = reference_samples(accelerator, cpu=ref_cpu)  # the machine's speed just before the window
         sampler = None
         if accelerator == "cuda":
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
@@ -260,6 +297,8 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
                 scales.append(getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None))
         _sync(accelerator)
         res.window_s = time.perf_counter() - window_start
+        res.reference_s = reference_before + reference_samples(accelerator, cpu=ref_cpu)
+        res.reference_cpu_s = ref_cpu if accelerator == "cpu" else []
         res.telemetry = sampler.stop() if sampler else {"available": False, "reason": "no CUDA device: NVML telemetry applies to NVIDIA GPUs"}
         if accelerator == "cuda":
             times = [events[k].elapsed_time(events[k + 1]) / 1000 for k in range(spec.steps)]

@@ -116,3 +116,12 @@ def test_results_csv_and_table(zero_sweep):
 def test_report_command_rewrites_report(zero_sweep, tmp_path):
     p = llmbench("report", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
     assert list(tmp_path.glob("report-*.html")) and "report:" in p.stdout
+
+
+def test_reference_workload_and_relative_step_times(zero_sweep):
+    """Every CPU trial times a fixed reference next to its window; step_times_rel is each step
+    over it, and CPU seconds per step are recorded beside the wall time."""
+    for r in zero_sweep["records"]:
+        assert r["reference_s"] > 0 and r["reference_cpu_s"] > 0
+        assert r["step_times_rel"] == pytest.approx([t / r["reference_s"] for t in r["step_times_s"]])
+        assert len(r["step_cpu_s"]) == len(r["step_times_s"]) and all(c > 0 for c in r["step_cpu_s"])

@@ -48,3 +48,10 @@ for line in open(sys.argv[1]):
           f"ppl={r['perplexity']} prefill_s={r['prefill_latency_s']} decode={r['decode_tokens_per_s']} "
           f"cuda_peak={r['peak_mem_bytes']} err={(r['error'] or '')[:100]}")
 PY
+# Kernel micro-benchmarks on CUDA: GEMM against the H200 datasheet peak (the achievable peak MFU
+# can be quoted against), SDPA backends (flash, efficient, cuDNN) vs eager, optimizer step with
+# DeepSpeed's FusedAdam (JIT-built there), NCCL collectives (one GPU: bus bandwidth is 0 by the
+# nccl-tests definition, (n-1)/n). Then the gate on the gpu suite run against itself (must pass).
+python3 -m llmbench.cli kernels --db "$dest/gpu.db" --out "$dest" --label gpu-kernels 2>&1 | tee "$dest/kernels.log"
+run=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"select run_id from runs where suite='gpu' order by created_at\").fetchone()[0])" "$dest/gpu.db")
+python3 -m llmbench.cli gate "$run" "$run" --db "$dest/gpu.db" 2>&1 | tee "$dest/gate.log"
