@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 BENCHES = ("gemm", "attention", "norm", "mlp", "optimizer", "collective")
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -29,28 +29,14 @@ class KernelPlan(BaseModel):
     repeats: int = Field(15, ge=3)
     world_size: int = Field(2, ge=1)
 
-    @field_validator("benches")
+    @field_validator("benches", "collectives", "optimizers")
     @classmethod
-    def _benches(cls, v):
-        bad = [b for b in v if b not in BENCHES]
+    def _known(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        allowed = {"benches": BENCHES, "collectives": COLLECTIVES, "optimizers": OPTIMIZERS}[info.field_name]
+        what = {"benches": "bench", "collectives": "collective", "optimizers": "optimizer"}[info.field_name]
+        bad = [x for x in v if x not in allowed]
         if bad:
-            raise ValueError(f"unknown bench {bad[0]!r}; choose from {', '.join(BENCHES)}")
-        return v
-
-    @field_validator("collectives")
-    @classmethod
-    def _collectives(cls, v):
-        bad = [c for c in v if c not in COLLECTIVES]
-        if bad:
-            raise ValueError(f"unknown collective {bad[0]!r}; choose from {', '.join(COLLECTIVES)}")
-        return v
-
-    @field_validator("optimizers")
-    @classmethod
-    def _optimizers(cls, v):
-        bad = [o for o in v if o not in OPTIMIZERS]
-        if bad:
-            raise ValueError(f"unknown optimizer {bad[0]!r}; choose from {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"unknown {what} {bad[0]!r}; choose from {', '.join(allowed)}")
         return v
 
     @property
