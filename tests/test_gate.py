@@ -119,8 +119,9 @@ def test_gate_fails_a_candidate_25_percent_slower_with_a_table(gate_db, tmp_path
     assert "+25.0%" in run_row and "8 slower" in run_row and "regression" in run_row, run_row
     trial_rows = [ln for ln in p.stdout.splitlines() if "step ÷ reference" in ln and "+25.0%" in ln
                   and "(all trials)" not in ln]
-    # per trial a noisy window may miss significance (p ≥ 0.002) even at +25%: the run decides
-    assert len(trial_rows) == 8 and sum("slower" in ln for ln in trial_rows) >= 6, p.stdout
+    # every trial shows the +25%; whether each is significant on its own (p < 0.002) depends on
+    # its window's noise (3 to 8 of 8 seen here): the run-level row is what decides
+    assert len(trial_rows) == 8, p.stdout
 
 
 def test_gate_reads_exports_and_refuses_bad_input(gate_db, tmp_path):
