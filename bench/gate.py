@@ -81,6 +81,8 @@ class GateResult:
 def _records_from_file(path: Path) -> list[dict]:
     """`llmbench results --format json|csv|parquet` output."""
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".ndjson", ".parquet", ".csv"):
+        raise GateInputError(f"{path}: unknown format (use a run id, or a .json, .csv or .parquet export)")
     try:
         if suffix in (".json", ".jsonl", ".ndjson"):
             text = path.read_text()
@@ -89,15 +91,8 @@ def _records_from_file(path: Path) -> list[dict]:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         import pandas as pd
 
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif suffix == ".csv":
-            df = pd.read_csv(path)
-        else:
-            raise GateInputError(f"{path}: unknown format (use a run id, or a .json, .csv or .parquet export)")
+        df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
     except (OSError, ValueError) as e:
-        if isinstance(e, GateInputError):
-            raise
         raise GateInputError(f"{path}: cannot be read: {e}") from None
     records = []
     for row in df.to_dict("records"):

@@ -40,14 +40,8 @@ def software_fingerprint() -> dict:
 def hardware_fingerprint() -> dict:
     from .env import detect_hardware
 
-    hw = detect_hardware(force_cpu=True) if _force_cpu() else detect_hardware()
+    hw = detect_hardware()
     return {"accelerator": hw.accelerator, "device": hw.device_name, "cores": hw.cpu_cores, "ranks": hw.world_size}
-
-
-def _force_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 @dataclass

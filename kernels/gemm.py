@@ -7,8 +7,6 @@ datasheet's (llmbench.collect.flops.PEAK_TFLOPS).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .timing import DTYPES, KernelResult, guarded, measure
@@ -28,24 +26,7 @@ def gemm_tflops(precision: str, device: str = "cpu", n: int | None = None, repea
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     flops = 2.0 * n**3
-    inner = 10 if device.startswith("cuda") else 1
-    for _ in range(2):  # warmup (kernel selection, page faults)
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                a @ b
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1000 / inner
-        else:
-            s = time.perf_counter()
-            a @ b
-            t = time.perf_counter() - s
-        best = min(best, t)
+    best = min(measure(lambda: a @ b, device, repeats, warmup=2)[0])
     return {"kernel": "gemm", "precision": precision, "n": n, "seconds": best, "tflops": flops / best / 1e12,
             "threads": torch.get_num_threads(), "device": device}
 
