@@ -90,7 +90,9 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
             if not Path(hostfile).is_file():
                 raise SpecError(f"--hostfile {hostfile}: no such file")
             defaults["world_size"] = _hostfile_slots(hostfile)
-        plan = make_plan(expand(suite, source, defaults, overrides), hw, base)
+        from .precision import resolve
+
+        plan = make_plan(expand(suite, source, defaults, overrides, lambda p: resolve(p, hw.caps)), hw, base)
         if resume:
             from .store import Store
 
@@ -98,9 +100,17 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
             if run is None:
                 raise SpecError(f"--resume {resume}: no such run in {db}")
             resume = run["run_id"]
-            unknown = {r["trial_id"] for r in Store(db).trials(resume)} - {t.trial_id for t in plan.trials}
+            stored = {r["trial_id"]: r for r in Store(db).trials(resume)}
+            unknown = set(stored) - {t.trial_id for t in plan.trials}
             if unknown:
                 raise SpecError(f"--resume {resume}: the run holds trials this suite does not define ({', '.join(sorted(unknown))})")
+            # `auto` may resolve differently than when the run started (another host, an ISA limit):
+            # never finish a run at another precision than it began with
+            for t in plan.trials:
+                was = stored.get(t.trial_id, {}).get("precision")
+                if was and was != t.spec.precision:
+                    raise SpecError(f"--resume {resume}: trial {t.trial_id} ran at precision {was}, this plan would run "
+                                    f"{t.spec.precision}; pass --set precision={was} to continue the run as it began")
     except SpecError as e:
         fail(str(e))
     options = LaunchOptions(hostfile=hostfile, include=include, num_nodes=num_nodes, master_addr=master_addr)
@@ -118,7 +128,8 @@ def _print_plan(plan, hw) -> None:
     t.add_column("note")
     for p in plan.trials:
         s = p.spec
-        t.add_row(p.trial_id, s.model, f"{p.stats.n_params:,}", s.precision, str(s.zero_stage),
+        prec = s.precision if s.requested_precision in (None, s.precision) else f"{s.precision} ({s.requested_precision})"
+        t.add_row(p.trial_id, s.model, f"{p.stats.n_params:,}", prec, str(s.zero_stage),
                   str(s.micro_batch), str(s.grad_accum), str(s.global_batch), str(s.world_size), str(s.seq_len),
                   f"skipped: {p.skip}" if p.skip else "")
     console.print(t)
@@ -247,7 +258,7 @@ def run(
     zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="ZeRO stage 0-3 \\[default: 0]."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Micro-batch per rank \\[default: 4]."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps \\[default: 1]."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 \\[default: bf16]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, fp16 or bf16 \\[default: auto: bf16 where the device computes it natively, else fp32 on a CPU and fp16 on a pre-Ampere GPU]."),
     set_: list[str] = typer.Option([], "--set", help="Any other axis: axis=value (repeatable)."),
     label: Optional[str] = typer.Option(None, "--label", help="A label stored with the run."),
     cpu: bool = typer.Option(False, "--cpu", help="Use DeepSpeed's CPU accelerator even if GPUs are visible."),
@@ -258,8 +269,9 @@ def run(
     """Run one trial from flags, store it and write its report."""
     import tempfile
 
-    given = {"zero_stage": zero_stage, "micro_batch": micro_batch, "grad_accum": grad_accum, "precision": precision,
-             "model": model}
+    given = {"zero_stage": zero_stage, "micro_batch": micro_batch, "grad_accum": grad_accum, "model": model}
+    if precision is not None:  # an override, so that `--precision auto` beats a base config's precision too
+        set_ = [f"precision={precision}"] + list(set_)
     fixed = {k: v for k, v in given.items() if v is not None}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump({"name": "run", "fixed": fixed, "grid": {}}, f)
@@ -414,7 +426,7 @@ def kernels(
     family: str = typer.Option("llama", "--family", help="llama or gpt2."),
     seq_len: int = typer.Option(128, "--seq-len"),
     micro_batch: int = typer.Option(4, "--micro-batch"),
-    precision: Optional[list[str]] = typer.Option(None, "--precision", help="Repeatable [default: fp32 and bf16; on GPU also fp16]."),
+    precision: Optional[list[str]] = typer.Option(None, "--precision", help="Repeatable [default: fp32, plus bf16 where the device computes it natively; on GPU also fp16]."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated benches: gemm, attention, norm, mlp, optimizer, collective."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Comma-separated: adamw-foreach, adamw-forloop, adamw-fused, deepspeed."),
     world_size: Optional[int] = typer.Option(None, "--world-size", help="Ranks [default: as a sweep uses]."),
@@ -439,7 +451,7 @@ def kernels(
     cuda = hw.accelerator == "cuda"
     fields: dict = dict(model=model or hw.default_model, family=family, seq_len=seq_len, micro_batch=micro_batch,
                         repeats=repeats, world_size=world_size or hw.world_size,
-                        precisions=precision or (["bf16", "fp16", "fp32"] if cuda else ["fp32", "bf16"]))
+                        precisions=precision or default_kernel_precisions(hw))
     if only:
         fields["benches"] = [b.strip() for b in only.split(",") if b.strip()]
     if optimizer:
@@ -463,12 +475,29 @@ def kernels(
     store = Store(db)
     console.print(f"llmbench kernels: {', '.join(plan.benches)} at {plan.model} shapes on {hw.accelerator} × "
                   f"{plan.world_size} ({hw.comm_backend}); store {db}")
+    import signal
+
+    def terminate(signum, frame):  # SIGTERM: stop as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     run_id, records, wall = run_kernels_on_pool(plan, hw, store, label=label, log_dir=Path(out) / "logs")
     run = store.run(run_id)
+    if run["status"] == "interrupted":
+        console.print(f"[yellow]interrupted[/]: kernels run {run_id} keeps its {len(records)} finished cases in {db}")
+        raise typer.Exit(130)
     if run["status"] != "finished":
         fail(f"kernels run {run_id} failed: {run['meta'].get('error')}", code=1)
     _print_kernels(records, f"kernels run {run_id} ({wall:.0f} s)")
     console.print(f"report: {write_report(run, [], out, kernels=records)}")
+
+
+def default_kernel_precisions(hw) -> list[str]:
+    """What `llmbench kernels` measures unless told: never a precision the device only emulates
+    (on an AVX2-only CPU bf16 GEMMs run ~30x slower than fp32, and the run took 9+ minutes)."""
+    if hw.accelerator == "cuda":
+        return (["bf16"] if hw.bf16_native else []) + ["fp16", "fp32"]
+    return ["fp32"] + (["bf16"] if hw.bf16_native else [])
 
 
 def _print_kernels(records: list[dict], title: str) -> None:
@@ -581,12 +610,16 @@ def suites() -> None:
 @app.command()
 def env(cpu: bool = typer.Option(False, "--cpu", help="Describe the CPU fallback even if GPUs are visible.")) -> None:
     """Versions, devices, accelerator and communication backend that a sweep would use."""
-    from .env import detect_hardware, environment
+    from .env import detect_hardware, environment, matmul_rates
 
-    info = environment(detect_hardware(force_cpu=cpu))
+    hw = detect_hardware(force_cpu=cpu)
+    info = environment(hw)
     t = Table(show_header=False)
     for k, v in info.items():
         t.add_row(k, str(v))
+    for p, r in matmul_rates(hw).items():
+        t.add_row(f"matmul {p}", f"{r['tflops'] * 1e3:,.1f} GFLOP/s (best linear-layer GEMM of the {r['shapes']}, "
+                                 f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}; {r['source']})")
     console.print(t)
 
 

@@ -68,7 +68,9 @@ def axes_from_base_config(base: dict) -> dict:
         v = val(*keys)
         if v is not None:
             out[axis] = int(v) if isinstance(v, float) and v.is_integer() else v
-    if val("bf16", "enabled") or val("bfloat16", "enabled"):
+    if "auto" in (base.get("bf16", {}).get("enabled"), base.get("fp16", {}).get("enabled")):
+        out["precision"] = "auto"  # Hugging Face's "auto": let the device decide, as llmbench's auto does
+    elif val("bf16", "enabled") or val("bfloat16", "enabled"):
         out["precision"] = "bf16"
     elif val("fp16", "enabled"):
         out["precision"] = "fp16"
@@ -92,6 +94,9 @@ def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int, base: dict | 
     keys they define, and measurement hygiene (no periodic prints, no synchronising timers)
     is always enforced.
     """
+    if spec.precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision {spec.precision!r} must be resolved for the device before a DeepSpeed config "
+                         f"is made (llmbench.precision.resolve)")
     base = copy.deepcopy(base or {})
     zero: dict = {"stage": spec.zero_stage}
     for knob in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size"):

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .precision import Capabilities, auto_precision, describe, detect_capabilities, native_bf16
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,16 @@ class Hardware:
     device_name: str
     device_memory_bytes: int
     cpu_cores: int
+    caps: Capabilities | None = None  # what `precision: auto` is decided from (llmbench.precision)
+
+    @property
+    def precision_auto(self) -> str:
+        """What `precision: auto` resolves to on this hardware."""
+        return auto_precision(self.caps or Capabilities(self.accelerator))
+
+    @property
+    def bf16_native(self) -> bool:
+        return native_bf16(self.caps or Capabilities(self.accelerator))
 
     @property
     def default_model(self) -> str:
@@ -56,10 +67,11 @@ def detect_hardware(force_cpu: bool = False) -> Hardware:
     cores = usable_cores()
     if not force_cpu and torch.cuda.is_available() and torch.cuda.device_count() > 0:
         props = torch.cuda.get_device_properties(0)
-        return Hardware("cuda", "nccl", torch.cuda.device_count(), props.name, props.total_memory, cores)
+        return Hardware("cuda", "nccl", torch.cuda.device_count(), props.name, props.total_memory, cores,
+                        detect_capabilities("cuda"))
     import psutil
 
-    return Hardware("cpu", "gloo", 2, cpu_model_name(), psutil.virtual_memory().total, cores)
+    return Hardware("cpu", "gloo", 2, cpu_model_name(), psutil.virtual_memory().total, cores, detect_capabilities("cpu"))
 
 
 def cpu_model_name() -> str:
@@ -112,7 +124,11 @@ def environment(hw: Hardware) -> dict:
         "nccl": None,
         "host": socket.gethostname(),
         "platform": platform.platform(),
-        **{k: v for k, v in asdict(hw).items()},
+        **{k: v for k, v in asdict(hw).items() if k != "caps"},
+        "cpu_capability": hw.caps.cpu_capability if hw.caps else None,
+        "bf16_native": hw.bf16_native,
+        "bf16_support": describe(hw.caps) if hw.caps else None,
+        "precision_auto": hw.precision_auto,
     }
     if hw.accelerator == "cuda":
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
@@ -128,3 +144,30 @@ def environment(hw: Hardware) -> dict:
     else:
         env["devices"] = [env["device_name"]] * hw.world_size
     return env
+
+
+def matmul_rates(hw: Hardware) -> dict[str, dict]:
+    """Measured matmul TFLOP/s per precision on one rank's share of the device, at the default
+    model's linear-layer GEMMs (llmbench.collect.peak, cached): what `llmbench env` shows so a
+    user sees at once whether bf16 is fast here."""
+    import torch
+
+    from .collect.peak import model_peak
+    from .models import build_config
+
+    cuda = hw.accelerator == "cuda"
+    before = torch.get_num_threads()
+    torch.set_num_threads(hw.threads_per_rank)
+    try:
+        seq, mb = (1024, 8) if cuda else (128, 4)
+        config = build_config(hw.default_model, "llama", seq)
+        out = {}
+        for p in (("bf16", "fp16", "fp32") if cuda else ("fp32", "bf16")):
+            # the device name as a rank records it (worker.py), so trials reuse this measurement
+            name = hw.device_name if cuda else f"cpu ({hw.device_name})"
+            peak = model_peak(config, mb, seq, p, "cuda:0" if cuda else "cpu", name)
+            out[p] = {"tflops": peak.tflops, "source": peak.source, "probe_s": peak.probe_s,
+                      "shapes": f"{hw.default_model} model, {mb}×{seq} tokens", "threads": torch.get_num_threads()}
+        return out
+    finally:
+        torch.set_num_threads(before)

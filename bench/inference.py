@@ -187,6 +187,11 @@ def run_inference(spec: TrialSpec, accelerator: str, host: str = "", device_name
         res.model_config = config_to_dict(config)
         source = MarkovSource(config.vocab_size, seed=spec.seed)
         res.entropy_floor = source.entropy_rate_nats
+        from .precision import detect_capabilities, emulated_bf16_note
+
+        note = emulated_bf16_note(spec.precision, detect_capabilities(accelerator))
+        if note:
+            res.notes.append(note)
         state, meta, res.trained_cache = trained_state(spec, config, source, dev)
         res.train_loss_final, res.train_steps, res.train_s = meta["train_loss_final"], meta["train_steps"], meta["train_s"]
         if not meta["reached_tolerance"]:

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .env import Hardware
 
@@ -278,8 +279,10 @@ class RankPool:
 
     # -- trials ------------------------------------------------------------------------
     def run(self, trial_id: str, spec: dict, timeout_s: float, base_config: dict | None = None,
-            trace_dir: str | None = None, kind: str = "trial") -> list[dict]:
-        """Run one trial on every rank; returns the ranks' results (any status).
+            trace_dir: str | None = None, kind: str = "trial",
+            on_row: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Run one trial on every rank; returns the ranks' results (any status). Partial results
+        a rank streams before its result (`row` messages: kernel cases) go to `on_row(rank, row)`.
 
         Raises PoolError when the ranks cannot all report: a rank died (`failed`), or the
         trial outlived `timeout_s` (`timeout`), or some ranks reported a failure and the
@@ -312,7 +315,12 @@ class RankPool:
                     self.kill()
                     return list(results.values())
                 continue
-            if msg["type"] == "result" and msg.get("trial_id") == trial_id:
+            if time.monotonic() > deadline:  # also when messages keep coming (streamed rows)
+                self.kill()
+                raise PoolError("timeout", f"trial exceeded its {timeout_s:.0f}s limit; all its processes were killed")
+            if msg["type"] == "row" and msg.get("trial_id") == trial_id and on_row is not None:
+                on_row(rank, msg["row"])
+            elif msg["type"] == "result" and msg.get("trial_id") == trial_id:
                 results[rank] = msg
                 if msg["status"] != "ok" and first_failure is None:
                     first_failure = time.monotonic()

@@ -18,47 +18,53 @@ from .store import Store
 from .sweep import new_run_id
 
 
-def merge_ranks(per_rank: list[list[dict]]) -> list[dict]:
-    """Rank 0's records, each with every rank's median (`rank_median_s`)."""
-    by_case: dict[str, list] = {}
-    for rows in per_rank:
-        for r in rows:
-            by_case.setdefault(r["case"], []).append(r.get("median_s"))
-    out = []
-    for r in per_rank[0]:
-        r = dict(r)
-        r["rank_median_s"] = by_case[r["case"]]
-        out.append(r)
-    return out
+def merged(rows_by_rank: dict[int, dict]) -> dict:
+    """Rank 0's record of a case, with every rank's median (`rank_median_s`, in rank order)."""
+    r = dict(rows_by_rank[min(rows_by_rank)])
+    r["rank_median_s"] = [rows_by_rank[k].get("median_s") for k in sorted(rows_by_rank)]
+    return r
 
 
 def run_kernels_on_pool(plan: KernelPlan, hw: Hardware, store: Store, *, label: str | None, log_dir: Path,
                         options: LaunchOptions | None = None, timeout_s: float = 1800.0) -> tuple[str, list[dict], float]:
     """Run the plan on a pool of `plan.world_size` ranks; store and return (run_id, records, wall s).
-    A pool failure (a crashed rank, a timeout) marks the run failed with its cause."""
+
+    Each case is stored as soon as every rank has finished it, so an interrupted or failed run
+    keeps what it measured. A pool failure (a crashed rank, a timeout) marks the run failed with
+    its cause; Ctrl-C marks it `interrupted` and returns normally."""
     t0 = time.perf_counter()
     env = environment(hw)
     run_id = new_run_id()
     store.create_run(run_id, "kernels", label, env, meta={"kernel_plan": plan.model_dump()})
     pool = RankPool(hw, plan.world_size, log_dir / f"{run_id}-kernels.log", options)
-    status, records, error = "finished", [], None
+    status, error = "finished", None
+    pending: dict[str, dict[int, dict]] = {}
+    records: list[dict] = []
+
+    def on_row(rank: int, row: dict) -> None:
+        case = f"{row['bench']}/{row['case']}"
+        pending.setdefault(case, {})[rank] = row
+        if len(pending[case]) == plan.world_size:
+            rec = merged(pending.pop(case))
+            store.add_kernel(run_id, len(records), rec)
+            records.append(rec)
+
     try:
-        ranks = pool.run("kernels", plan.model_dump(), timeout_s, kind="kernels")
+        ranks = pool.run("kernels", plan.model_dump(), timeout_s, kind="kernels", on_row=on_row)
         failed = [r for r in ranks if r["status"] != "ok"]
         if failed:
             status, error = "failed", f"rank {failed[0].get('rank', '?')}: {failed[0].get('error')}"
-        else:
-            records = merge_ranks([r["rows"] for r in ranks])
-            store.add_kernels(run_id, records)
+        elif pending or any(r.get("n_rows") != len(records) for r in ranks):
+            status, error = "failed", (f"the ranks reported {[r.get('n_rows') for r in ranks]} cases; "
+                                       f"{len(records)} were complete on every rank")
     except PoolError as e:
         status, error = "failed", f"{e.status}: {e}"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into it: the run keeps what it stored
         pool.kill()
-        store.finish_run(run_id, "interrupted", meta={"kernel_plan": plan.model_dump()})
-        raise
+        status, error = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
     finally:
         pool.stop()
     wall = time.perf_counter() - t0
     store.finish_run(run_id, status, meta={"kernel_plan": plan.model_dump(), "wall_s": wall, "error": error,
-                                           "pool_start_s": pool.start_s})
+                                           "pool_start_s": pool.start_s, "stored_cases": len(records)})
     return run_id, records, wall

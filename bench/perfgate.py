@@ -41,7 +41,10 @@ def hardware_fingerprint() -> dict:
     from .env import detect_hardware
 
     hw = detect_hardware()
-    return {"accelerator": hw.accelerator, "device": hw.device_name, "cores": hw.cpu_cores, "ranks": hw.world_size}
+    # Two CPUs of one model name can differ in what decides every bf16 figure (an AVX2 EPYC and
+    # an AVX-512 one both say "AMD EPYC"): the torch CPU capability and native bf16 are part of it.
+    return {"accelerator": hw.accelerator, "device": hw.device_name, "cores": hw.cpu_cores, "ranks": hw.world_size,
+            "cpu_capability": hw.caps.cpu_capability if hw.caps else None, "bf16_native": hw.bf16_native}
 
 
 @dataclass

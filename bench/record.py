@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from .collect.flops import datasheet_peak_tflops, utilisation
+from .collect.flops import datasheet_peak_tflops, screen_utilisation, utilisation
 from .collect.stats import cv, median, median_ci95
 from .models import ModelStats
 from .spec import TrialSpec
@@ -62,6 +62,8 @@ def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats |
         "mfu": None,
         "hfu": None,
         "measured_peak_tflops": None,
+        "measured_peak_source": None,
+        "measured_peak_probe_s": None,
         "mfu_vs_measured_peak": None,
         "hfu_vs_measured_peak": None,
         "fwd_s": None,
@@ -194,8 +196,14 @@ def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> 
     if stats is not None:
         peak = datasheet_peak_tflops(first["device"], rec["precision"])
         measured = min((r["measured_peak_tflops"] for r in ranks if r.get("measured_peak_tflops")), default=None)
-        rec.update(utilisation(stats, rec["seq_len"], rec["tokens_per_s_per_device"], rec["activation_checkpointing"],
-                               peak, measured))
+        u = utilisation(stats, rec["seq_len"], rec["tokens_per_s_per_device"], rec["activation_checkpointing"],
+                        peak, measured)
+        rec["notes"] = rec["notes"] + screen_utilisation(u)
+        rec.update(u)
+    sources = {r.get("measured_peak_source") for r in ranks} - {None}
+    if sources:  # "measured" when any rank ran the probe in this trial
+        rec["measured_peak_source"] = "measured" if "measured" in sources else "cache"
+        rec["measured_peak_probe_s"] = max(r.get("measured_peak_probe_s") or 0.0 for r in ranks)
     parts = [r.get("breakdown") or {} for r in ranks]
     rec["breakdown_per_rank"] = parts
     for key in ("fwd_s", "bwd_s", "bwd_compute_s", "comm_s", "optimizer_s"):
@@ -218,6 +226,9 @@ def aggregate(rec: dict, ranks: list[dict], stats: ModelStats | None = None) -> 
     # Gradient norm, learning rate and loss scale are global quantities: rank 0's are the run's.
     rec.update(grad_norms=first["grad_norms"], lrs=first["lrs"], loss_scales=first["loss_scales"],
                skipped_steps=max(r["skipped_steps"] for r in ranks))
+    if rec["grad_norms"] and all(g is None for g in rec["grad_norms"]):
+        rec["notes"] = rec["notes"] + ["no gradient norm: DeepSpeed's engine.get_global_grad_norm() gave none here "
+                                       "(fp32 at ZeRO-0 computes it for clipping in clip_fp32_gradients and discards it)"]
     return rec
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import itertools
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]  # auto: resolved per device before launch (precision.py)
 Offload = Literal["none", "optimizer", "optimizer+params"]
 # Training (scenario=train): ZeRO++ (Wang et al. 2023): quantized weight all-gather (qw),
 # quantized gradients (qg), hierarchical partitioning (hpz), or all three; fp8 = torchao
@@ -50,7 +50,10 @@ class TrialSpec(BaseModel):
     seq_len: int = Field(128, ge=8)
     micro_batch: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    precision: Precision = "bf16"
+    # `auto` until the plan resolves it for the device (llmbench.precision); then the precision
+    # the trial runs at, and `requested_precision` keeps what was asked for.
+    precision: Precision = "auto"
+    requested_precision: Precision | None = None
     zero_stage: int = Field(0, ge=0, le=3)
     offload: Offload = "none"
     quant: Quant = "none"
@@ -153,7 +156,7 @@ class TrialSpec(BaseModel):
         return "-".join(parts) or f"{self.model}-z{self.zero_stage}-mb{self.micro_batch}-ga{self.grad_accum}-{self.precision}"
 
 
-AXES = tuple(TrialSpec.model_fields) + ("global_batch",)
+AXES = tuple(f for f in TrialSpec.model_fields if f != "requested_precision") + ("global_batch",)
 
 
 class Block(BaseModel):
@@ -247,13 +250,16 @@ def parse_override(text: str) -> tuple[str, list[str]]:
     return key, values
 
 
-def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[str] = ()) -> list[tuple[str, TrialSpec, str | None]]:
+def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[str] = (),
+           resolve_precision: Callable[[str], str] | None = None) -> list[tuple[str, TrialSpec, str | None]]:
     """Expand the grid (after `--set` overrides) into (trial_id, TrialSpec, skip reason).
 
     A combination that makes no sense is kept with its reason (recorded as `skipped`) when
     it comes from a grid; a single explicit configuration that makes no sense is bad input.
     `global_batch` may be given instead of `grad_accum` (DeepSpeed's rule derives it).
     A suite with `also` blocks expands each block the same way; `--set` applies to every block.
+    `resolve_precision` turns `auto` into the device's precision (llmbench.precision.resolve)
+    before trial ids are made, so ids name the precision the trial really runs at.
     """
     parsed = [parse_override(text) for text in overrides]
     from_cli = {key for key, _ in parsed}
@@ -288,6 +294,11 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
                 raise SpecError(f"{source}: global_batch={gb!r} ({where}) is not a positive multiple of "
                                 f"micro_batch × world_size = {per_step}")
             values["grad_accum"] = gb // per_step
+        if resolve_precision is not None:
+            requested = values.get("precision", "auto")
+            if requested in ("auto", "fp32", "fp16", "bf16"):  # anything else fails validation below
+                values["requested_precision"] = requested
+                values["precision"] = resolve_precision(requested)
         try:
             spec = TrialSpec.model_validate(values)
         except ValidationError as e:

@@ -126,12 +126,10 @@ class Store:
         return [json.loads(r[0]) for r in cur]
 
     # -- kernel micro-benchmarks -----------------------------------------------------------
-    def add_kernels(self, run_id: str, records: list[dict]) -> None:
-        """Store a kernels run's cases in one transaction."""
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany("INSERT INTO kernels VALUES (?,?,?,?,?,?)",
-                                [(run_id, i, r["bench"], r["case"], r["status"], json.dumps(r)) for i, r in enumerate(records)])
+    def add_kernel(self, run_id: str, seq: int, record: dict) -> None:
+        """Store one kernel case as soon as it finished (its own transaction)."""
+        self.db.execute("INSERT INTO kernels VALUES (?,?,?,?,?,?)",
+                        (run_id, seq, record["bench"], record["case"], record["status"], json.dumps(record)))
 
     def kernels(self, run_id: str) -> list[dict]:
         cur = self.db.execute("SELECT record_json FROM kernels WHERE run_id=? ORDER BY seq", (run_id,))

@@ -36,8 +36,9 @@ EVAL_STREAM = 1 << 40
 
 def cache_dir() -> Path:
     """Where trained weights are cached: $LLMBENCH_CACHE/trained, else ~/.cache/llmbench/trained."""
-    root = os.environ.get("LLMBENCH_CACHE") or Path.home() / ".cache" / "llmbench"
-    return Path(root) / "trained"
+    from .collect.peak import cache_root
+
+    return cache_root() / "trained"
 
 
 def _cache_path(spec: TrialSpec) -> Path:

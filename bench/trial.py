@@ -18,6 +18,7 @@ import torch
 
 from .collect import breakdown as bd
 from .collect.memory import PeakMemory, probe_model_states
+from .collect.peak import model_peak
 from .collect.telemetry import NvmlSampler
 from .data import MarkovSource
 from .engine import ds_config
@@ -56,6 +57,8 @@ class RankResult:
     comms: dict = field(default_factory=dict)
     telemetry: dict = field(default_factory=dict)
     measured_peak_tflops: float | None = None
+    measured_peak_source: str | None = None  # "measured" (this trial ran the probe) or "cache"
+    measured_peak_probe_s: float | None = None  # seconds spent on it (reading the cache or measuring)
     reference_s: list[float] = field(default_factory=list)
     reference_cpu_s: list[float] = field(default_factory=list)
     data_s: float | None = None
@@ -112,26 +115,13 @@ def _sync(accelerator: str) -> None:
         torch.cuda.synchronize()
 
 
-_GEMM_PEAK: dict[tuple[str, str], float] = {}
-
-
-def measured_peak_tflops(precision: str, accelerator: str) -> float:
-    """This rank's achievable matmul TFLOP/s for the precision (cached per worker process)."""
-    from .kernels.gemm import gemm_tflops
-
-    device = f"cuda:{torch.cuda.current_device()}" if accelerator == "cuda" else "cpu"
-    key = (precision, device)
-    if key not in _GEMM_PEAK:
-        _GEMM_PEAK[key] = gemm_tflops(precision, device)["tflops"]
-    return _GEMM_PEAK[key]
-
-
 _REFERENCE: dict[str, tuple] = {}
 
 
 def reference_samples(accelerator: str, n: int = 5, cpu: list | None = None) -> list[float]:
     """Seconds of a fixed reference workload (a fp32 256³ matmul ×16 on a CPU rank's threads;
-    a bf16 4096³ matmul ×10 on a GPU), `n` samples, taken next to a trial's window.
+    a 16-bit 4096³ matmul ×10 on a GPU: bf16, fp16 before Ampere), `n` samples, taken next to
+    a trial's window.
 
     A trial's step time divided by this is its speed relative to what the machine could do
     at that moment: on a shared machine whose effective speed drifts (other tenants, CPU
@@ -139,7 +129,8 @@ def reference_samples(accelerator: str, n: int = 5, cpu: list | None = None) -> 
     compares on CPU (the design's "ratio against a reference, measured in the same run")."""
     if accelerator not in _REFERENCE:
         if accelerator == "cuda":
-            a = torch.randn(4096, 4096, device=f"cuda:{torch.cuda.current_device()}", dtype=torch.bfloat16)
+            dtype = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16  # native only
+            a = torch.randn(4096, 4096, device=f"cuda:{torch.cuda.current_device()}", dtype=dtype)
             _REFERENCE[accelerator] = (a, a.clone(), 10)
         else:
             g = torch.Generator().manual_seed(0)
@@ -161,6 +152,11 @@ def reference_samples(accelerator: str, n: int = 5, cpu: list | None = None) -> 
 
 def _check_supported(spec: TrialSpec, accelerator: str, nodes: int, res: RankResult) -> None:
     """Refuse what cannot run here, and note options that would have no effect."""
+    from .precision import detect_capabilities, emulated_bf16_note
+
+    note = emulated_bf16_note(spec.precision, detect_capabilities(accelerator))
+    if note:
+        res.notes.append(note)
     if spec.quant == "fp8":
         if accelerator != "cuda" or torch.cuda.get_device_capability() < (8, 9):
             raise Unsupported("fp8 training needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
@@ -222,7 +218,16 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
                    for i in range(n_micro)]
         # Host-side data time per optimizer step, had the batches been made inside the loop.
         res.data_s = (time.perf_counter() - t0) / n_micro * spec.grad_accum
-        res.measured_peak_tflops = measured_peak_tflops(spec.precision, accelerator)
+        from deepspeed.accelerator import get_accelerator
+
+        from .kernels.timing import DTYPES
+
+        if DTYPES[spec.precision] in get_accelerator().supported_dtypes():  # else DeepSpeed refuses the trial below
+            peak_dev = f"cuda:{torch.cuda.current_device()}" if accelerator == "cuda" else "cpu"
+            gemm_peak = model_peak(config, spec.micro_batch, spec.seq_len, spec.precision, peak_dev, device)
+            res.measured_peak_tflops, res.measured_peak_source = gemm_peak.tflops, gemm_peak.source
+            res.measured_peak_probe_s = gemm_peak.probe_s
+            release_host_memory()  # the probe's freed operands leave the heap before the memory window
 
         peak.reset()
         t0 = time.perf_counter()

@@ -116,9 +116,13 @@ def main() -> None:
             from .kernels.plan import KernelPlan
             from .kernels.run import run_kernels
 
+            def emit(row: dict, trial_id=msg["trial_id"]) -> None:  # each case as it finishes
+                ctl.send({"type": "row", "trial_id": trial_id, "rank": rank, "row": row})
+
             try:
-                rows = run_kernels(KernelPlan.model_validate(msg["spec"]), rank, args.accelerator, device_name=device)
-                ctl.send({"type": "result", "trial_id": msg["trial_id"], "rank": rank, "status": "ok", "rows": rows})
+                rows = run_kernels(KernelPlan.model_validate(msg["spec"]), rank, args.accelerator, device_name=device,
+                                   emit=emit)
+                ctl.send({"type": "result", "trial_id": msg["trial_id"], "rank": rank, "status": "ok", "n_rows": len(rows)})
             except Exception as e:  # a bug or a broken device: reported, the driver records it
                 ctl.send({"type": "result", "trial_id": msg["trial_id"], "rank": rank, "status": "failed",
                           "error": f"{type(e).__name__}: {e}"})

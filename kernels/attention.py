@@ -8,6 +8,8 @@ backward 2.5× the forward, so forward+backward is 3.5× the forward.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import math
 
 import torch
@@ -40,7 +42,7 @@ def _inputs(batch, heads, seq, head_dim, dtype, device, grad):
 
 
 def bench_attention(batch: int, heads: int, seq: int, head_dim: int, precision: str, device: str, repeats: int,
-                    causal: bool = True) -> list[KernelResult]:
+                    causal: bool = True) -> Iterator[KernelResult]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dtype = DTYPES[precision]
@@ -48,7 +50,6 @@ def bench_attention(batch: int, heads: int, seq: int, head_dim: int, precision: 
     impls = [("eager", None)] + [(f"sdpa-{b.lower()}", getattr(SDPBackend, b)) for b in BACKENDS if hasattr(SDPBackend, b)]
     q32 = [t.float() for t in _inputs(batch, heads, seq, head_dim, dtype, device, False)]
     reference = eager_attention(*q32, causal=causal)
-    out = []
     for name, backend in impls:
         def call(q, k, v, backend=backend):
             if backend is None:
@@ -75,5 +76,4 @@ def bench_attention(batch: int, heads: int, seq: int, head_dim: int, precision: 
 
                     r.samples_s, r.inner = measure(step, device, repeats)
 
-            out.append(guarded(r, run))
-    return out
+            yield guarded(r, run)

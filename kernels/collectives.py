@@ -10,6 +10,8 @@ all-reduce, ·(n−1)/n for all-gather and reduce-scatter, ·1 for broadcast.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import time
 
 import torch
@@ -38,11 +40,10 @@ def _op(kind: str, size_bytes: int, dtype, device: str, n: int):
     raise ValueError(kind)
 
 
-def bench_collectives(kinds: list[str], sizes: list[int], precision: str, device: str, repeats: int) -> list[KernelResult]:
+def bench_collectives(kinds: list[str], sizes: list[int], precision: str, device: str, repeats: int) -> Iterator[KernelResult]:
     """Called on every rank at once; every rank returns the same (slowest-rank) samples."""
     n = dist.get_world_size()
     dtype = DTYPES[precision]
-    out = []
     for kind in kinds:
         for size in sizes:
             r = KernelResult("collective", f"{kind}-{size}", precision, backend=dist.get_backend(), op=kind,
@@ -72,5 +73,4 @@ def bench_collectives(kinds: list[str], sizes: list[int], precision: str, device
             if r.status == "ok":
                 alg, bus = bandwidth(kind, r.bytes, median(r.samples_s), n)
                 r.extra.update(algbw_gbs=alg / 1e9, busbw_gbs=bus / 1e9, world_size=n)
-            out.append(r)
-    return out
+            yield r

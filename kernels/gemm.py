@@ -1,8 +1,9 @@
 """GEMM throughput at the model's shapes and at square sizes: the device's achievable peak.
 
-A matmul of (m×k)·(k×n) is 2·m·k·n FLOPs (one multiply and one add per term). The best
-square size's TFLOP/s is the "achievable peak" that MFU can be quoted against beside the
-datasheet's (llmbench.collect.flops.PEAK_TFLOPS).
+A matmul of (m×k)·(k×n) is 2·m·k·n FLOPs (one multiply and one add per term). The trials'
+measured peak is llmbench.collect.peak (the model's own linear-layer GEMMs, best path);
+these cases show the same device at other shapes, beside the datasheet's peak
+(llmbench.collect.flops.PEAK_TFLOPS).
 """
 
 from __future__ import annotations
@@ -10,25 +11,6 @@ from __future__ import annotations
 import torch
 
 from .timing import DTYPES, KernelResult, guarded, measure
-
-
-def gemm_tflops(precision: str, device: str = "cpu", n: int | None = None, repeats: int = 10) -> dict:
-    """Best-of-`repeats` TFLOP/s of an n×n by n×n matmul (2·n³ FLOPs each).
-
-    The best repeat, not the mean: this is the achievable peak, the ceiling MFU is
-    quoted against. On CUDA it is timed with events around a batch of matmuls; on CPU with
-    perf_counter, using the calling thread's torch thread count (a rank's share of cores).
-    Used inside every trial (llmbench.trial.measured_peak_tflops); `llmbench kernels`
-    measures the same at many shapes.
-    """
-    dtype = DTYPES[precision]
-    n = n or (8192 if device.startswith("cuda") else 1024)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    flops = 2.0 * n**3
-    best = min(measure(lambda: a @ b, device, repeats, warmup=2)[0])
-    return {"kernel": "gemm", "precision": precision, "n": n, "seconds": best, "tflops": flops / best / 1e12,
-            "threads": torch.get_num_threads(), "device": device}
 
 
 def model_gemm_shapes(shape: dict, intermediate: int, tokens: int) -> dict[str, tuple[int, int, int]]:

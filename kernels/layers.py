@@ -9,6 +9,8 @@ gate/up/down, two for GPT-2's fc/proj), backward twice the forward (Kaplan et al
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .timing import DTYPES, KernelResult, guarded, measure
@@ -40,10 +42,9 @@ def norm_modules(config, hidden: int) -> dict:
     return mods
 
 
-def bench_norms(config, hidden: int, tokens: int, precision: str, device: str, repeats: int) -> list[KernelResult]:
+def bench_norms(config, hidden: int, tokens: int, precision: str, device: str, repeats: int) -> Iterator[KernelResult]:
     dtype = DTYPES[precision]
     elem = torch.tensor([], dtype=dtype).element_size()
-    out = []
     for name, make in norm_modules(config, hidden).items():
         for op in ("fwd", "fwd+bwd"):
             moved = (2 * tokens * hidden + hidden) * elem * (1 if op == "fwd" else 2.5)  # bwd: read x, dy, w; write dx
@@ -55,8 +56,7 @@ def bench_norms(config, hidden: int, tokens: int, precision: str, device: str, r
                 x = torch.randn(tokens, hidden, device=device, dtype=dtype)
                 r.samples_s, r.inner = _timed_fwd_bwd(m, x, device, repeats, op)
 
-            out.append(guarded(r, run))
-    return out
+            yield guarded(r, run)
 
 
 def mlp_flops(config, hidden: int, intermediate: int, tokens: int, op: str) -> float:
@@ -76,9 +76,8 @@ def mlp_module(config):
 
 
 def bench_mlp(config, hidden: int, intermediate: int, tokens: int, precision: str, device: str,
-              repeats: int) -> list[KernelResult]:
+              repeats: int) -> Iterator[KernelResult]:
     dtype = DTYPES[precision]
-    out = []
     for op in ("fwd", "fwd+bwd"):
         r = KernelResult("mlp", f"mlp-{op}-{precision}", precision, backend=config.model_type, op=op,
                          shape=f"{tokens}x{hidden}→{intermediate}", device=device,
@@ -90,5 +89,4 @@ def bench_mlp(config, hidden: int, intermediate: int, tokens: int, precision: st
             x = torch.randn(tokens, hidden, device=device, dtype=dtype)
             r.samples_s, r.inner = _timed_fwd_bwd(m, x, device, repeats, op)
 
-        out.append(guarded(r, run))
-    return out
+        yield guarded(r, run)

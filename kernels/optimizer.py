@@ -8,6 +8,8 @@ Parameters are fp32 as in mixed-precision training's master copy (ZeRO paper §3
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .timing import KernelResult, guarded, measure
@@ -37,9 +39,8 @@ def backend_name(kind: str, device: str) -> str:
     return f"torch.AdamW({kind.split('-')[1]})"
 
 
-def bench_optimizers(shapes: list[tuple[int, ...]], kinds: list[str], device: str, repeats: int) -> list[KernelResult]:
+def bench_optimizers(shapes: list[tuple[int, ...]], kinds: list[str], device: str, repeats: int) -> Iterator[KernelResult]:
     n_params = sum(int(torch.Size(s).numel()) for s in shapes)
-    out = []
     for kind in kinds:
         r = KernelResult("optimizer", kind, "fp32", backend=backend_name(kind, device), op="step",
                          shape=f"{len(shapes)} tensors", device=device, params=n_params)
@@ -53,5 +54,4 @@ def bench_optimizers(shapes: list[tuple[int, ...]], kinds: list[str], device: st
             r.samples_s, r.inner = measure(opt.step, device, repeats, warmup=2)
             r.extra["n_tensors"] = len(shapes)
 
-        out.append(guarded(r, run))
-    return out
+        yield guarded(r, run)

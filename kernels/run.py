@@ -4,6 +4,8 @@ each rank on its share of the cores), and barriers keep the ranks in step."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..collect.flops import datasheet_peak_tflops
@@ -29,8 +31,10 @@ def model_param_shapes(config) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in model.parameters()]
 
 
-def run_kernels(plan: KernelPlan, rank: int, accelerator: str, device_name: str = "") -> list[dict]:
-    """All of the plan's cases on this rank, as records (KernelResult.to_dict)."""
+def run_kernels(plan: KernelPlan, rank: int, accelerator: str, device_name: str = "",
+                emit: Callable[[dict], None] | None = None) -> list[dict]:
+    """All of the plan's cases on this rank, as records (KernelResult.to_dict); each record is
+    passed to `emit` as soon as its case finishes, so the driver can store it at once."""
     import torch.distributed as dist
 
     device = f"cuda:{torch.cuda.current_device()}" if accelerator == "cuda" else "cpu"
@@ -38,8 +42,15 @@ def run_kernels(plan: KernelPlan, rank: int, accelerator: str, device_name: str 
     shape = config_shape(config)
     inter = intermediate_size(config)
     tokens = plan.tokens
-    results = []
     distributed = dist.is_available() and dist.is_initialized()
+    out: list[dict] = []
+
+    def done(r) -> None:
+        d = r.to_dict()
+        d.update(rank=rank, model=plan.model, threads=torch.get_num_threads())
+        out.append(d)
+        if emit:
+            emit(d)
 
     def barrier():
         if distributed:
@@ -49,28 +60,28 @@ def run_kernels(plan: KernelPlan, rank: int, accelerator: str, device_name: str 
         if "gemm" in plan.benches:
             peak = datasheet_peak_tflops(device_name, precision) if accelerator == "cuda" else None
             for name, (m, k, n) in model_gemm_shapes(shape, inter, tokens).items():
-                results.append(bench_gemm(name, m, k, n, precision, device, plan.repeats, peak))
+                done(bench_gemm(name, m, k, n, precision, device, plan.repeats, peak))
             for n in plan.square_sizes:
-                results.append(bench_gemm(f"square{n}", n, n, n, precision, device, plan.repeats, peak))
+                done(bench_gemm(f"square{n}", n, n, n, precision, device, plan.repeats, peak))
             barrier()
         if "attention" in plan.benches:
-            results += bench_attention(plan.micro_batch, shape["n_heads"], plan.seq_len, shape["head_dim"], precision,
-                                       device, plan.repeats)
+            for r in bench_attention(plan.micro_batch, shape["n_heads"], plan.seq_len, shape["head_dim"], precision,
+                                     device, plan.repeats):
+                done(r)
             barrier()
         if "norm" in plan.benches:
-            results += bench_norms(config, shape["hidden_size"], tokens, precision, device, plan.repeats)
+            for r in bench_norms(config, shape["hidden_size"], tokens, precision, device, plan.repeats):
+                done(r)
             barrier()
         if "mlp" in plan.benches:
-            results += bench_mlp(config, shape["hidden_size"], inter, tokens, precision, device, plan.repeats)
+            for r in bench_mlp(config, shape["hidden_size"], inter, tokens, precision, device, plan.repeats):
+                done(r)
             barrier()
     if "optimizer" in plan.benches:
-        results += bench_optimizers(model_param_shapes(config), plan.optimizers, device, plan.repeats)
+        for r in bench_optimizers(model_param_shapes(config), plan.optimizers, device, plan.repeats):
+            done(r)
         barrier()
     if "collective" in plan.benches and distributed:
-        results += bench_collectives(plan.collectives, plan.message_bytes, "fp32", device, plan.repeats)
-    out = []
-    for r in results:
-        d = r.to_dict()
-        d.update(rank=rank, model=plan.model, threads=torch.get_num_threads())
-        out.append(d)
+        for r in bench_collectives(plan.collectives, plan.message_bytes, "fp32", device, plan.repeats):
+            done(r)
     return out

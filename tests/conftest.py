@@ -1,8 +1,14 @@
 import json
+import os
+import tempfile
 
 import pytest
 
 from helpers import llmbench
+
+# The measured-peak and trained-model caches of this test session start empty and never touch
+# the user's ~/.cache/llmbench (fixtures that need their own set LLMBENCH_CACHE and restore it).
+os.environ["LLMBENCH_CACHE"] = tempfile.mkdtemp(prefix="llmbench-test-cache-")
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +19,16 @@ def zero_sweep(tmp_path_factory):
     p = llmbench("sweep", "zero", "--db", str(db), "--out", str(out), "--label", "ci")
     records = [json.loads(line) for line in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     return {"db": db, "out": out, "stdout": p.stdout, "stderr": p.stderr, "records": records}
+
+
+@pytest.fixture(scope="session")
+def fp32_sweep(tmp_path_factory):
+    """A small `llmbench sweep zero` pinned to fp32: the same figures on every kind of CPU."""
+    root = tmp_path_factory.mktemp("fp32")
+    db = str(root / "f.db")
+    llmbench("sweep", "zero", "--set", "precision=fp32", "--set", "micro_batch=2", "--set", "seq_len=32",
+             "--set", "steps=3", "--set", "warmup_steps=2", "--db", db, "--out", str(root))
+    return [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
 
 
 def pytest_addoption(parser):

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 
-def llmbench(*args, cwd=None, timeout=900, check=True):
-    """Run the real CLI in a subprocess, as a user would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def llmbench(*args, cwd=None, timeout=900, check=True, env=None):
+    """Run the real CLI in a subprocess, as a user would (in `env`, else this process's environment)."""
+    env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.run([sys.executable, "-m", "llmbench.cli", *args], capture_output=True, text=True, cwd=cwd,
                        timeout=timeout, env=env)
     if check and p.returncode != 0:

@@ -42,7 +42,7 @@ def test_unsupported_trial_is_recorded_and_sweep_goes_on(tmp_path):
     """fp16 on DeepSpeed's CPU accelerator is refused; the next trial still runs, on a fresh pool."""
     suite = tmp_path / "mixed.yaml"
     suite.write_text("name: mixed\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 2, steps: 2}\n"
-                     "grid: {precision: [fp16, bf16]}\n")
+                     "grid: {precision: [fp16, fp32]}\n")
     db = str(tmp_path / "m.db")
     llmbench("sweep", str(suite), "--db", db, "--out", str(tmp_path))
     recs = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]

@@ -17,6 +17,13 @@ from llmbench.kernels.run import intermediate_size
 from llmbench.models import build_config, config_shape
 
 
+def default_precisions() -> list[str]:
+    """fp32, and bf16 where this CPU computes it natively (the resolver's table is tested in test_precision)."""
+    from llmbench.env import detect_hardware
+
+    return ["fp32"] + (["bf16"] if detect_hardware(force_cpu=True).bf16_native else [])
+
+
 def counted(fn) -> int:
     with FlopCounterMode(display=False) as c:
         fn()
@@ -98,7 +105,7 @@ def test_kernels_run_stores_every_bench(kernels_run):
     for r in ok:
         assert r["median_s"] > 0 and len(r["samples_s"]) >= 3 and len(r["rank_median_s"]) == 2
     gemm = [r for r in ok if r["bench"] == "gemm"]
-    assert {r["dtype"] for r in gemm} == {"fp32", "bf16"}
+    assert {r["dtype"] for r in gemm} == set(default_precisions())  # fp32, and bf16 only where it is native
     for r in gemm:  # the rate is the work over the median time
         assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
     opt = {r["case"]: r for r in ok if r["bench"] == "optimizer"}
@@ -108,7 +115,7 @@ def test_kernels_run_stores_every_bench(kernels_run):
 
 def test_kernels_attention_backends_vs_eager(kernels_run):
     att = {(r["backend"], r["op"], r["dtype"]): r for r in kernels_run["rows"] if r["bench"] == "attention"}
-    for dtype in ("fp32", "bf16"):
+    for dtype in default_precisions():
         for op in ("fwd", "fwd+bwd"):
             assert att[("eager", op, dtype)]["status"] == "ok"
             assert att[("sdpa-math", op, dtype)]["status"] == "ok"
@@ -139,3 +146,49 @@ def test_kernels_report_section(kernels_run, tmp_path):
     assert "Which configuration to use" not in html  # a kernels run has no trials to recommend
     p = llmbench("report", kernels_run["run_id"], "--db", str(kernels_run["db"]), "--out", str(tmp_path))
     assert "report:" in p.stdout and 'id="kernels"' in next(tmp_path.glob("report-*.html")).read_text()
+
+
+def test_default_kernel_precisions_follow_the_device():
+    from llmbench.cli import default_kernel_precisions
+    from llmbench.env import Hardware
+    from llmbench.precision import Capabilities
+
+    def hw(caps):
+        return Hardware(caps.accelerator, "gloo", 2, "x", 1, 2, caps)
+
+    assert default_kernel_precisions(hw(Capabilities("cpu", "AVX2"))) == ["fp32"]
+    assert default_kernel_precisions(hw(Capabilities("cpu", "AVX512", avx512_bf16=True, mkldnn_bf16=True))) == ["fp32", "bf16"]
+    assert default_kernel_precisions(hw(Capabilities("cuda", cuda_capability=(7, 0)))) == ["fp16", "fp32"]
+    assert default_kernel_precisions(hw(Capabilities("cuda", cuda_capability=(9, 0)))) == ["bf16", "fp16", "fp32"]
+
+
+def test_interrupted_kernels_run_keeps_the_cases_it_finished(tmp_path):
+    """Each case is stored when every rank has finished it: Ctrl-C part-way keeps them all."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "k.db"
+    proc = subprocess.Popen([sys.executable, "-m", "llmbench.cli", "kernels", "--only", "gemm,norm,collective",
+                             "--repeats", "200", "--db", str(db), "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, stored = time.monotonic() + 300, 0
+    while time.monotonic() < deadline and stored < 3:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)
+        if db.exists():
+            try:
+                stored = sqlite3.connect(db, timeout=5).execute("SELECT COUNT(*) FROM kernels").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass
+    assert stored >= 3, "no case was stored while the run went on"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    con = sqlite3.connect(db)
+    (status,), = con.execute("SELECT status FROM runs").fetchall()
+    rows = [json.loads(r) for (r,) in con.execute("SELECT record_json FROM kernels ORDER BY seq")]
+    assert status == "interrupted" and len(rows) >= stored
+    assert all(r["status"] in ("ok", "unsupported") and len(r["rank_median_s"]) == 2 for r in rows)
+    assert f"keeps its {len(rows)} finished cases" in out

@@ -19,7 +19,12 @@ def test_recommendation_names_a_winner_and_is_deterministic(zero_sweep):
     a, b = recommend(recs, "throughput"), recommend(list(reversed(recs)), "throughput")
     assert a.winner is not None and a.winner["trial_id"] == b.winner["trial_id"]
     mem = recommend(recs, "memory")
-    assert mem.winner["zero_stage"] >= 2  # the least-memory configuration partitions gradients
+    # the least memory per rank: model states + the rest of the trial's peak, computed here
+    total = {r["trial_id"]: r["model_state_bytes"] + r["other_mem_bytes"] for r in recs}
+    assert total[mem.winner["trial_id"]] == min(total.values())
+    # (On CPU the rest is peak RSS over the process's RSS at the trial's start, and the first
+    # trial of a pool carries one-time allocations: 140 MB against 44-68 MB for the others in
+    # one run here. So which stage wins is noise on CPU; model states alone fall with the stage.)
 
 
 def test_ties_go_to_less_memory_then_simpler():

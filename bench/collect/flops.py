@@ -73,3 +73,20 @@ def utilisation(stats: ModelStats, seq_len: int, tokens_per_s_per_device: float,
         "mfu_vs_measured_peak": achieved / measured_peak_tflops if measured_peak_tflops else None,
         "hfu_vs_measured_peak": hw_achieved / measured_peak_tflops if measured_peak_tflops else None,
     }
+
+
+def screen_utilisation(u: dict) -> list[str]:
+    """Blank out any utilisation above 1.0 of its peak, in place, and say why.
+
+    A trial cannot run faster than the device's peak: a figure above it means the FLOP count,
+    the time or the peak is wrong (on a CPU, typically a peak probe that took a slower kernel
+    path than the model), so it is reported as a measurement error, never as a result."""
+    notes = []
+    for key, peak in (("mfu", "peak_tflops"), ("hfu", "peak_tflops"), ("mfu_vs_measured_peak", "measured_peak_tflops"),
+                      ("hfu_vs_measured_peak", "measured_peak_tflops")):
+        v = u.get(key)
+        if v is not None and v > 1.0:
+            notes.append(f"measurement error: {key} came out at {v:.2f}, above the {u.get(peak):.4g} TFLOP/s it is "
+                         f"quoted against; it is not reported")
+            u[key] = None
+    return notes

@@ -15,7 +15,7 @@ from llmbench.spec import TrialSpec
 @pytest.mark.slow
 def test_collector_overhead(tmp_path, benchmark):
     hw = detect_hardware(force_cpu=True)
-    spec = TrialSpec(model="tiny", zero_stage=1, micro_batch=4, seq_len=128, warmup_steps=3, steps=20,
+    spec = TrialSpec(model="tiny", zero_stage=1, micro_batch=4, seq_len=128, precision="fp32", warmup_steps=3, steps=20,
                      breakdown_steps=0).model_dump()
     pool = RankPool(hw, 2, Path(tmp_path) / "pool.log")
     ratios = []
