@@ -131,7 +131,7 @@ def _print_plan(plan, hw) -> None:
         prec = s.precision if s.requested_precision in (None, s.precision) else f"{s.precision} ({s.requested_precision})"
         t.add_row(p.trial_id, s.model, f"{p.stats.n_params:,}", prec, str(s.zero_stage),
                   str(s.micro_batch), str(s.grad_accum), str(s.global_batch), str(s.world_size), str(s.seq_len),
-                  f"skipped: {p.skip}" if p.skip else "")
+                  f"skipped: {p.skip}" if p.skip else f"unsupported: {p.unsupported}" if p.unsupported else "")
     console.print(t)
 
 

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from .collect.memory import PeakMemory
+from .device import DTYPES, rank_device, release_host_memory, release_memory, sync
 from .collect.stats import median, median_ci95
 from .collect.weights import weight_bytes
 from .data import MarkovSource
 from .models import build_config, build_model, config_to_dict
 from .spec import TrialSpec
 from .trainedmodel import EVAL_STREAM, TRAIN_TOLERANCE_NATS, trained_state
-from .trial import Unsupported, classify, release_host_memory
+from .failures import Unsupported, classify
 
 QUANT_CONFIGS = {  # quant value → torchao.quantization config class name
     "int8-wo": "Int8WeightOnlyConfig",
@@ -44,7 +45,6 @@ QUANT_CONFIGS = {  # quant value → torchao.quantization config class name
     "fp8-wo": "Float8WeightOnlyConfig",
     "fp8-dyn": "Float8DynamicActivationFloat8WeightConfig",
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -111,11 +111,6 @@ def perplexity(model, batches: torch.Tensor, device: torch.device) -> tuple[floa
     return math.exp(mean), mean, count
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _forward_kwargs(model) -> tuple[str, dict]:
     """The KV-cache keyword of this transformers version (`cache` since 5.x, `past_key_values`
     before), and `logits_to_keep=1` where supported: generation needs only the last logits,
@@ -134,11 +129,11 @@ def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
     compares on a CPU, where other processes move wall time)."""
     cache_kw, extra = _forward_kwargs(model)
     with torch.no_grad():
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, **extra)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         prefill = time.perf_counter() - t0
         steps = []
         for _ in range(new_tokens - 1):
@@ -146,7 +141,7 @@ def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
             past = getattr(out, "cache", None) or out.past_key_values
             out = model(input_ids=nxt, use_cache=True, **{cache_kw: past}, **extra)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            _sync(device)
+            sync(device)
             steps.append(time.perf_counter() - t)
             if cpu_steps is not None:
                 cpu_steps.append(time.process_time() - c)
@@ -178,7 +173,7 @@ def run_inference(spec: TrialSpec, accelerator: str, host: str = "", device_name
     """The inference trial: trained model → precision → quantize → measure. Never raises
     (except KeyboardInterrupt): failures are recorded with their status and reason."""
     res = InferenceResult(host=host, device=device_name, threads=torch.get_num_threads())
-    dev = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+    dev = rank_device(accelerator)
     peak = PeakMemory(accelerator)
     model = None
     try:
@@ -241,7 +236,7 @@ def run_inference(spec: TrialSpec, accelerator: str, host: str = "", device_name
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
         if isinstance(e, KeyboardInterrupt):
             raise
-        res.status = classify(e, spec)
+        res.status = classify(e)
         res.error = f"{type(e).__name__}: {e}".strip()[:2000]
         if not isinstance(e, Unsupported):
             res.error += "\n" + traceback.format_exc(limit=8)[-3000:]
@@ -250,10 +245,7 @@ def run_inference(spec: TrialSpec, accelerator: str, host: str = "", device_name
     finally:
         t0 = time.perf_counter()
         del model
-        gc.collect()
-        if accelerator == "cuda":
-            torch.cuda.empty_cache()
-        release_host_memory()
+        release_memory(dev)
         res.teardown_s = time.perf_counter() - t0
     return res
 

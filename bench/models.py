@@ -148,10 +148,20 @@ class ModelStats:
         return self.n_params - self.n_embedding_params
 
 
+def hidden_size(config) -> int:
+    """The model width: `hidden_size` (Llama and most families) or GPT-2's `n_embd`."""
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+
+
+def intermediate_size(config) -> int:
+    """The MLP width: Llama's `intermediate_size`, GPT-2's `n_inner` (None there means 4·width)."""
+    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden_size(config)
+
+
 def config_shape(config) -> dict[str, int]:
     """Layers, width, heads and vocabulary from a transformers config of any supported family."""
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = hidden_size(config)
     n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or hidden // n_heads

@@ -10,6 +10,7 @@ from typing import Callable
 
 from .collect.memory import host_oom_kills, oom_killed
 from .env import Hardware, environment
+from .failures import prelaunch_unsupported
 from .launch import LaunchOptions, PoolError, RankPool
 from .models import ModelNotFound, ModelStats, build_config, model_stats
 from .record import aggregate, aggregate_inference, base_record, failed_record
@@ -27,6 +28,7 @@ class PlannedTrial:
     spec: TrialSpec
     skip: str | None = None  # why this grid combination is not run
     stats: ModelStats | None = None
+    unsupported: str | None = None  # why this device cannot run it, known before launch (failures.py)
 
 
 @dataclass
@@ -50,7 +52,8 @@ def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, b
                 raise SpecError(f"model: {e}") from None
         if hw.accelerator == "cpu" and spec.world_size > 2 * hw.cpu_cores:
             raise SpecError(f"world_size={spec.world_size}: more than twice the {hw.cpu_cores} CPU cores; timings would be noise")
-        trials.append(PlannedTrial(trial_id, spec, skip, cache[key]))
+        refused = prelaunch_unsupported(spec.precision, hw.accelerator) if spec.scenario == "train" and not skip else None
+        trials.append(PlannedTrial(trial_id, spec, skip, cache[key], refused))
     return Plan(trials, base_config)
 
 
@@ -135,6 +138,8 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
             rec = base_record(run_id, t.trial_id, t.spec, t.stats, env, label)
             if t.skip:
                 failed_record(rec, "skipped", t.skip)
+            elif t.unsupported:  # nothing launched for it
+                failed_record(rec, "unsupported", t.unsupported)
             else:
                 if pool is None or pool.world_size != t.spec.world_size:
                     if pool is not None:

@@ -8,7 +8,6 @@ micro-step: losses stay on the device until the window closes.
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 import traceback
@@ -19,10 +18,13 @@ import torch
 from .collect import breakdown as bd
 from .collect.memory import PeakMemory, probe_model_states
 from .collect.peak import model_peak
-from .collect.telemetry import NvmlSampler
+from .collect.telemetry import telemetry_sampler
+from .collect.timing import step_timer
 from .data import MarkovSource
 from .engine import ds_config
-from .models import build_config, build_model, config_to_dict, initialize_weights, model_class
+from .failures import Diverged, Unsupported, classify
+from .device import DTYPES, rank_device, release_host_memory, release_memory, sync
+from .models import build_config, build_model, config_to_dict, hidden_size, initialize_weights, model_class
 from .spec import TrialSpec
 
 
@@ -68,60 +70,13 @@ class RankResult:
         return asdict(self)
 
 
-class Diverged(RuntimeError):
-    pass
-
-
-class Unsupported(RuntimeError):
-    """This hardware or software stack cannot run the trial; the message says why."""
-
-
-# DeepSpeed refusals that mean "not on this hardware", matched on the exception itself
-# (its type and message), never on words in a log.
-_UNSUPPORTED = [
-    (ValueError, "is not supported on your device"),  # e.g. "Type fp16 is not supported on your device."
-    (ValueError, "not been implemented on CPU backend"),  # e.g. ZeRO++ quantized weights on CPU
-    (NotImplementedError, ""),
-]
-
-
-def classify(exc: BaseException, spec: TrialSpec) -> str:
-    """A failure's status from the exception itself."""
-    if isinstance(exc, Diverged):
-        return "diverged"
-    if isinstance(exc, Unsupported):
-        return "unsupported"
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return "oom"
-    for cls, text in _UNSUPPORTED:
-        if isinstance(exc, cls) and text in str(exc):
-            return "unsupported"
-    return "failed"
-
-
-def release_host_memory() -> None:
-    """Hand freed heap back to the OS (glibc `malloc_trim`), so the next trial in a warm
-    worker starts from a process about as small as a fresh one."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _sync(accelerator: str) -> None:
-    if accelerator == "cuda":
-        torch.cuda.synchronize()
-
-
 _REFERENCE: dict[str, tuple] = {}
 
 
-def reference_samples(accelerator: str, n: int = 5, cpu: list | None = None) -> list[float]:
+def reference_samples(accelerator: str, n: int = 5) -> tuple[list[float], list[float]]:
     """Seconds of a fixed reference workload (a fp32 256³ matmul ×16 on a CPU rank's threads;
     a 16-bit 4096³ matmul ×10 on a GPU: bf16, fp16 before Ampere), `n` samples, taken next to
-    a trial's window.
+    a trial's window; with the CPU seconds of each sample on a CPU (empty on a GPU).
 
     A trial's step time divided by this is its speed relative to what the machine could do
     at that moment: on a shared machine whose effective speed drifts (other tenants, CPU
@@ -130,24 +85,23 @@ def reference_samples(accelerator: str, n: int = 5, cpu: list | None = None) -> 
     if accelerator not in _REFERENCE:
         if accelerator == "cuda":
             dtype = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16  # native only
-            a = torch.randn(4096, 4096, device=f"cuda:{torch.cuda.current_device()}", dtype=dtype)
+            a = torch.randn(4096, 4096, device=rank_device(accelerator), dtype=dtype)
             _REFERENCE[accelerator] = (a, a.clone(), 10)
         else:
             g = torch.Generator().manual_seed(0)
             _REFERENCE[accelerator] = (torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g), 16)
     a, b, reps = _REFERENCE[accelerator]
-    out = []
+    wall, cpu = [], []
     for i in range(n + 1):  # the first is a warmup
-        _sync(accelerator)
+        sync(accelerator)
         t, c = time.perf_counter(), time.process_time()
         for _ in range(reps):
             a @ b
-        _sync(accelerator)
+        sync(accelerator)
         if i:
-            out.append(time.perf_counter() - t)
-            if cpu is not None:
-                cpu.append(time.process_time() - c)
-    return out
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    return wall, (cpu if accelerator != "cuda" else [])
 
 
 def _check_supported(spec: TrialSpec, accelerator: str, nodes: int, res: RankResult) -> None:
@@ -204,15 +158,14 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         torch.manual_seed(spec.seed)
         _check_supported(spec, accelerator, max(1, world_size // ranks_per_node), res)
         config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
-        hidden = getattr(config, "hidden_size", None) or config.n_embd
-        cfg = ds_config(spec, accelerator, hidden, base_config, ranks_per_node)
+        cfg = ds_config(spec, accelerator, hidden_size(config), base_config, ranks_per_node)
         res.ds_config, res.model_config = cfg, config_to_dict(config)
 
         # Data first, outside every timed region: each rank reads its own seeded stream.
         source = MarkovSource(config.vocab_size, seed=spec.seed)
         res.entropy_floor = source.entropy_rate_nats
         n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
-        dev = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+        dev = rank_device(accelerator)
         t0 = time.perf_counter()
         batches = [torch.from_numpy(source.batch(spec.micro_batch, spec.seq_len, stream=(rank << 32) + i)).to(dev)
                    for i in range(n_micro)]
@@ -220,11 +173,8 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         res.data_s = (time.perf_counter() - t0) / n_micro * spec.grad_accum
         from deepspeed.accelerator import get_accelerator
 
-        from .kernels.timing import DTYPES
-
         if DTYPES[spec.precision] in get_accelerator().supported_dtypes():  # else DeepSpeed refuses the trial below
-            peak_dev = f"cuda:{torch.cuda.current_device()}" if accelerator == "cuda" else "cpu"
-            gemm_peak = model_peak(config, spec.micro_batch, spec.seq_len, spec.precision, peak_dev, device)
+            gemm_peak = model_peak(config, spec.micro_batch, spec.seq_len, spec.precision, str(dev), device)
             res.measured_peak_tflops, res.measured_peak_source = gemm_peak.tflops, gemm_peak.source
             res.measured_peak_probe_s = gemm_peak.probe_s
             release_host_memory()  # the probe's freed operands leave the heap before the memory window
@@ -242,7 +192,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         if spec.compile:
             engine.compile()
         engine.train()
-        _sync(accelerator)
+        sync(accelerator)
         res.setup_s = time.perf_counter() - t0
         fp16 = spec.precision == "fp16"
 
@@ -267,48 +217,34 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         t0 = time.perf_counter()
         for i in range(spec.warmup_steps):
             warm_loss = step(i, probe=(i == spec.warmup_steps - 1))
-        _sync(accelerator)
+        sync(accelerator)
         res.warmup_s = time.perf_counter() - t0
         if not math.isfinite(warm_loss.item()):
             raise Diverged(f"loss {warm_loss.item()} during warmup")
 
-        losses, times, cpu, norms, lrs, scales = [], [], [], [], [], []
+        losses, norms, lrs, scales = [], [], [], []
         skipped_before = engine.skipped_steps
-        ref_cpu: list[float] = []
-        reference_before = reference_samples(accelerator, cpu=ref_cpu)  # the machine's speed just before the window
-        sampler = None
-        if accelerator == "cuda":
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            uuid = getattr(props, "uuid", None)
-            sampler = NvmlSampler(torch.cuda.current_device(), uuid=f"GPU-{uuid}" if uuid else None)
-        if accelerator == "cuda":
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(spec.steps + 1)]
-            sampler.start()
-            events[0].record()
+        ref_before, ref_cpu_before = reference_samples(accelerator)  # the machine's speed just before the window
+        sampler, timer = telemetry_sampler(accelerator), step_timer(accelerator)
+        sampler.start()
+        timer.start()
         window_start = time.perf_counter()
         for i in range(spec.warmup_steps, spec.warmup_steps + spec.steps):
-            s, c = time.perf_counter(), time.process_time()
+            timer.begin_step()
             losses.append(step(i))
-            if accelerator == "cuda":
-                events[len(losses)].record()
-            else:
-                times.append(time.perf_counter() - s)
-                cpu.append(time.process_time() - c)
+            timer.end_step()
             # Host-side attribute reads: DeepSpeed computed these during the step already.
             norm = engine.get_global_grad_norm()
             norms.append(norm.detach().clone() if isinstance(norm, torch.Tensor) else norm)
             lrs.append(engine.get_lr()[0])
             if fp16:
                 scales.append(getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None))
-        _sync(accelerator)
+        sync(accelerator)
         res.window_s = time.perf_counter() - window_start
-        res.reference_s = reference_before + reference_samples(accelerator, cpu=ref_cpu)
-        res.reference_cpu_s = ref_cpu if accelerator == "cpu" else []
-        res.telemetry = sampler.stop() if sampler else {"available": False, "reason": "no CUDA device: NVML telemetry applies to NVIDIA GPUs"}
-        if accelerator == "cuda":
-            times = [events[k].elapsed_time(events[k + 1]) / 1000 for k in range(spec.steps)]
-        res.step_times_s = times
-        res.step_cpu_s = cpu
+        ref_after, ref_cpu_after = reference_samples(accelerator)
+        res.reference_s, res.reference_cpu_s = ref_before + ref_after, ref_cpu_before + ref_cpu_after
+        res.telemetry = sampler.stop()
+        res.step_times_s, res.step_cpu_s = timer.result()
         res.losses = [float(x) for x in torch.stack(losses).float().cpu()]
         res.grad_norms = [None if n is None else float(n) for n in norms]
         res.lrs = [float(x) for x in lrs]
@@ -338,11 +274,11 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         if trace_path:
             from torch.profiler import ProfilerActivity, profile
 
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerator == "cuda" else [])
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
             with profile(activities=acts) as prof:
                 for k in range(2):
                     step(k)
-                _sync(accelerator)
+                sync(accelerator)
             prof.export_chrome_trace(trace_path)
             res.trace = trace_path
         if fp16 and res.skipped_steps > spec.steps // 2 and res.loss_scales and \
@@ -352,7 +288,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
         if isinstance(e, KeyboardInterrupt):
             raise
-        res.status = classify(e, spec)
+        res.status = classify(e)
         res.error = f"{type(e).__name__}: {e}".strip()[:2000]
         if not isinstance(e, (Unsupported, Diverged)):  # our own checks need no traceback
             res.error += "\n" + traceback.format_exc(limit=8)[-3000:]
@@ -363,10 +299,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         if engine is not None:
             engine.destroy()
         del engine, model, batches
-        gc.collect()
-        if accelerator == "cuda":
-            torch.cuda.empty_cache()
-        release_host_memory()
+        release_memory(rank_device(accelerator))
         res.teardown_s = time.perf_counter() - t0
     return res
 
@@ -379,30 +312,30 @@ def bare_loop(spec: TrialSpec, rank: int, accelerator: str, base_config: dict | 
 
     torch.manual_seed(spec.seed)
     config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
-    cfg = ds_config(spec, accelerator, getattr(config, "hidden_size", None) or config.n_embd, base_config)
+    cfg = ds_config(spec, accelerator, hidden_size(config), base_config)
     source = MarkovSource(config.vocab_size, seed=spec.seed)
-    dev = torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+    dev = rank_device(accelerator)
     n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
     batches = [torch.from_numpy(source.batch(spec.micro_batch, spec.seq_len, stream=(rank << 32) + i)).to(dev)
                for i in range(n_micro)]
     model = build_trial_model(spec, config, cfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    times, first_timed = [], spec.warmup_steps * spec.grad_accum
+    timer, first_timed = step_timer(accelerator), spec.warmup_steps * spec.grad_accum
     for i, x in enumerate(batches):
         if i == first_timed:
-            _sync(accelerator)
+            sync(accelerator)
             start = time.perf_counter()
+            timer.start()
         if i >= first_timed and i % spec.grad_accum == 0:
-            step_start = time.perf_counter()
+            timer.begin_step()
         engine.backward(engine(input_ids=x, labels=x).loss)
         engine.step()
-        if accelerator == "cpu" and i >= first_timed and (i + 1) % spec.grad_accum == 0:
-            times.append(time.perf_counter() - step_start)  # no device to synchronise on a CPU
-    _sync(accelerator)
+        if i >= first_timed and (i + 1) % spec.grad_accum == 0:
+            timer.end_step()
+    sync(accelerator)
     window = time.perf_counter() - start
     engine.destroy()
     del engine, model, batches
-    gc.collect()
-    release_host_memory()
-    return {"rank": rank, "status": "ok", "window_s": window, "step_times_s": times,
+    release_memory(dev)
+    return {"rank": rank, "status": "ok", "window_s": window, "step_times_s": timer.result()[0],
             "tokens": spec.steps * spec.grad_accum * spec.micro_batch * spec.seq_len}

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..models import intermediate_size
 from .timing import DTYPES, KernelResult, guarded, measure
 
 
@@ -72,7 +73,7 @@ def mlp_module(config):
         return LlamaMLP(config)
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-    return GPT2MLP(config.n_inner or 4 * config.n_embd, config)
+    return GPT2MLP(intermediate_size(config), config)
 
 
 def bench_mlp(config, hidden: int, intermediate: int, tokens: int, precision: str, device: str,

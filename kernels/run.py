@@ -9,17 +9,14 @@ from typing import Callable
 import torch
 
 from ..collect.flops import datasheet_peak_tflops
-from ..models import build_config, config_shape
+from ..device import rank_device
+from ..models import build_config, config_shape, intermediate_size
 from .attention import bench_attention
 from .collectives import bench_collectives
 from .gemm import bench_gemm, model_gemm_shapes
 from .layers import bench_mlp, bench_norms
 from .optimizer import bench_optimizers
 from .plan import KernelPlan
-
-
-def intermediate_size(config) -> int:
-    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.n_embd
 
 
 def model_param_shapes(config) -> list[tuple[int, ...]]:
@@ -37,7 +34,7 @@ def run_kernels(plan: KernelPlan, rank: int, accelerator: str, device_name: str 
     passed to `emit` as soon as its case finishes, so the driver can store it at once."""
     import torch.distributed as dist
 
-    device = f"cuda:{torch.cuda.current_device()}" if accelerator == "cuda" else "cpu"
+    device = str(rank_device(accelerator))
     config = build_config(plan.model, plan.family, plan.seq_len)
     shape = config_shape(config)
     inter = intermediate_size(config)

@@ -17,12 +17,7 @@ import torch
 
 from ..collect.stats import cv, median, median_ci95
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from ..device import DTYPES, sync  # noqa: F401  (re-exported for the benches)
 
 
 def measure(fn: Callable[[], object], device: str, repeats: int = 15, warmup: int = 3,
@@ -98,11 +93,10 @@ def guarded(result: KernelResult, run: Callable[[KernelResult], None]) -> Kernel
     try:
         run(result)
     except (RuntimeError, NotImplementedError, ImportError, AssertionError, ValueError, TypeError) as e:
+        from ..failures import classify
+
         msg = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-        unsupported = isinstance(e, (NotImplementedError, ImportError)) or any(
-            s in str(e) for s in ("not implemented", "No available kernel", "not supported", "Unsupported",
-                                  "no kernel", "does not support", "No viable backend"))
-        result.status, result.reason = ("unsupported" if unsupported else "failed"), msg
+        result.status, result.reason = ("unsupported" if classify(e) == "unsupported" else "failed"), msg
         result.samples_s = []
     return result
 

@@ -13,7 +13,7 @@ from llmbench.collect.comms import bus_factor
 from llmbench.kernels.attention import attention_flops, eager_attention
 from llmbench.kernels.gemm import model_gemm_shapes
 from llmbench.kernels.layers import mlp_flops, mlp_module
-from llmbench.kernels.run import intermediate_size
+from llmbench.models import intermediate_size
 from llmbench.models import build_config, config_shape
 
 

@@ -32,3 +32,22 @@ def test_cv():
     assert cv([1.0, 1.0, 1.0]) == 0
     assert cv([1.0, 3.0]) == pytest.approx(math.sqrt(2) / 2)
     assert cv([1.0]) is None
+
+
+def test_host_step_timer_reads_wall_and_cpu_seconds_per_step():
+    """On a CPU each step's wall time and CPU time come from the host clocks at its edges: a
+    sleeping step takes wall time and almost no CPU time."""
+    import time
+
+    from llmbench.collect.timing import HostTimer, step_timer
+
+    t = step_timer("cpu")
+    assert isinstance(t, HostTimer)
+    t.start()
+    for _ in range(2):
+        t.begin_step()
+        time.sleep(0.05)
+        t.end_step()
+    wall, cpu = t.result()
+    assert len(wall) == len(cpu) == 2
+    assert all(w >= 0.05 for w in wall) and all(c < 0.02 for c in cpu)

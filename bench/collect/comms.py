@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-import torch
+from ..device import sync
 
 # deepspeed.comm functions wrapped, and which argument holds the collective's full buffer S
 # (nccl-tests, doc/PERFORMANCE.md): the buffer for all-reduce and broadcast, the whole output
@@ -49,18 +49,14 @@ class CommsRecorder:
         self.calls: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._saved: list[tuple[object, str, object]] = []
 
-    def _sync(self):
-        if self.accelerator == "cuda":
-            torch.cuda.synchronize()
-
     def _wrap(self, kind, size_of, fn):
         def timed(*args, **kwargs):
-            self._sync()
+            sync(self.accelerator)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             if hasattr(out, "wait") and kwargs.get("async_op"):
                 out.wait()
-            self._sync()
+            sync(self.accelerator)
             dt = time.perf_counter() - t0
             t = size_of(args, kwargs)
             self.calls[kind].append((t.numel() * t.element_size(), dt))

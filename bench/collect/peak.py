@@ -83,7 +83,7 @@ def _cache_file(key: dict) -> Path:
 
 def _seconds(fn, device: str) -> float:
     """Wall seconds of one call, the device synchronised at both edges."""
-    from ..kernels.timing import sync
+    from ..device import sync
 
     sync(device)
     t = time.perf_counter()
@@ -125,7 +125,7 @@ def measure_peak(gemms: dict[str, tuple[int, int, int]], dtype: str, device: str
                  budget_s: float = 2.0) -> dict:
     """Measure now: the GEMMs from the most FLOPs down (the large ones set the peak), each one's
     best rate, until `budget_s` is spent (at least one GEMM is measured)."""
-    from ..kernels.timing import DTYPES
+    from ..device import DTYPES
 
     per = {}
     t0 = time.perf_counter()
@@ -170,8 +170,7 @@ def measured_peak(gemms: dict[str, tuple[int, int, int]], dtype: str, device: st
 
 def model_peak(config, micro_batch: int, seq_len: int, dtype: str, device: str = "cpu", device_name: str = "") -> Peak:
     """The measured peak at a transformers config's linear-layer GEMMs for one micro-batch."""
-    from ..kernels.run import intermediate_size
-    from ..models import config_shape
+    from ..models import config_shape, intermediate_size
 
     return measured_peak(linear_gemms(config_shape(config), intermediate_size(config), micro_batch * seq_len), dtype,
                          device, device_name)

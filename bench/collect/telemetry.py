@@ -10,6 +10,27 @@ import threading
 import time
 
 
+class NoTelemetry:
+    """Where there is no NVIDIA GPU: nothing sampled, and the record says why."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> dict:
+        return {"available": False, "reason": "no CUDA device: NVML telemetry applies to NVIDIA GPUs"}
+
+
+def telemetry_sampler(accelerator: str):
+    """An NVML sampler of this rank's GPU (found by UUID: NVML ignores CUDA_VISIBLE_DEVICES), or NoTelemetry."""
+    if accelerator != "cuda":
+        return NoTelemetry()
+    import torch
+
+    index = torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return NvmlSampler(index, uuid=f"GPU-{uuid}" if uuid else None)
+
+
 class NvmlSampler:
     """Samples one device every `interval_s`; energy from the device's counter (mJ) around the window."""
 

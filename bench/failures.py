@@ -1,0 +1,110 @@
+"""Why a trial or a kernel case did not produce a figure: its status, from the exception itself.
+
+Decided before launch where the accelerator can answer (`prelaunch_unsupported`: DeepSpeed's
+own `get_accelerator().supported_dtypes()`); otherwise by the exception's type, and only where
+a library raises a plain ValueError/RuntimeError for a refusal, by one table of message
+patterns (`PATTERNS`), each tied to the library that raises it (tests/test_failures.py checks
+every pattern against the pinned versions). Never by words in a log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent  # llmbench's own code (bench/), kernels included below
+_KERNELS = _PACKAGE.parent / "kernels"
+
+
+class Unsupported(RuntimeError):
+    """This hardware or software stack cannot run the trial; the message says why."""
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN/inf, or the fp16 loss scale collapsed."""
+
+
+# (exception type, text in its message, status, who raises it)
+PATTERNS: list[tuple[type, str, str, str]] = [
+    (ValueError, "is not supported on your device", "unsupported",
+     "deepspeed/runtime/engine.py: 'Type fp16 is not supported on your device.'"),
+    (ValueError, "not been implemented on CPU backend", "unsupported",
+     "deepspeed/ops/op_builder/cpu/no_impl.py: an op (e.g. ZeRO++ quantized weights) without a CPU kernel"),
+    (RuntimeError, "No viable backend for scaled_dot_product_attention", "unsupported",
+     "torch SDPA: the backend forced by sdpa_kernel() cannot run here"),
+    (RuntimeError, "No available kernel", "unsupported", "torch SDPA (CUDA): no kernel for these inputs"),
+    (NotImplementedError, "not implemented for '", "unsupported",
+     "torch dispatch: no kernel of this op for the dtype on this device, e.g. \"addmm_impl_cpu_\" not implemented for 'UInt16'"),
+    (RuntimeError, "DefaultCPUAllocator: can't allocate memory", "oom", "torch's CPU allocator out of memory"),
+]
+
+
+def raised_by_llmbench(exc: BaseException) -> bool:
+    """True when llmbench's own code raised it: the innermost frame is ours and its line is a
+    `raise` (an error from a C++ op called by our code also has our frame innermost, but not
+    on a `raise` line)."""
+    import linecache
+
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    ours = _PACKAGE in path.parents or _KERNELS in path.parents
+    return ours and linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise")
+
+
+def classify(exc: BaseException) -> str:
+    """A failure's status: diverged, unsupported, oom, or failed."""
+    import torch
+
+    if isinstance(exc, Diverged):
+        return "diverged"
+    if isinstance(exc, Unsupported):
+        return "unsupported"
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return "oom"
+    for cls, text, status, _ in PATTERNS:
+        if isinstance(exc, cls) and text in str(exc):
+            return status
+    if isinstance(exc, ImportError) and not raised_by_llmbench(exc):
+        return "unsupported"  # an optional library or its compiled extension is not there
+    if isinstance(exc, NotImplementedError):
+        # a library saying "no implementation here" is a refusal; llmbench's own is a bug
+        return "failed" if raised_by_llmbench(exc) else "unsupported"
+    return "failed"
+
+
+def prelaunch_unsupported(precision: str, accelerator: str) -> str | None:
+    """Why DeepSpeed's accelerator for this device cannot train at `precision`, asked of the
+    accelerator itself (its `supported_dtypes()`), or None. Nothing is launched for such a trial."""
+    from .device import DTYPES
+
+    acc = _accelerator(accelerator)
+    if acc is None or precision not in DTYPES:
+        return None
+    supported = acc.supported_dtypes()
+    if DTYPES[precision] in supported:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in supported)
+    return (f"precision {precision}: DeepSpeed's {accelerator.upper()} accelerator trains only in {names} "
+            f"(get_accelerator().supported_dtypes())")
+
+
+def _accelerator(accelerator: str):
+    """DeepSpeed's accelerator object for the device the ranks will use (not the driver's own)."""
+    import os
+
+    # the driver's DeepSpeed then agrees with its ranks (the pool sets the same for them), and
+    # DeepSpeed does not log its auto-detection ("Setting accelerator to CPU ...") on the console
+    os.environ.setdefault("DS_ACCELERATOR", accelerator)
+    try:
+        if accelerator == "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            return CPU_Accelerator()
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+        return CUDA_Accelerator()
+    except Exception:  # noqa: BLE001 - cannot ask: the rank's own check decides
+        return None
