@@ -293,11 +293,15 @@ def _load_run(db: Path, run_id: Optional[str]):
 @app.command()
 def results(
     run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
-    fmt: str = typer.Option("table", "--format", help="table, csv, json (one JSON object per trial per line) or parquet."),
+    fmt: str = typer.Option("table", "--format", help="table, csv, json (one JSON object per trial per line) or parquet; with --schema: table, json or markdown."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
+    schema: bool = typer.Option(False, "--schema", help="Print the record's schema (every field: part, type, unit, definition) instead of a run."),
     db: Path = DbOpt,
 ) -> None:
     """Print a run's trials as a table, CSV or JSON lines, or write them to a Parquet file."""
+    if schema:
+        _print_schema(fmt, output)
+        return
     if fmt not in ("table", "csv", "json", "parquet"):
         fail(f"--format {fmt}: choose table, csv, json or parquet")
     if fmt == "parquet" and output is None:
@@ -321,6 +325,29 @@ def results(
     except BrokenPipeError:  # `llmbench results | head`: the reader has what it wanted
         sys.stdout = None
         raise typer.Exit(0)
+
+
+def _print_schema(fmt: str, output: Optional[Path]) -> None:
+    from .schema import SCHEMA_VERSION, fields, markdown
+
+    if fmt not in ("table", "json", "markdown"):
+        fail(f"--format {fmt}: with --schema choose table, json or markdown")
+    if fmt == "markdown":
+        text = markdown()
+    elif fmt == "json":
+        text = json.dumps({"schema_version": SCHEMA_VERSION, "fields": fields()}, indent=1) + "\n"
+    else:
+        t = Table(title=f"trial record, schema version {SCHEMA_VERSION}")
+        for col in ("field", "part", "type", "unit", "definition"):
+            t.add_column(col, overflow="fold")
+        for f in fields():
+            t.add_row(f["name"], f["part"], f["type"], f["unit"], f["definition"])
+        console.print(t)
+        return
+    if output is not None:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
 
 
 def _write_results(records: list[dict], fmt: str, run: dict) -> None:

@@ -7,7 +7,7 @@ a direction and a margin:
   accelerator, each step time divided by a fixed reference workload timed on the same ranks
   just before and after the window (`step_times_rel`, trial.reference_samples): a shared
   machine's effective speed drifts by tens of percent between runs minutes apart (measured:
-  README, "Regression gates"), and the ratio cancels that drift. The other times are shown
+  docs/gates.md), and the ratio cancels that drift. The other times are shown
   and marked "reported". `time_basis` (wall, rel, cpu) forces one.
 - Time-based figures use the rule of asv
   (airspeed velocity; `asv compare --factor` with `asv.statistics.is_different`): a change
@@ -19,7 +19,7 @@ a direction and a margin:
   figures with little noise (peak memory, final loss, perplexity) use the margin alone.
 - A trial that was ok in the baseline and is not ok (or absent) in the candidate regresses.
 
-The default margins come from measured noise (README, "Regression gates"); each can be set.
+The default margins come from measured noise (docs/gates.md); each can be set.
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ def load_side(ref: str, db: Path | None) -> tuple[str, list[dict]]:
     """A run id (or unique prefix) in the store, or an exported results file."""
     path = Path(ref)
     if path.is_file():
-        records = _records_from_file(path)
+        from .schema import migrate
+
+        records = [migrate(r) for r in _records_from_file(path)]  # an export of an older version loads too
         name = str(path)
     else:
         from .store import Store

@@ -7,7 +7,7 @@
   and oneDNN allowed to use them (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA at AVX512_CORE_BF16
   or above). Otherwise fp32: without native bf16 torch's bf16 GEMM is emulated, ~30× slower
   than fp32 (1.3 vs 42.6 GFLOP/s on an AVX2 EPYC, 3.2 vs 99.9 with
-  `ONEDNN_MAX_CPU_ISA=AVX2` on an AVX-512 one; see docs in README "Precision").
+  `ONEDNN_MAX_CPU_ISA=AVX2` on an AVX-512 one; see docs/precision.md).
   `torch.ops.mkldnn._is_mkldnn_bf16_supported()` alone is not the test: it is true on any
   AVX-512 CPU, including ones without BF16 instructions (there bf16 runs at ~40% of fp32).
 

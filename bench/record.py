@@ -1,7 +1,7 @@
 """The trial record: the ranks' results aggregated as a distributed-training engineer expects.
 
 Tokens are summed over ranks, time is the slowest rank's, memory is the max and each rank's.
-Every field name here is part of the public record (`llmbench results --format json`).
+Every field is defined once, in llmbench.schema.TrialRecord (`llmbench results --schema`).
 """
 
 from __future__ import annotations
@@ -11,107 +11,20 @@ import statistics
 from .collect.flops import datasheet_peak_tflops, screen_utilisation, utilisation
 from .collect.stats import cv, median, median_ci95
 from .models import ModelStats
+from .schema import TrialRecord
 from .spec import TrialSpec
 
-# Fields only the inference scenario fills (see README "What is recorded").
-INFERENCE_FIELDS = ("prefill_latency_s", "prefill_latency_ci95_s", "prefill_latency_s_per_batch", "decode_tokens_per_s",
-                    "decode_tokens_per_s_ci95", "decode_latency_s_per_token", "decode_latency_ci95_s_per_token",
-                    "weight_bytes", "weight_bytes_reference", "perplexity", "eval_nll_nats", "eval_batches_sha256",
-                    "eval_tokens", "train_loss_final", "train_steps", "train_s", "trained_cache", "entropy_floor_nats",
-                    "peak_rss_bytes", "quant_config", "threads")
 STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "interrupted")
 
 
 def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats | None, env: dict,
                 label: str | None = None) -> dict:
-    """The fields every record has, whatever happened to the trial."""
-    rec = {
-        "run_id": run_id,
-        "label": label,
-        "trial_id": trial_id,
-        "status": "ok",
-        "error": None,
-        **spec.model_dump(),
-        "global_batch": spec.global_batch,
-        "n_params": stats.n_params if stats else None,
-        "n_embedding_params": stats.n_embedding_params if stats else None,
-        "n_layers": stats.n_layers if stats else None,
-        "hidden_size": stats.hidden_size if stats else None,
-        "n_heads": stats.n_heads if stats else None,
-        "n_kv_heads": stats.n_kv_heads if stats else None,
-        "vocab_size": stats.vocab_size if stats else None,
-        "step_time_s": None,
-        "step_time_ci95_s": None,
-        "step_time_cv": None,
-        "step_times_s": [],
-        "tokens_per_s": None,
-        "tokens_per_s_per_device": None,
-        "samples_per_s": None,
-        "window_s": None,
-        "step_time_drift": None,
-        "step_times_per_rank": [],
-        "step_cpu_s": [],
-        "reference_s": None,
-        "step_times_rel": [],
-        "reference_cpu_s": None,
-        "step_cpu_rel": [],
-        "flops_per_token": None,
-        "hfu_flops_per_token": None,
-        "tflops_per_device": None,
-        "peak_tflops": None,
-        "mfu": None,
-        "hfu": None,
-        "measured_peak_tflops": None,
-        "measured_peak_source": None,
-        "measured_peak_probe_s": None,
-        "mfu_vs_measured_peak": None,
-        "hfu_vs_measured_peak": None,
-        "fwd_s": None,
-        "bwd_s": None,
-        "bwd_compute_s": None,
-        "comm_s": None,
-        "optimizer_s": None,
-        "breakdown_note": None,
-        "breakdown_per_rank": [],
-        "data_s": None,
-        "comms": None,
-        "comm_bytes_per_step": None,
-        "telemetry_per_rank": [],
-        "energy_j": None,
-        "tokens_per_joule": None,
-        "traces": [],
-        "loss_gap_to_floor": None,
-        "model_state_bytes": None,
-        "model_state_bytes_per_rank": [],
-        "model_state_breakdown": None,
-        "peak_mem_bytes": None,
-        "peak_mem_bytes_per_rank": [],
-        "peak_mem_baseline_bytes": None,
-        "other_mem_bytes": None,
-        "memory_per_rank": [],
-        "losses": [],
-        "grad_norms": [],
-        "lrs": [],
-        "loss_scales": [],
-        "skipped_steps": None,
-        "notes": [],
-        "final_loss": None,
-        "entropy_floor": None,
-        "setup_s": None,
-        "teardown_s": None,
-        "warmup_s": None,
-        "trial_wall_s": None,
-        "pool_start_s": 0.0,
-        "overhead_s": None,
-        "model_config": None,
-        "ds_config": None,
-        # Inference scenario (inference.py); None in training records.
-        **{k: None for k in INFERENCE_FIELDS},
-        "hosts": [],
-        "devices": [],
-        "env": env,
-    }
-    return rec
+    """The record every trial starts from, whatever happens to it: the schema's defaults
+    (llmbench.schema.TrialRecord) with the trial's identity, settings and model counts."""
+    model = {k: getattr(stats, k) if stats else None
+             for k in ("n_params", "n_embedding_params", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "vocab_size")}
+    return TrialRecord(run_id=run_id, label=label, trial_id=trial_id, **spec.model_dump(), global_batch=spec.global_batch,
+                       **model, env=env).model_dump(by_alias=True)
 
 
 def failed_record(rec: dict, status: str, error: str) -> dict:

@@ -11,6 +11,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from .schema import migrate, validate
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -96,7 +98,9 @@ class Store:
 
     # -- trials ----------------------------------------------------------------------------
     def add_trial(self, record: dict, seq: int) -> None:
-        """Store one finished trial and its steps in one transaction."""
+        """Store one finished trial and its steps in one transaction. The record is checked
+        against the schema first (llmbench.schema): a key it lacks is refused, never stored."""
+        validate(record)
         with self.db:  # BEGIN ... COMMIT
             self.db.execute("BEGIN")
             self.db.execute("INSERT INTO trials (run_id, trial_id, seq, status, error, finished_at, record_json) VALUES (?,?,?,?,?,?,?)",
@@ -122,8 +126,9 @@ class Store:
         return n
 
     def trials(self, run_id: str) -> list[dict]:
+        """The run's records, in the current schema version (older ones migrated as read)."""
         cur = self.db.execute("SELECT record_json FROM trials WHERE run_id=? ORDER BY seq", (run_id,))
-        return [json.loads(r[0]) for r in cur]
+        return [migrate(json.loads(r[0])) for r in cur]
 
     # -- kernel micro-benchmarks -----------------------------------------------------------
     def add_kernel(self, run_id: str, seq: int, record: dict) -> None:

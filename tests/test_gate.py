@@ -80,7 +80,7 @@ def test_gate_passes_two_real_runs_of_the_same_code(gate_db):
     p = llmbench("gate", a, b, "--db", str(db), check=False)
     if p.returncode == 1:
         # A suspected regression on a shared machine is confirmed by one more run before it
-        # counts (the README's CI recipe): a real regression reproduces, a noise burst does not.
+        # counts (the CI recipe in docs/gates.md): a real regression reproduces, a noise burst does not.
         first = p.stdout
         llmbench("sweep", "zero", "--db", str(db), "--out", str(db.parent / "out"), "--label", "confirm")
         import sqlite3

@@ -20,8 +20,8 @@ from llmbench.models import build_config, flops_per_token, model_stats
 from llmbench.perfgate import assert_gate
 from llmbench.spec import TrialSpec
 
-TRAIN_MARGIN = 0.15   # llmbench vs bare DeepSpeed: see README "Regression gates" for the measured noise
-KERNEL_MARGIN = 0.30  # kernel ratios: interleaved rounds on one thread, noisier (measured CV in the README)
+TRAIN_MARGIN = 0.15   # llmbench vs bare DeepSpeed: see docs/gates.md for the measured noise
+KERNEL_MARGIN = 0.30  # kernel ratios: interleaved rounds on one thread, noisier (measured CV in docs/gates.md)
 PAIRS = 4
 
 

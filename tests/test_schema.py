@@ -1,0 +1,71 @@
+"""One record schema: every record field defined once (llmbench.schema.TrialRecord), checked
+before storing, printed by `results --schema`, the docs generated from it, old stores migrated."""
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from helpers import llmbench
+from llmbench.schema import SCHEMA_VERSION, SETTINGS, fields, markdown, migrate, validate
+from llmbench.spec import TrialSpec
+
+DATA = Path(__file__).with_name("data")
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "record.md"
+
+
+def test_every_field_is_defined_once_with_a_definition():
+    names = [f["name"] for f in fields()]
+    assert len(names) == len(set(names))
+    assert set(TrialSpec.model_fields) <= set(SETTINGS) and set(SETTINGS) <= set(TrialSpec.model_fields)
+    assert all(f["definition"] for f in fields()), [f["name"] for f in fields() if not f["definition"]]
+    assert {f["part"] for f in fields()} == {"identity", "outcome", "settings", "model", "measurements", "provenance"}
+
+
+def test_docs_are_generated_from_the_schema():
+    assert DOCS.read_text() == markdown(), "docs/record.md drifted: run `llmbench results --schema --format markdown --output docs/record.md`"
+    assert llmbench("results", "--schema", "--format", "markdown").stdout == markdown()
+    printed = json.loads(llmbench("results", "--schema", "--format", "json").stdout)
+    assert printed["schema_version"] == SCHEMA_VERSION and printed["fields"] == fields()
+
+
+def test_sweep_records_carry_exactly_the_schema(zero_sweep):
+    names = {f["name"] for f in fields()}
+    for r in zero_sweep["records"]:
+        assert set(r) == names, (set(r) ^ names)
+        assert r["schema_version"] == SCHEMA_VERSION
+        validate(r)
+
+
+def test_a_key_the_schema_lacks_is_refused_and_not_stored(zero_sweep, tmp_path):
+    from llmbench.store import Store
+
+    rec = dict(zero_sweep["records"][0], tokens_per_sec=1.0)  # a typo of tokens_per_s
+    store = Store(tmp_path / "s.db")
+    with pytest.raises(ValidationError, match="tokens_per_sec"):
+        store.add_trial(rec, 0)
+    with pytest.raises(ValidationError, match="zero_stage"):
+        validate(dict(zero_sweep["records"][0], zero_stage="three"))
+    assert sqlite3.connect(tmp_path / "s.db").execute("SELECT COUNT(*) FROM trials").fetchone() == (0,)
+
+
+def test_a_store_and_an_export_of_the_previous_version_still_load(tmp_path):
+    """tests/data/store-v1.db and export-v1.jsonl were written by llmbench at commit 4cad656
+    (before the schema): a 2-trial fp32 sweep. They read as version 2, and every command works."""
+    db = tmp_path / "v1.db"
+    shutil.copy(DATA / "store-v1.db", db)
+    raw = [json.loads(x) for x in (DATA / "export-v1.jsonl").read_text().splitlines()]
+    assert all("schema_version" not in r and "requested_precision" not in r for r in raw)
+    recs = [json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    assert [r["trial_id"] for r in recs] == ["z0", "z3"]
+    for old, new in zip(raw, recs):
+        assert new["schema_version"] == SCHEMA_VERSION and new["requested_precision"] == old["precision"] == "fp32"
+        assert {k: new[k] for k in old} == old  # nothing measured changed
+        validate(new)
+    assert migrate(recs[0]) is recs[0]  # already current
+    llmbench("report", "--db", str(db), "--out", str(tmp_path))
+    p = llmbench("gate", str(DATA / "export-v1.jsonl"), recs[0]["run_id"], "--db", str(db))
+    assert "PASS" in p.stdout
