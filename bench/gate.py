@@ -108,6 +108,22 @@ def _records_from_file(path: Path) -> list[dict]:
     return records
 
 
+def parse_margins(items: list[str]) -> dict[str, float]:
+    """`--margin METRIC=FRACTION` options → {metric: fraction}; GateInputError names a bad one."""
+    known = {m[0] for m in METRICS} | {m[1] for m in METRICS} | {"run"}
+    margins = {}
+    for m in items:
+        key, eq, val = m.partition("=")
+        try:
+            if not eq or key not in known:
+                raise ValueError
+            margins[key] = float(val)
+        except ValueError:
+            raise GateInputError(f"--margin {m}: use METRIC=FRACTION with METRIC one of "
+                                 f"{', '.join(x[0] for x in METRICS)}, run") from None
+    return margins
+
+
 def load_side(ref: str, db: Path | None) -> tuple[str, list[dict]]:
     """A run id (or unique prefix) in the store, or an exported results file."""
     path = Path(ref)

@@ -96,6 +96,31 @@ def release_shm_buffers(master_port: int | None) -> list[Path]:
     return gone
 
 
+def hostfile_slots(path: str) -> int:
+    """World size of a DeepSpeed hostfile (`host slots=N` lines), read by DeepSpeed's own parser
+    (deepspeed.launcher.runner.fetch_hostfile), so it agrees with what the launcher starts."""
+    from .spec import SpecError
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")  # quiet import
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    if not Path(path).is_file():
+        raise SpecError(f"--hostfile {path}: no such file")
+    try:
+        hosts = fetch_hostfile(path)
+    except ValueError as e:
+        raise SpecError(f"--hostfile {path}: {e}") from None
+    if not hosts:
+        raise SpecError(f"--hostfile {path}: names no host")
+    return sum(hosts.values())
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class PoolError(RuntimeError):
     """The pool could not run a trial to completion (start-up failed, a rank died or hung)."""
 

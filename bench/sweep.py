@@ -57,6 +57,26 @@ def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, b
     return Plan(trials, base_config)
 
 
+def check_resume(store: Store, run_id: str, plan: Plan) -> str:
+    """The stored run `--resume RUN` continues (its full id), or SpecError: no such run, trials
+    the plan does not define, or a trial that ran at another precision than the plan's (`auto`
+    may resolve differently on another host or under an ISA limit)."""
+    run = store.run(run_id)
+    if run is None:
+        raise SpecError(f"--resume {run_id}: no such run in {store.path}")
+    run_id = run["run_id"]
+    stored = {r["trial_id"]: r for r in store.trials(run_id)}
+    unknown = set(stored) - {t.trial_id for t in plan.trials}
+    if unknown:
+        raise SpecError(f"--resume {run_id}: the run holds trials this suite does not define ({', '.join(sorted(unknown))})")
+    for t in plan.trials:
+        was = stored.get(t.trial_id, {}).get("precision")
+        if was and was != t.spec.precision:
+            raise SpecError(f"--resume {run_id}: trial {t.trial_id} ran at precision {was}, this plan would run "
+                            f"{t.spec.precision}; pass --set precision={was} to continue the run as it began")
+    return run_id
+
+
 @dataclass
 class SweepResult:
     run_id: str

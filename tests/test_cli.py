@@ -17,6 +17,13 @@ from helpers import llmbench
     (["run", "--set", "quant=int8-wo"], "quant=int8-wo is an inference method"),
     (["run", "--set", "scenario=inference", "--set", "world_size=1", "--set", "quant=zeropp-qg"], "is a training method"),
     (["results", "--db", "/no/such.db"], "no such store"),
+    # choices are enums, and a usage error is one line too (llmbench.cli.main)
+    (["results", "--format", "xml"], "'xml' is not one of 'table', 'csv', 'json', 'parquet'"),
+    (["best", "--objective", "speed"], "'speed' is not one of 'throughput', 'memory', 'budget'"),
+    (["run", "--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'"),
+    (["sweep", "zero", "--no-such-option"], "No such option: --no-such-option"),
+    (["kernels", "--family", "opt"], "'opt' is not one of 'llama', 'gpt2'"),
+    (["sweep", "zero", "--hostfile", "/no/such/hostfile"], "--hostfile /no/such/hostfile: no such file"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     p = llmbench(*args, "--db", str(tmp_path / "x.db"), check=False) if "--db" not in args else llmbench(*args, check=False)
@@ -25,6 +32,25 @@ def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "x.db").exists()  # nothing was launched or stored
+
+
+def test_every_option_has_help_and_choices_are_listed():
+    """A thin CLI: every option of every command has help text; choices show in --help."""
+    from llmbench.cli import app
+    from typer.main import get_command
+
+    group = get_command(app)
+    for name, cmd in group.commands.items():
+        for param in cmd.params:
+            if param.param_type_name == "option":
+                assert getattr(param, "help", None), f"llmbench {name} {param.opts[0]} has no help"
+    out = llmbench("results", "--help").stdout
+    assert "parquet" in out and "markdown" in out
+
+
+def test_gate_bad_margin_is_one_line(tmp_path):
+    p = llmbench("gate", "a", "b", "--margin", "speed=0.1", "--db", str(tmp_path / "x.db"), check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--margin speed=0.1" in p.stderr
 
 
 def test_dry_run_lists_trials_without_running(tmp_path):

@@ -149,7 +149,7 @@ def test_kernels_report_section(kernels_run, tmp_path):
 
 
 def test_default_kernel_precisions_follow_the_device():
-    from llmbench.cli import default_kernel_precisions
+    from llmbench.cli.kernels import default_kernel_precisions
     from llmbench.env import Hardware
     from llmbench.precision import Capabilities
 

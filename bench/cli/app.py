@@ -1,0 +1,139 @@
+"""The command line's shared parts: the Typer app, the consoles, the one-line error, the
+--db/--out options, and the tables several commands print."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Benchmark LLM training with real DeepSpeed: sweep, store, report.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+# Rich falls back to 80 columns when stdout is not a terminal; tables need more.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+DEFAULT_DB = Path("reports/llmbench.db")
+DEFAULT_OUT = Path("reports")
+DbOpt = typer.Option(DEFAULT_DB, "--db", help="SQLite store of runs, trials and steps.")
+OutOpt = typer.Option(DEFAULT_OUT, "--out", help="Folder for HTML reports and rank logs.")
+# DeepSpeed launcher options, passed to its runner as DeepSpeed users know them (sweep, run, kernels)
+HostfileOpt = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for multi-node runs.")
+IncludeOpt = typer.Option(None, "--include", help="DeepSpeed --include (e.g. 'worker-0:0,1').")
+NumNodesOpt = typer.Option(None, "--num-nodes", help="DeepSpeed --num_nodes.")
+MasterAddrOpt = typer.Option(None, "--master-addr", help="DeepSpeed --master_addr.")
+
+
+def error_line(msg: str) -> None:
+    """`llmbench: error: MSG` on stderr, the message as plain text (brackets in it are not markup)."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("llmbench: error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
+
+
+def fail(msg: str, code: int = 2) -> None:
+    error_line(msg)
+    raise typer.Exit(code)
+
+
+def error_summary(error: str | None, width: int = 160) -> str:
+    """The first line of a trial's error, and its last line when the first only introduces it."""
+    lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text += " … " + lines[-1]
+    return text[:width]
+
+
+def ok_summary(rec: dict) -> str:
+    """One line for a finished trial: tokens/s for training; decode rate, weights and perplexity for inference."""
+    if rec.get("scenario") == "inference":
+        tps = rec.get("decode_tokens_per_s") or {}
+        first = next(iter(tps), None)
+        rate = f"decode {tps[first]:,.0f} tok/s at batch {first}" if first else "no decode"
+        return (f"{rate}, prefill {1e3 * (rec.get('prefill_latency_s') or 0):.1f} ms, weights "
+                f"{(rec.get('weight_bytes') or 0) / 2**20:.2f} MiB, perplexity {rec.get('perplexity') or float('nan'):.3f}")
+    return f"{rec['tokens_per_s']:,.0f} tok/s"
+
+
+def load_run(db: Path, run_id: Optional[str]):
+    from ..store import Store
+
+    if not db.exists():
+        fail(f"--db {db}: no such store; run `llmbench sweep zero` first")
+    store = Store(db)
+    run = store.run(run_id)
+    if run is None:
+        fail(f"run {run_id!r} not found in {db}" if run_id else f"the store {db} holds no run yet")
+    return store, run
+
+
+def print_table(records: list[dict], title: str) -> None:
+    t = Table(title=title)
+    for col in ("trial", "status", "precision", "zero", "micro", "accum", "step s", "tokens/s", "model states MiB",
+                "peak MiB", "final loss"):
+        t.add_column(col, justify="right")
+    train = [r for r in records if r.get("scenario", "train") == "train"]
+    for r in train:
+        ok = r["status"] == "ok"
+        t.add_row(r["trial_id"], r["status"] if ok else f"[red]{r['status']}[/]", r["precision"], str(r["zero_stage"]),
+                  str(r["micro_batch"]), str(r["grad_accum"]),
+                  f"{r['step_time_s']:.4f}" if ok else "–", f"{r['tokens_per_s']:,.0f}" if ok else "–",
+                  f"{r['model_state_bytes'] / 2**20:.2f}" if ok else "–",
+                  f"{r['peak_mem_bytes'] / 2**20:.0f}" if ok and r.get("peak_mem_bytes") else "–",
+                  f"{r['final_loss']:.3f}" if ok else "–")
+    if train or len(train) == len(records):
+        console.print(t)
+    inf = [r for r in records if r.get("scenario") == "inference"]
+    if inf:
+        print_inference_table(inf)
+
+
+def print_inference_table(records: list[dict]) -> None:
+    t = Table(title="inference")
+    batches = sorted({b for r in records for b in (r.get("decode_tokens_per_s") or {})}, key=int)
+    for col in ("trial", "status", "quant", "precision", "prefill ms", *[f"decode tok/s b{b}" for b in batches],
+                "weights MiB", "perplexity", "peak RSS MiB"):
+        t.add_column(col, justify="right")
+    for r in records:
+        ok = r["status"] == "ok"
+        tps = r.get("decode_tokens_per_s") or {}
+        t.add_row(r["trial_id"], r["status"] if ok else f"[red]{r['status']}[/]", r["quant"], r["precision"],
+                  f"{1e3 * r['prefill_latency_s']:.2f}" if ok and r.get("prefill_latency_s") else "–",
+                  *[f"{tps[b]:,.0f}" if b in tps else "–" for b in batches],
+                  f"{r['weight_bytes'] / 2**20:.3f}" if r.get("weight_bytes") else "–",
+                  f"{r['perplexity']:.4f}" if ok and r.get("perplexity") else "–",
+                  f"{r['peak_rss_bytes'] / 2**20:.0f}" if ok and r.get("peak_rss_bytes") else "–")
+    console.print(t)
+
+
+def main() -> None:
+    """The console script: usage errors become one line and exit code 2, like all bad input."""
+    try:  # typer >= 0.2x vendors click as typer._click; before, it used click itself
+        from typer._click import exceptions as cx
+    except ImportError:
+        from click import exceptions as cx
+
+    try:
+        code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+    except cx.NoArgsIsHelpError as e:  # `llmbench` alone: the help (rich prints it while the error is made)
+        text = e.format_message()
+        if text.strip():
+            console.print(text, highlight=False, markup=False)
+        raise SystemExit(0) from None
+    except cx.UsageError as e:
+        hint = f" (see llmbench {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent is not None else ""
+        msg = e.format_message().replace("Value error, ", "")
+        error_line(msg + hint)
+        raise SystemExit(2) from None
+    except typer.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

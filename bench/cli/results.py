@@ -1,0 +1,178 @@
+"""Reading the store: `results` (every export format, `--schema`), `report`, `best`, `compare`, `runs`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .app import DbOpt, OutOpt, app, console, fail, load_run, print_table
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+    markdown = "markdown"
+
+
+class Objective(str, Enum):
+    throughput = "throughput"
+    memory = "memory"
+    budget = "budget"
+
+
+@app.command()
+def results(
+    run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, csv, json (one JSON object per trial per line) or parquet; with --schema: table, json or markdown."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write to this file (required for parquet)."),
+    schema: bool = typer.Option(False, "--schema", help="Print the record's schema (every field: part, type, unit, definition) instead of a run."),
+    db: Path = DbOpt,
+) -> None:
+    """Print a run's trials as a table, CSV or JSON lines, or write them to a Parquet file."""
+    from ..export import schema_text, write_parquet, write_records
+
+    if schema:
+        if fmt == Format.csv or fmt == Format.parquet:
+            fail(f"--format {fmt.value}: with --schema choose table, json or markdown")
+        if fmt == Format.table:
+            _print_schema()
+        elif output is not None:
+            output.write_text(schema_text(fmt.value))
+        else:
+            sys.stdout.write(schema_text(fmt.value))
+        return
+    if fmt == Format.markdown:
+        fail("--format markdown is for --schema; a run's trials export as table, csv, json or parquet")
+    if fmt == Format.parquet and output is None:
+        fail("--format parquet needs --output FILE")
+    store, run = load_run(db, run_id)
+    records = store.trials(run["run_id"])
+    if fmt == Format.parquet:
+        console.print(f"wrote {write_parquet(records, output)} trials to {output}")
+        return
+    if fmt == Format.table:
+        print_table(records, f"run {run['run_id']} ({run['suite']}, {run['status']})")
+        return
+    stream = open(output, "w") if output is not None else sys.stdout
+    try:
+        write_records(records, fmt.value, stream)
+    except BrokenPipeError:  # `llmbench results | head`: the reader has what it wanted
+        sys.stdout = None
+        raise typer.Exit(0)
+    finally:
+        if output is not None:
+            stream.close()
+
+
+def _print_schema() -> None:
+    from ..schema import SCHEMA_VERSION, fields
+
+    t = Table(title=f"trial record, schema version {SCHEMA_VERSION}")
+    for col in ("field", "part", "type", "unit", "definition"):
+        t.add_column(col, overflow="fold")
+    for f in fields():
+        t.add_row(f["name"], f["part"], f["type"], f["unit"], f["definition"])
+    console.print(t)
+
+
+@app.command()
+def report(
+    run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
+                                                  help="Bytes per rank for the 'within budget' recommendation [default: a device's memory]."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Write a run's static, offline HTML report and print its path."""
+    from ..report.html import write_report
+
+    store, run = load_run(db, run_id)
+    kernels, kernels_run = kernels_for(store, run)
+    console.print(f"report: {write_report(run, store.trials(run['run_id']), out, memory_budget, kernels, kernels_run)}")
+
+
+def kernels_for(store, run: dict) -> tuple[list[dict], str | None]:
+    """A kernels run's own results, or for a sweep the newest kernels run on the same device."""
+    own = store.kernels(run["run_id"])
+    if own:
+        return own, run["run_id"]
+    other = store.latest_kernels_run(run["env"].get("device_name"))
+    return (store.kernels(other), other) if other else ([], None)
+
+
+@app.command()
+def best(
+    run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
+    objective: Objective = typer.Option(Objective.throughput, "--objective", help="What to optimise: throughput, memory per rank, or throughput within --memory-budget."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="Bytes per rank, for --objective budget."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Write the recommended trial's DeepSpeed config (JSON) and print its path and a launch command."""
+    from ..report.guidance import default_memory_budget, exportable_config, recommend
+
+    objective = objective.value
+    store, run = load_run(db, run_id)
+    rec = recommend(store.trials(run["run_id"]), objective, memory_budget or default_memory_budget(run["env"]))
+    if rec.winner is None:
+        fail(f"run {run['run_id']}: {rec.reason}", code=1)
+    w = rec.winner
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ds_config-{run['run_id']}-{objective}.json"
+    path.write_text(json.dumps(exportable_config(w), indent=2) + "\n")
+    console.print(f"best for {objective}: {w['trial_id']} (ZeRO-{w['zero_stage']}, micro-batch {w['micro_batch']}, "
+                  f"accumulation {w['grad_accum']}, {w['precision']}): {w['tokens_per_s']:,.0f} tokens/s; {rec.reason}")
+    console.print(f"config: {path}")
+    n = w["world_size"]
+    console.print(f"launch: deepspeed --num_gpus {n} your_train.py --deepspeed --deepspeed_config {path}", soft_wrap=True)
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: str = typer.Argument(..., help="The baseline run (id or unique prefix)."),
+    run_b: str = typer.Argument(..., help="The run compared with it."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Matched trials of two runs side by side: each figure's change, and whether it exceeds the noise."""
+    from ..report.compare import compare
+    from ..report.html import write_compare
+
+    store, a = load_run(db, run_a)
+    _, b = load_run(db, run_b)
+    rows = compare(store.trials(a["run_id"]), store.trials(b["run_id"]))
+    t = Table(title=f"{a['run_id']} → {b['run_id']}")
+    for col in ("trial", "figure", "A", "B", "change", "beyond noise"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        change = "–" if r["change"] is None else f"{100 * r['change']:+.1f}%"
+        if r["significant"]:
+            change = f"[{'green' if r['better'] else 'red'}]{change}[/]"
+        fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        t.add_row(r["trial_id"], r["figure"], fmt(r["a"]), fmt(r["b"]), change,
+                  {True: "yes", False: "no", None: "–"}[r["significant"]])
+    console.print(t)
+    console.print(f"report: {write_compare(a, b, rows, out)}")
+
+
+@app.command()
+def runs(db: Path = DbOpt) -> None:
+    """List the runs in the store."""
+    from ..store import Store
+
+    if not db.exists():
+        fail(f"--db {db}: no such store")
+    t = Table()
+    for col in ("run", "suite", "label", "status", "trials"):
+        t.add_column(col)
+    for r in Store(db).runs():
+        t.add_row(r["run_id"], r["suite"] or "", r["label"] or "", r["status"], str(r["n_trials"]))
+    console.print(t)
