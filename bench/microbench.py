@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .env import Hardware, environment
 from .kernels.plan import KernelPlan
-from .launch import LaunchOptions, PoolError, RankPool
+from .launch import LaunchOptions, RankPool
 from .store import Store
 from .sweep import new_run_id
 
@@ -50,15 +50,16 @@ def run_kernels_on_pool(plan: KernelPlan, hw: Hardware, store: Store, *, label: 
             records.append(rec)
 
     try:
-        ranks = pool.run("kernels", plan.model_dump(), timeout_s, kind="kernels", on_row=on_row)
+        out = pool.run("kernels", plan.model_dump(), timeout_s, kind="kernels", on_row=on_row)
+        ranks = out.results
         failed = [r for r in ranks if r["status"] != "ok"]
-        if failed:
+        if not out.reported:
+            status, error = "failed", f"{out.status}: {out.error}"
+        elif failed:
             status, error = "failed", f"rank {failed[0].get('rank', '?')}: {failed[0].get('error')}"
         elif pending or any(r.get("n_rows") != len(records) for r in ranks):
             status, error = "failed", (f"the ranks reported {[r.get('n_rows') for r in ranks]} cases; "
                                        f"{len(records)} were complete on every rank")
-    except PoolError as e:
-        status, error = "failed", f"{e.status}: {e}"
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into it: the run keeps what it stored
         pool.kill()
         status, error = "interrupted", "interrupted (Ctrl-C or SIGTERM)"

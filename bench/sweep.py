@@ -11,7 +11,7 @@ from typing import Callable
 from .collect.memory import host_oom_kills, oom_killed
 from .env import Hardware, environment
 from .failures import prelaunch_unsupported
-from .launch import LaunchOptions, PoolError, RankPool
+from .launch import LaunchOptions, RankPool
 from .models import ModelNotFound, ModelStats, build_config, model_stats
 from .record import aggregate, aggregate_inference, base_record, failed_record
 from .spec import SpecError, TrialSpec
@@ -90,29 +90,28 @@ class SweepResult:
 def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | None, trace_dir: Path | None) -> None:
     """Run a trial on the pool and fill its record, whatever happens to it."""
     kills_before = host_oom_kills()
-    pids = []
-    try:
-        if trace_dir:
-            trace_dir.mkdir(parents=True, exist_ok=True)
-        pids = list(pool.pids.values())
+    if trace_dir:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    pids = list(pool.pids.values())
+    if t.spec.scenario == "inference":
+        out = pool.run(t.trial_id, t.spec.model_dump(mode="json"), t.spec.timeout_s, kind="inference")
+    else:
+        out = pool.run(t.trial_id, t.spec.model_dump(), t.spec.timeout_s, base_config,
+                       str(trace_dir.resolve()) if trace_dir else None)
+    if out.reported:
         if t.spec.scenario == "inference":
-            ranks = pool.run(t.trial_id, t.spec.model_dump(mode="json"), t.spec.timeout_s, kind="inference")
-            aggregate_inference(rec, ranks, t.spec)
-            return
-        ranks = pool.run(t.trial_id, t.spec.model_dump(), t.spec.timeout_s, base_config,
-                         str(trace_dir.resolve()) if trace_dir else None)
-        aggregate(rec, ranks, t.stats)
-    except PoolError as e:
-        status = e.status
-        kills_after = host_oom_kills()
-        kernel = oom_killed(pids or list(pool.pids.values())) if status == "failed" else None
-        if kernel:
-            status = "oom"
-            e = PoolError("oom", f"the host's OOM killer ended a rank: {kernel}\n{e}")
-        elif status == "failed" and kills_before is not None and kills_after is not None and kills_after > kills_before:
-            status = "oom"
-            e = PoolError("oom", f"the host's OOM killer ended a rank ({kills_after - kills_before} kill(s) in this cgroup)\n{e}")
-        failed_record(rec, status, str(e))
+            aggregate_inference(rec, out.results, t.spec)
+        else:
+            aggregate(rec, out.results, t.stats)
+        return
+    status, error = out.status, out.error or ""
+    kills_after = host_oom_kills()
+    kernel = oom_killed(pids or list(pool.pids.values())) if status == "failed" else None
+    if kernel:
+        status, error = "oom", f"the host's OOM killer ended a rank: {kernel}\n{error}"
+    elif status == "failed" and kills_before is not None and kills_after is not None and kills_after > kills_before:
+        status, error = "oom", f"the host's OOM killer ended a rank ({kills_after - kills_before} kill(s) in this cgroup)\n{error}"
+    failed_record(rec, status, error)
 
 
 def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, label: str | None,

@@ -9,11 +9,8 @@ once, even one stuck in a collective, so no rank outlives its sweep.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import queue
 import socket
-import threading
 import time
 
 EXIT_DRIVER_GONE = 75
@@ -33,32 +30,6 @@ def release_own_shm() -> None:
                 pass
 
 
-class Control:
-    """Newline-delimited JSON over one TCP connection to the driver."""
-
-    def __init__(self, address: str):
-        host, _, port = address.rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=60)
-        self.sock.settimeout(None)
-        self.inbox: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True, name="llmbench-control").start()
-
-    def _read(self) -> None:
-        buf = self.sock.makefile("r", encoding="utf-8")
-        for line in buf:
-            self.inbox.put(json.loads(line))
-        # EOF: the driver is gone (finished, killed, or crashed). Leave now, whatever the
-        # main thread is doing; a rank blocked in a collective would otherwise wait forever.
-        release_own_shm()
-        os._exit(EXIT_DRIVER_GONE)
-
-    def send(self, msg: dict) -> None:
-        data = (json.dumps(msg) + "\n").encode()
-        with self._lock:
-            self.sock.sendall(data)
-
-
 def main() -> None:
     t_start = time.time()
     parser = argparse.ArgumentParser(description=__doc__)
@@ -70,7 +41,9 @@ def main() -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    ctl = Control(args.control)
+    from .launch.control import RankChannel
+
+    ctl = RankChannel(args.control, on_driver_gone=release_own_shm, exit_code=EXIT_DRIVER_GONE)
     ctl.send({"type": "hello", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
 
     import torch

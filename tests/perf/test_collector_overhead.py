@@ -27,7 +27,7 @@ def test_collector_overhead(tmp_path, benchmark):
     def measure():
         for i in range(6):
             order = ("bare", "trial") if i % 2 == 0 else ("trial", "bare")
-            got = {kind: tokens_per_s(pool.run(f"{kind}{i}", spec, 300, kind=kind)) for kind in order}
+            got = {kind: tokens_per_s(pool.run(f"{kind}{i}", spec, 300, kind=kind).results) for kind in order}
             ratios.append(got["trial"] / got["bare"])
 
     try:

@@ -70,7 +70,7 @@ def train_rounds() -> dict:
         for name in ("A", "B"):
             for i in range(PAIRS):
                 order = ("bare", "trial") if i % 2 == 0 else ("trial", "bare")
-                got = {k: tokens_per_s(pool.run(f"{name}{i}{k}", spec, 300, kind=k)) for k in order}
+                got = {k: tokens_per_s(pool.run(f"{name}{i}{k}", spec, 300, kind=k).results) for k in order}
                 out[name].append(got["trial"] / got["bare"])
                 out["llmbench_tokens_per_s"].append(got["trial"])
                 out["bare_tokens_per_s"].append(got["bare"])

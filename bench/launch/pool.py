@@ -1,0 +1,188 @@
+"""A warm pool of ranks: one DeepSpeed launch per world size, reused across trials.
+
+The pool starts the launcher (process.py) with the driver's end of the control channel
+(control.py), waits until every rank has joined the process group, then sends each job to
+every rank and collects their results. `run()` always returns a `PoolRun`; after a failed
+job the launch is killed and the next job starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..env import Hardware
+from .control import DriverChannel
+from .process import LauncherProcess, LaunchOptions, clear_stale_extension_locks, extensions_dir
+
+
+@dataclass
+class PoolRun:
+    """What a job on the pool came to.
+
+    `reported`: the ranks' results are here to aggregate (each carries its own status; after a
+    rank reported a failure and the others did not follow within the grace period, only some
+    are). `failed` or `timeout`: the pool could not run the job to its end (start-up failed, a
+    rank died, the job outlived its limit); `error` says why, and the launch is gone."""
+
+    status: str
+    results: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def reported(self) -> bool:
+        return self.status == "reported"
+
+
+class RankPool:
+    """A pool of ranks of one world size, reused across trials until a trial fails."""
+
+    def __init__(self, hw: Hardware, world_size: int, log_path: Path, options: LaunchOptions | None = None,
+                 startup_timeout_s: float = 600.0, grace_s: float = 15.0):
+        self.hw, self.world_size, self.log_path = hw, world_size, Path(log_path)
+        self.options = options or LaunchOptions()
+        self.startup_timeout_s, self.grace_s = startup_timeout_s, grace_s
+        self.launcher: LauncherProcess | None = None
+        self.channel: DriverChannel | None = None
+        self.ready: dict[int, dict] = {}
+        self.start_s = 0.0
+        self.starts = 0
+        self.cleared_locks: list[Path] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.launcher is not None and self.launcher.running and len(self.ready) == self.world_size
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """Each rank's process id (from its hello)."""
+        return dict(self.channel.pids) if self.channel else {}
+
+    def start(self) -> PoolRun | None:
+        """Launch the ranks and wait until all are ready; a PoolRun with the cause if they are not."""
+        t0 = time.perf_counter()
+        self.cleared_locks = clear_stale_extension_locks()
+        self.ready = {}
+        self.channel = DriverChannel(self.options.multi_node)
+        self.launcher = LauncherProcess(self.hw, self.world_size, self.options, self.log_path)
+        self.launcher.start(self.channel.address)
+        self.starts += 1
+        deadline = time.monotonic() + self.startup_timeout_s
+        next_lock_check = time.monotonic() + 10
+        while len(self.ready) < self.world_size:
+            event = self.channel.next(0.2)
+            if event is None:
+                if time.monotonic() > next_lock_check:
+                    self.cleared_locks += clear_stale_extension_locks()
+                    next_lock_check = time.monotonic() + 10
+                if not self.launcher.running:
+                    code = self.launcher.returncode
+                    self.kill()
+                    return PoolRun("failed", error=f"the DeepSpeed launcher exited with code {code} before all "
+                                                   f"ranks were ready:\n{self.launcher.log_tail()}")
+                if time.monotonic() > deadline:
+                    self.kill()
+                    return PoolRun("timeout", error=f"ranks not ready after {self.startup_timeout_s:.0f}s (a rank waiting "
+                                                    f"on a JIT-build lock under {extensions_dir()} looks like this):\n"
+                                                    f"{self.launcher.log_tail()}")
+                continue
+            rank, msg = event
+            if msg["type"] == "ready":
+                self.ready[rank] = msg
+        self.start_s = time.perf_counter() - t0
+        return None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the ranks to leave cleanly (they leave the process group and say bye), then
+        end the launcher's session: its own exit polling would cost seconds more."""
+        if self.launcher is not None and self.launcher.running and self.channel and self.channel.conns:
+            try:
+                self.channel.send_all({"type": "stop"})
+                gone: set = set()
+                deadline = time.monotonic() + timeout_s
+                while len(gone) < len(self.channel.conns) and time.monotonic() < deadline:
+                    event = self.channel.next(0.1)
+                    if event is None:
+                        if not self.launcher.running:
+                            break
+                        continue
+                    if event[1]["type"] in ("bye", "eof"):
+                        gone.add(event[0])
+            except OSError:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """End the launcher and every rank, close the channel."""
+        if self.launcher is not None:
+            self.launcher.kill()
+        if self.channel is not None:
+            self.channel.close()
+        self.ready = {}
+
+    def log_tail(self, n: int = 30) -> str:
+        return self.launcher.log_tail(n) if self.launcher else ""
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def run(self, trial_id: str, spec: dict, timeout_s: float, base_config: dict | None = None,
+            trace_dir: str | None = None, kind: str = "trial",
+            on_row: Callable[[int, dict], None] | None = None) -> PoolRun:
+        """Run one job on every rank (starting the launch if needed). Rows a rank streams before
+        its result (kernel cases) go to `on_row(rank, row)` as they arrive."""
+        if not self.alive:
+            self.kill()
+            failed = self.start()
+            if failed is not None:
+                return failed
+        self.channel.drain()
+        self.channel.send_all({"type": kind, "trial_id": trial_id, "spec": spec, "base_config": base_config,
+                               "trace_dir": trace_dir})
+        results: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout_s
+        first_failure = None
+
+        def partial() -> PoolRun:  # some rank failed; what the others reported is kept
+            self.kill()
+            return PoolRun("reported", [results[r] for r in sorted(results)])
+
+        while len(results) < self.world_size:
+            event = self.channel.next(0.2)
+            now = time.monotonic()
+            if now > deadline:  # checked on every event too: streamed rows cannot postpone it
+                self.kill()
+                return PoolRun("timeout", error=f"trial exceeded its {timeout_s:.0f}s limit; all its processes were killed")
+            if event is None:
+                if not self.launcher.running:
+                    if any(r["status"] != "ok" for r in results.values()):
+                        return partial()
+                    code = self.launcher.returncode
+                    self.kill()
+                    return PoolRun("failed", error=f"ranks exited (launcher code {code}) during the trial:\n"
+                                                   f"{self.launcher.log_tail()}")
+                if first_failure is not None and now > first_failure + self.grace_s:
+                    return partial()
+                continue
+            rank, msg = event
+            if msg["type"] == "row" and msg.get("trial_id") == trial_id and on_row is not None:
+                on_row(rank, msg["row"])
+            elif msg["type"] == "result" and msg.get("trial_id") == trial_id:
+                results[rank] = msg
+                if msg["status"] != "ok" and first_failure is None:
+                    first_failure = time.monotonic()
+            elif msg["type"] == "eof" and rank not in results:
+                time.sleep(0.5)  # let the launcher's exit code settle
+                code = self.launcher.returncode
+                if any(r["status"] != "ok" for r in results.values()):
+                    return partial()
+                self.kill()
+                return PoolRun("failed", error=f"rank {rank} died during the trial (launcher code {code}); a code of -9 "
+                                               f"is often the host's OOM killer:\n{self.launcher.log_tail()}")
+        clean = kind == "inference" and all(r["status"] in ("ok", "unsupported") for r in results.values())
+        if any(r["status"] != "ok" for r in results.values()) and not clean:
+            self.kill()  # the next trial starts on a clean pool
+        # (a single-process inference trial refused by torchao leaves its process clean: no
+        # collective is pending and its model is freed, so the pool is kept)
+        return PoolRun("reported", [results[r] for r in sorted(results)])
