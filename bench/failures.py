@@ -32,6 +32,8 @@ PATTERNS: list[tuple[type, str, str, str]] = [
     (RuntimeError, "No viable backend for scaled_dot_product_attention", "unsupported",
      "torch SDPA: the backend forced by sdpa_kernel() cannot run here"),
     (RuntimeError, "No available kernel", "unsupported", "torch SDPA (CUDA): no kernel for these inputs"),
+    (RuntimeError, "no kernel image is available for execution on the device", "unsupported",
+     "the CUDA runtime: this torch build has no kernel for the GPU's architecture"),
     (NotImplementedError, "not implemented for '", "unsupported",
      "torch dispatch: no kernel of this op for the dtype on this device, e.g. \"addmm_impl_cpu_\" not implemented for 'UInt16'"),
     (RuntimeError, "DefaultCPUAllocator: can't allocate memory", "oom", "torch's CPU allocator out of memory"),

@@ -114,6 +114,20 @@ def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | Non
     failed_record(rec, status, error)
 
 
+def _store_trial(store: Store, rec: dict, seq: int, fallback: dict) -> dict:
+    """Store a trial's record; one that does not fit the schema (an llmbench bug) is stored as
+    `failed` with the reason instead, so the sweep goes on and nothing is lost silently."""
+    from pydantic import ValidationError
+
+    try:
+        store.add_trial(rec, seq)
+        return rec
+    except ValidationError as e:
+        failed_record(fallback, "failed", f"llmbench bug: the trial's record does not fit the schema: {e}")
+        store.add_trial(fallback, seq)
+        return fallback
+
+
 def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, label: str | None,
               log_dir: Path, options: LaunchOptions | None = None, resume: str | None = None,
               warm_pool: bool = True, profile: bool = False,
@@ -174,12 +188,15 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
             rec["trial_wall_s"] = time.perf_counter() - t_trial
             if rec["window_s"] is not None:
                 rec["overhead_s"] = rec["trial_wall_s"] - rec["window_s"]
-            store.add_trial(rec, seq)
+            rec = _store_trial(store, rec, seq, base_record(run_id, t.trial_id, t.spec, t.stats, env, label))
             records.append(rec)
             current = None
             seq += 1
             if on_trial_end:
                 on_trial_end(seq, rec)
+    except Exception:
+        status = "failed"  # a bug in the driver: the run is not "finished"; its stored trials stay
+        raise
     except KeyboardInterrupt:
         status = "interrupted"
         if pool is not None:

@@ -69,3 +69,20 @@ def test_a_store_and_an_export_of_the_previous_version_still_load(tmp_path):
     llmbench("report", "--db", str(db), "--out", str(tmp_path))
     p = llmbench("gate", str(DATA / "export-v1.jsonl"), recs[0]["run_id"], "--db", str(db))
     assert "PASS" in p.stdout
+
+
+def test_a_record_that_does_not_fit_is_stored_as_failed_and_the_sweep_goes_on(zero_sweep, tmp_path):
+    """An llmbench bug that adds a key the schema lacks costs that trial, not the sweep: the
+    trial is stored `failed` with the reason (sweep._store_trial)."""
+    from llmbench.schema import TrialRecord
+    from llmbench.store import Store
+    from llmbench.sweep import _store_trial
+
+    good = zero_sweep["records"][0]
+    fallback = TrialRecord(run_id=good["run_id"], trial_id=good["trial_id"]).model_dump(by_alias=True)
+    store = Store(tmp_path / "s.db")
+    store.create_run(good["run_id"], "zero", None, {})
+    stored = _store_trial(store, dict(good, tokens_per_sec=1.0), 0, fallback)
+    assert stored["status"] == "failed" and "tokens_per_sec" in stored["error"] and "schema" in stored["error"]
+    (row,) = store.db.execute("SELECT status FROM trials").fetchall()
+    assert row == ("failed",)

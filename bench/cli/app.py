@@ -122,7 +122,7 @@ def main() -> None:
 
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
-    except cx.NoArgsIsHelpError as e:  # `llmbench` alone: the help (rich prints it while the error is made)
+    except getattr(cx, "NoArgsIsHelpError", ()) as e:  # `llmbench` alone: the help (click >= 8.2; rich prints it)
         text = e.format_message()
         if text.strip():
             console.print(text, highlight=False, markup=False)
@@ -136,4 +136,7 @@ def main() -> None:
         raise SystemExit(e.exit_code) from None
     except typer.Abort:
         raise SystemExit(130) from None
+    except BrokenPipeError:  # `llmbench ... | head`: the reader has what it wanted
+        sys.stdout = None
+        raise SystemExit(0) from None
     raise SystemExit(code if isinstance(code, int) else 0)

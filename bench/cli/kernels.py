@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -25,14 +26,14 @@ def _items(text: str) -> list[str]:
 
 @app.command()
 def kernels(
-    model: Optional[str] = typer.Option(None, "--model", help="Catalog size whose shapes to use [default: as a sweep picks]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Catalog size whose shapes to use \\[default: as a sweep picks]."),
     family: Family = typer.Option(Family.llama, "--family", help="Model family whose layers to use."),
     seq_len: int = typer.Option(128, "--seq-len", help="Sequence length of the shapes (tokens per sample)."),
     micro_batch: int = typer.Option(4, "--micro-batch", help="Samples per micro-batch of the shapes."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Comma-separated: fp32, bf16, fp16 [default: fp32, plus bf16 where the device computes it natively; on GPU also fp16]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Comma-separated: fp32, bf16, fp16 \\[default: fp32, plus bf16 where the device computes it natively; on GPU also fp16]."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated benches: gemm, attention, norm, mlp, optimizer, collective."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Comma-separated: adamw-foreach, adamw-forloop, adamw-fused, deepspeed."),
-    world_size: Optional[int] = typer.Option(None, "--world-size", help="Ranks [default: as a sweep uses]."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Ranks \\[default: as a sweep uses]."),
     repeats: int = typer.Option(15, "--repeats", help="Samples per case."),
     quick: bool = typer.Option(False, "--quick", help="Fewer and smaller sizes (a smoke run in well under a minute)."),
     cpu: bool = typer.Option(False, "--cpu", help="Use the CPU accelerator even if GPUs are visible."),
@@ -56,6 +57,7 @@ def kernels(
     from ..store import Store
 
     hw = detect_hardware(force_cpu=cpu)
+    os.environ.setdefault("DS_ACCELERATOR", hw.accelerator)  # the driver's DeepSpeed agrees with its ranks, quietly
     cuda = hw.accelerator == "cuda"
     try:
         ranks = world_size or (hostfile_slots(hostfile) if hostfile else hw.world_size)

@@ -87,7 +87,7 @@ def _print_schema() -> None:
 def report(
     run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
     memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
-                                                  help="Bytes per rank for the 'within budget' recommendation [default: a device's memory]."),
+                                                  help="Bytes per rank for the 'within budget' recommendation \\[default: a device's memory]."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:

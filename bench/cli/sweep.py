@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,7 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
 
     try:
         hw = detect_hardware(force_cpu=cpu)
+        os.environ.setdefault("DS_ACCELERATOR", hw.accelerator)  # the driver's DeepSpeed agrees with its ranks, quietly
         suite, source = load_suite(suite_name)
         source = source_label or source
         defaults = {"model": hw.default_model, "world_size": hw.world_size}

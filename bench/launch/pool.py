@@ -138,8 +138,12 @@ class RankPool:
             if failed is not None:
                 return failed
         self.channel.drain()
-        self.channel.send_all({"type": kind, "trial_id": trial_id, "spec": spec, "base_config": base_config,
-                               "trace_dir": trace_dir})
+        try:
+            self.channel.send_all({"type": kind, "trial_id": trial_id, "spec": spec, "base_config": base_config,
+                                   "trace_dir": trace_dir})
+        except OSError as e:  # a rank died while the pool was idle
+            self.kill()
+            return PoolRun("failed", error=f"a rank was gone before the trial started ({e}):\n{self.log_tail()}")
         results: dict[int, dict] = {}
         deadline = time.monotonic() + timeout_s
         first_failure = None

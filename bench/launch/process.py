@@ -96,8 +96,7 @@ def hostfile_slots(path: str) -> int:
     (deepspeed.launcher.runner.fetch_hostfile), so it agrees with what the launcher starts."""
     from ..spec import SpecError
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")  # quiet import
-    from deepspeed.launcher.runner import fetch_hostfile
+    from deepspeed.launcher.runner import fetch_hostfile  # (the CLI set DS_ACCELERATOR: a quiet import)
 
     if not Path(path).is_file():
         raise SpecError(f"--hostfile {path}: no such file")
@@ -108,12 +107,6 @@ def hostfile_slots(path: str) -> int:
     if not hosts:
         raise SpecError(f"--hostfile {path}: names no host")
     return sum(hosts.values())
-
-
-def _cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class LauncherProcess:
