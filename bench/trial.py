@@ -145,143 +145,185 @@ def build_trial_model(spec: TrialSpec, config, cfg: dict):
     return model
 
 
+def train_step(engine, micro_batches: list[torch.Tensor], dev: torch.device, probe=None) -> torch.Tensor:
+    """One optimizer step: forward and backward of every micro-batch of the accumulation, each
+    followed by DeepSpeed's step (which applies the update at the accumulation boundary).
+    Returns the mean loss, left on the device (reading it would synchronise). `probe`, if
+    given, runs the last micro-batch's forward+backward itself (model-state probing)."""
+    total = torch.zeros((), device=dev)
+    for m, x in enumerate(micro_batches):
+        loss: list[torch.Tensor] = []
+
+        def forward_backward(x: torch.Tensor = x) -> None:
+            loss.append(engine(input_ids=x, labels=x).loss)
+            engine.backward(loss[0])
+
+        (probe if probe is not None and m == len(micro_batches) - 1 else lambda f: f())(forward_backward)
+        engine.step()
+        total += loss[0].detach()
+    return total / len(micro_batches)
+
+
+@dataclass
+class _Trial:
+    """What the phases of one trial share: the spec, the engine, its batches and device."""
+
+    spec: TrialSpec
+    accelerator: str
+    dev: torch.device
+    batches: list = field(default_factory=list)
+    engine: object = None
+    model: object = None
+
+    def step(self, i: int, probe=None) -> torch.Tensor:
+        """Optimizer step i (its micro-batches wrap around after the warmup and window)."""
+        ga, n = self.spec.grad_accum, self.spec.warmup_steps + self.spec.steps
+        i %= n
+        return train_step(self.engine, self.batches[i * ga:(i + 1) * ga], self.dev, probe)
+
+
+def _prepare(t: _Trial, rank: int, world_size: int, device: str, base_config, ranks_per_node: int, res: RankResult):
+    """Config, data (each rank its own seeded stream, made before any timed region) and the measured peak."""
+    spec = t.spec
+    torch.manual_seed(spec.seed)
+    _check_supported(spec, t.accelerator, max(1, world_size // ranks_per_node), res)
+    config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
+    cfg = ds_config(spec, t.accelerator, hidden_size(config), base_config, ranks_per_node)
+    res.ds_config, res.model_config = cfg, config_to_dict(config)
+    source = MarkovSource(config.vocab_size, seed=spec.seed)
+    res.entropy_floor = source.entropy_rate_nats
+    n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
+    t0 = time.perf_counter()
+    t.batches = [torch.from_numpy(source.batch(spec.micro_batch, spec.seq_len, stream=(rank << 32) + i)).to(t.dev)
+                 for i in range(n_micro)]
+    res.data_s = (time.perf_counter() - t0) / n_micro * spec.grad_accum  # per optimizer step, had it been in the loop
+    from deepspeed.accelerator import get_accelerator
+
+    if DTYPES[spec.precision] in get_accelerator().supported_dtypes():  # else DeepSpeed refuses the trial below
+        gemm_peak = model_peak(config, spec.micro_batch, spec.seq_len, spec.precision, str(t.dev), device)
+        res.measured_peak_tflops, res.measured_peak_source = gemm_peak.tflops, gemm_peak.source
+        res.measured_peak_probe_s = gemm_peak.probe_s
+        release_host_memory()  # the probe's freed operands leave the heap before the memory window
+    return config, cfg
+
+
+def _build(t: _Trial, config, cfg: dict, res: RankResult) -> None:
+    """The model (checkpointing, fp8 if asked) and its DeepSpeed engine."""
+    import deepspeed
+
+    spec = t.spec
+    t0 = time.perf_counter()
+    t.model = build_trial_model(spec, config, cfg)
+    if spec.activation_checkpointing:
+        t.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.quant == "fp8":
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(t.model, module_filter_fn=lambda m, name: "lm_head" not in name)
+    t.engine, *_ = deepspeed.initialize(model=t.model, model_parameters=t.model.parameters(), config=cfg)
+    if spec.compile:
+        t.engine.compile()
+    t.engine.train()
+    sync(t.accelerator)
+    res.setup_s = time.perf_counter() - t0
+
+
+def _warm_up(t: _Trial, res: RankResult) -> None:
+    """Warmup steps; model states are probed in the last one (never in the window)."""
+    t0 = time.perf_counter()
+    for i in range(t.spec.warmup_steps):
+        last = i == t.spec.warmup_steps - 1
+        probe = (lambda run: setattr(res, "model_state", asdict(probe_model_states(t.engine, run)))) if last else None
+        warm_loss = t.step(i, probe)
+    sync(t.accelerator)
+    res.warmup_s = time.perf_counter() - t0
+    if not math.isfinite(warm_loss.item()):
+        raise Diverged(f"loss {warm_loss.item()} during warmup")
+
+
+def _timed_window(t: _Trial, res: RankResult) -> None:
+    """The timed steps, nothing synchronised inside; the machine's reference speed on either side."""
+    spec, engine = t.spec, t.engine
+    losses, norms, lrs, scales = [], [], [], []
+    skipped_before = engine.skipped_steps
+    ref_before, ref_cpu_before = reference_samples(t.accelerator)
+    sampler, timer = telemetry_sampler(t.accelerator), step_timer(t.accelerator)
+    sampler.start()
+    timer.start()
+    window_start = time.perf_counter()
+    for i in range(spec.warmup_steps, spec.warmup_steps + spec.steps):
+        timer.begin_step()
+        losses.append(t.step(i))
+        timer.end_step()
+        # Host-side attribute reads: DeepSpeed computed these during the step already.
+        norm = engine.get_global_grad_norm()
+        norms.append(norm.detach().clone() if isinstance(norm, torch.Tensor) else norm)
+        lrs.append(engine.get_lr()[0])
+        if spec.precision == "fp16":
+            scales.append(getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None))
+    sync(t.accelerator)
+    res.window_s = time.perf_counter() - window_start
+    ref_after, ref_cpu_after = reference_samples(t.accelerator)
+    res.reference_s, res.reference_cpu_s = ref_before + ref_after, ref_cpu_before + ref_cpu_after
+    res.telemetry = sampler.stop()
+    res.step_times_s, res.step_cpu_s = timer.result()
+    res.losses = [float(x) for x in torch.stack(losses).float().cpu()]
+    res.grad_norms = [None if n is None else float(n) for n in norms]
+    res.lrs = [float(x) for x in lrs]
+    res.loss_scales = [float(x) for x in scales if x is not None]
+    res.skipped_steps = engine.skipped_steps - skipped_before
+    res.tokens = spec.steps * spec.grad_accum * spec.micro_batch * spec.seq_len
+    bad = [x for x in res.losses if not math.isfinite(x)]
+    if bad:
+        raise Diverged(f"non-finite loss {bad[0]} in the timed window")
+
+
+def _extra_passes(t: _Trial, world_size: int, trace_path: str | None, res: RankResult) -> None:
+    """After the window, what synchronises: DeepSpeed's breakdown timers, the comms recorder, a profile."""
+    spec = t.spec
+    if spec.breakdown_steps:
+        bd.enable_breakdown(t.engine)
+        parts = []
+        for k in range(spec.breakdown_steps):
+            t.step(k)
+            parts.append(bd.snapshot(t.engine))
+        res.breakdown = bd.summarise(parts, spec)
+    if spec.comms_steps:
+        from .collect.comms import CommsRecorder
+
+        with CommsRecorder(world_size, t.accelerator) as rec:
+            for k in range(spec.comms_steps):
+                t.step(k)
+        res.comms = rec.summary(spec.comms_steps)
+    if trace_path:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if t.dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for k in range(2):
+                t.step(k)
+            sync(t.accelerator)
+        prof.export_chrome_trace(trace_path)
+        res.trace = trace_path
+
+
 def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,
               base_config: dict | None = None, ranks_per_node: int | None = None,
               trace_path: str | None = None) -> RankResult:
-    import deepspeed
-
+    """One trial on this rank, as nanoGPT's bench loop reads: prepare, build, warm up, time the
+    window, extra passes, tear down. Every failure is recorded in the result, never raised."""
     res = RankResult(rank=rank, host=host, device=device)
     peak = PeakMemory(accelerator)
-    engine = model = batches = None
-    ranks_per_node = ranks_per_node or world_size
+    t = _Trial(spec, accelerator, rank_device(accelerator))
     try:
-        torch.manual_seed(spec.seed)
-        _check_supported(spec, accelerator, max(1, world_size // ranks_per_node), res)
-        config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
-        cfg = ds_config(spec, accelerator, hidden_size(config), base_config, ranks_per_node)
-        res.ds_config, res.model_config = cfg, config_to_dict(config)
-
-        # Data first, outside every timed region: each rank reads its own seeded stream.
-        source = MarkovSource(config.vocab_size, seed=spec.seed)
-        res.entropy_floor = source.entropy_rate_nats
-        n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
-        dev = rank_device(accelerator)
-        t0 = time.perf_counter()
-        batches = [torch.from_numpy(source.batch(spec.micro_batch, spec.seq_len, stream=(rank << 32) + i)).to(dev)
-                   for i in range(n_micro)]
-        # Host-side data time per optimizer step, had the batches been made inside the loop.
-        res.data_s = (time.perf_counter() - t0) / n_micro * spec.grad_accum
-        from deepspeed.accelerator import get_accelerator
-
-        if DTYPES[spec.precision] in get_accelerator().supported_dtypes():  # else DeepSpeed refuses the trial below
-            gemm_peak = model_peak(config, spec.micro_batch, spec.seq_len, spec.precision, str(dev), device)
-            res.measured_peak_tflops, res.measured_peak_source = gemm_peak.tflops, gemm_peak.source
-            res.measured_peak_probe_s = gemm_peak.probe_s
-            release_host_memory()  # the probe's freed operands leave the heap before the memory window
-
+        config, cfg = _prepare(t, rank, world_size, device, base_config, ranks_per_node or world_size, res)
         peak.reset()
-        t0 = time.perf_counter()
-        model = build_trial_model(spec, config, cfg)
-        if spec.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if spec.quant == "fp8":
-            from torchao.float8 import convert_to_float8_training
-
-            convert_to_float8_training(model, module_filter_fn=lambda m, name: "lm_head" not in name)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-        if spec.compile:
-            engine.compile()
-        engine.train()
-        sync(accelerator)
-        res.setup_s = time.perf_counter() - t0
-        fp16 = spec.precision == "fp16"
-
-        def step(i: int, probe: bool = False) -> torch.Tensor:
-            total = torch.zeros((), device=dev)
-            for m in range(spec.grad_accum):
-                x = batches[i * spec.grad_accum + m]
-                out = {}
-
-                def micro_step() -> None:
-                    out["loss"] = loss = engine(input_ids=x, labels=x).loss
-                    engine.backward(loss)
-
-                if probe and m == spec.grad_accum - 1:  # outside the timed window
-                    res.model_state = asdict(probe_model_states(engine, micro_step))
-                else:
-                    micro_step()
-                engine.step()
-                total += out["loss"].detach()
-            return total / spec.grad_accum
-
-        t0 = time.perf_counter()
-        for i in range(spec.warmup_steps):
-            warm_loss = step(i, probe=(i == spec.warmup_steps - 1))
-        sync(accelerator)
-        res.warmup_s = time.perf_counter() - t0
-        if not math.isfinite(warm_loss.item()):
-            raise Diverged(f"loss {warm_loss.item()} during warmup")
-
-        losses, norms, lrs, scales = [], [], [], []
-        skipped_before = engine.skipped_steps
-        ref_before, ref_cpu_before = reference_samples(accelerator)  # the machine's speed just before the window
-        sampler, timer = telemetry_sampler(accelerator), step_timer(accelerator)
-        sampler.start()
-        timer.start()
-        window_start = time.perf_counter()
-        for i in range(spec.warmup_steps, spec.warmup_steps + spec.steps):
-            timer.begin_step()
-            losses.append(step(i))
-            timer.end_step()
-            # Host-side attribute reads: DeepSpeed computed these during the step already.
-            norm = engine.get_global_grad_norm()
-            norms.append(norm.detach().clone() if isinstance(norm, torch.Tensor) else norm)
-            lrs.append(engine.get_lr()[0])
-            if fp16:
-                scales.append(getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None))
-        sync(accelerator)
-        res.window_s = time.perf_counter() - window_start
-        ref_after, ref_cpu_after = reference_samples(accelerator)
-        res.reference_s, res.reference_cpu_s = ref_before + ref_after, ref_cpu_before + ref_cpu_after
-        res.telemetry = sampler.stop()
-        res.step_times_s, res.step_cpu_s = timer.result()
-        res.losses = [float(x) for x in torch.stack(losses).float().cpu()]
-        res.grad_norms = [None if n is None else float(n) for n in norms]
-        res.lrs = [float(x) for x in lrs]
-        res.loss_scales = [float(x) for x in scales if x is not None]
-        res.skipped_steps = engine.skipped_steps - skipped_before
-        res.tokens = spec.steps * spec.grad_accum * spec.micro_batch * spec.seq_len
+        _build(t, config, cfg, res)
+        _warm_up(t, res)
+        _timed_window(t, res)
         res.memory = peak.read()
-        bad = [x for x in res.losses if not math.isfinite(x)]
-        if bad:
-            raise Diverged(f"non-finite loss {bad[0]} in the timed window")
-
-        # A separate pass after the window: DeepSpeed's synchronising breakdown timers.
-        if spec.breakdown_steps:
-            bd.enable_breakdown(engine)
-            parts = []
-            for k in range(spec.breakdown_steps):
-                step(k % (spec.warmup_steps + spec.steps))
-                parts.append(bd.snapshot(engine))
-            res.breakdown = bd.summarise(parts, spec)
-        if spec.comms_steps:
-            from .collect.comms import CommsRecorder
-
-            with CommsRecorder(world_size, accelerator) as rec:
-                for k in range(spec.comms_steps):
-                    step(k % (spec.warmup_steps + spec.steps))
-            res.comms = rec.summary(spec.comms_steps)
-        if trace_path:
-            from torch.profiler import ProfilerActivity, profile
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=acts) as prof:
-                for k in range(2):
-                    step(k)
-                sync(accelerator)
-            prof.export_chrome_trace(trace_path)
-            res.trace = trace_path
-        if fp16 and res.skipped_steps > spec.steps // 2 and res.loss_scales and \
+        _extra_passes(t, world_size, trace_path, res)
+        if spec.precision == "fp16" and res.skipped_steps > spec.steps // 2 and res.loss_scales and \
                 res.loss_scales[-1] <= (spec.min_loss_scale or 1):
             raise Diverged(f"fp16 loss scale collapsed to {res.loss_scales[-1]:g}: {res.skipped_steps} of "
                            f"{spec.steps} steps skipped for overflow")
@@ -296,10 +338,10 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
             res.memory = peak.read()
     finally:
         t0 = time.perf_counter()
-        if engine is not None:
-            engine.destroy()
-        del engine, model, batches
-        release_memory(rank_device(accelerator))
+        if t.engine is not None:
+            t.engine.destroy()
+        t.engine = t.model = t.batches = None
+        release_memory(t.dev)
         res.teardown_s = time.perf_counter() - t0
     return res
 
