@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -296,7 +296,7 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
             values["grad_accum"] = gb // per_step
         if resolve_precision is not None:
             requested = values.get("precision", "auto")
-            if requested in ("auto", "fp32", "fp16", "bf16"):  # anything else fails validation below
+            if requested in get_args(Precision):  # anything else fails validation below
                 values["requested_precision"] = requested
                 values["precision"] = resolve_precision(requested)
         try:

@@ -114,7 +114,7 @@ def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | Non
     failed_record(rec, status, error)
 
 
-def _store_trial(store: Store, rec: dict, seq: int, fallback: dict) -> dict:
+def _store_trial(store: Store, rec: dict, seq: int, fallback: Callable[[], dict]) -> dict:
     """Store a trial's record; one that does not fit the schema (an llmbench bug) is stored as
     `failed` with the reason instead, so the sweep goes on and nothing is lost silently."""
     from pydantic import ValidationError
@@ -123,9 +123,9 @@ def _store_trial(store: Store, rec: dict, seq: int, fallback: dict) -> dict:
         store.add_trial(rec, seq)
         return rec
     except ValidationError as e:
-        failed_record(fallback, "failed", f"llmbench bug: the trial's record does not fit the schema: {e}")
-        store.add_trial(fallback, seq)
-        return fallback
+        rec = failed_record(fallback(), "failed", f"llmbench bug: the trial's record does not fit the schema: {e}")
+        store.add_trial(rec, seq)
+        return rec
 
 
 def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, label: str | None,
@@ -188,7 +188,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
             rec["trial_wall_s"] = time.perf_counter() - t_trial
             if rec["window_s"] is not None:
                 rec["overhead_s"] = rec["trial_wall_s"] - rec["window_s"]
-            rec = _store_trial(store, rec, seq, base_record(run_id, t.trial_id, t.spec, t.stats, env, label))
+            rec = _store_trial(store, rec, seq, lambda: base_record(run_id, t.trial_id, t.spec, t.stats, env, label))
             records.append(rec)
             current = None
             seq += 1

@@ -2,12 +2,9 @@
 by exception type, and by one table of message patterns checked against the pinned libraries."""
 
 import inspect
-from pathlib import Path
 
-import pytest
 import torch
 
-import llmbench
 from llmbench.failures import PATTERNS, Diverged, Unsupported, classify, prelaunch_unsupported
 
 

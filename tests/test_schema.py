@@ -82,7 +82,7 @@ def test_a_record_that_does_not_fit_is_stored_as_failed_and_the_sweep_goes_on(ze
     fallback = TrialRecord(run_id=good["run_id"], trial_id=good["trial_id"]).model_dump(by_alias=True)
     store = Store(tmp_path / "s.db")
     store.create_run(good["run_id"], "zero", None, {})
-    stored = _store_trial(store, dict(good, tokens_per_sec=1.0), 0, fallback)
+    stored = _store_trial(store, dict(good, tokens_per_sec=1.0), 0, lambda: fallback)
     assert stored["status"] == "failed" and "tokens_per_sec" in stored["error"] and "schema" in stored["error"]
     (row,) = store.db.execute("SELECT status FROM trials").fetchall()
     assert row == ("failed",)
