@@ -9,7 +9,11 @@ every pattern against the pinned versions). Never by words in a log.
 
 from __future__ import annotations
 
+import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 _PACKAGE = Path(__file__).resolve().parent  # llmbench's own code (bench/), kernels included below
 _KERNELS = _PACKAGE.parent / "kernels"
@@ -110,3 +114,56 @@ def _accelerator(accelerator: str):
         return CUDA_Accelerator()
     except Exception:  # noqa: BLE001 - cannot ask: the rank's own check decides
         return None
+
+
+@contextmanager
+def recorded(res, memory, teardown: Callable[[], None]) -> Iterator[None]:
+    """The failure and teardown path every trial shares (training and inference): a failure of
+    the body is recorded in `res` (its status from `classify`, the error with a traceback unless
+    it is one of our own checks), never raised, except KeyboardInterrupt; the memory collector
+    is read if the body did not get that far; `teardown()` always runs and is timed."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
+        res.status = classify(e)
+        res.error = f"{type(e).__name__}: {e}".strip()[:2000]
+        if not isinstance(e, (Unsupported, Diverged)):  # our own checks need no traceback
+            res.error += "\n" + traceback.format_exc(limit=9)[-3000:]  # this frame + the 8 of the body
+        # the failed frames' locals (a model, an engine, their tensors) go now, not when the
+        # exception is collected: the teardown below then frees them
+        traceback.clear_frames(e.__traceback__)
+        if not res.memory:
+            res.fill(memory.stop())
+    finally:
+        t0 = time.perf_counter()
+        teardown()
+        res.teardown_s = time.perf_counter() - t0
+
+
+def check_runnable(spec, accelerator: str, nodes: int) -> list[str]:
+    """On the rank, before anything is built: `Unsupported` for what this device or stack cannot
+    run (fp8 without FP8 tensor cores or torchao, torch.compile on a CPU without a C++
+    compiler); the notes to record for options that run but have no effect here."""
+    import shutil
+
+    import torch
+
+    from .precision import detect_capabilities, emulated_bf16_note
+
+    notes = [n for n in [emulated_bf16_note(spec.precision, detect_capabilities(accelerator))] if n]
+    if spec.quant == "fp8":
+        if accelerator != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+            raise Unsupported("fp8 training needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            raise Unsupported("fp8 training needs torchao (pip install torchao)") from None
+    if spec.quant in ("zeropp-qg", "zeropp") and nodes < 2:
+        notes.append("zero_quantized_gradients has no effect on a single node: DeepSpeed quantizes only inter-node gradient traffic")
+    if spec.quant in ("zeropp-hpz", "zeropp") and nodes < 2:
+        notes.append("zero_hpz_partition_size has no effect on a single node: the secondary partition is the whole node")
+    if spec.compile and accelerator == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
+        raise Unsupported("torch.compile on CPU needs a C++ compiler (g++)")
+    return notes

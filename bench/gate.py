@@ -5,7 +5,7 @@ a direction and a margin:
 
 - Which time is gated: on a GPU, the wall-clock step time (which sets tokens/s). On the CPU
   accelerator, each step time divided by a fixed reference workload timed on the same ranks
-  just before and after the window (`step_times_rel`, trial.reference_samples): a shared
+  just before and after the window (`step_times_rel`, collect/reference.py): a shared
   machine's effective speed drifts by tens of percent between runs minutes apart (measured:
   docs/gates.md), and the ratio cancels that drift. The other times are shown
   and marked "reported". `time_basis` (wall, rel, cpu) forces one.
@@ -31,18 +31,33 @@ from pathlib import Path
 
 from .collect.stats import median, median_ci95
 
-# (field, label, higher is better, kind, default margin); kind "time" takes the samples test
-METRICS: list[tuple[str, str, bool, str, float]] = [
-    ("step_times_s", "step time", False, "time", 0.10),
-    ("step_times_rel", "step ÷ reference", False, "time", 0.15),
-    ("step_cpu_s", "CPU s/step", False, "time", 0.20),
-    ("step_cpu_rel", "CPU ÷ reference", False, "time", 0.15),
-    ("model_state_bytes", "model-state bytes", False, "count", 0.01),
-    ("peak_mem_bytes", "peak memory", False, "level", 0.10),
-    ("final_loss", "final loss", False, "level", 0.02),
-    ("weight_bytes", "weight bytes", False, "count", 0.01),
-    ("perplexity", "perplexity", False, "level", 0.02),
+@dataclass(frozen=True)
+class Metric:
+    """A gated figure: the record field, its label, its direction, how it is judged and its
+    default margin. kind "time": per-step samples, margin AND significance (asv's rule);
+    "count" and "level": the margin alone."""
+
+    field: str
+    label: str
+    higher_is_better: bool
+    kind: str
+    margin: float
+
+
+METRICS: list[Metric] = [
+    Metric("step_times_s", "step time", False, "time", 0.10),
+    Metric("step_times_rel", "step ÷ reference", False, "time", 0.15),
+    Metric("step_cpu_s", "CPU s/step", False, "time", 0.20),
+    Metric("step_cpu_rel", "CPU ÷ reference", False, "time", 0.15),
+    Metric("model_state_bytes", "model-state bytes", False, "count", 0.01),
+    Metric("peak_mem_bytes", "peak memory", False, "level", 0.10),
+    Metric("final_loss", "final loss", False, "level", 0.02),
+    Metric("weight_bytes", "weight bytes", False, "count", 0.01),
+    Metric("perplexity", "perplexity", False, "level", 0.02),
 ]
+# where a record has no per-step samples (a CSV export): tokens/s by the margin alone
+TOKENS_PER_S = Metric("tokens_per_s", "tokens/s", True, "level", METRICS[0].margin)
+TIME_FIELDS = {"wall": "step_times_s", "rel": "step_times_rel", "cpu": "step_cpu_s", "cpu-rel": "step_cpu_rel"}
 IDENTITY = ("model", "family", "precision", "zero_stage", "micro_batch", "grad_accum", "world_size", "seq_len",
             "offload", "quant", "scenario")
 
@@ -110,7 +125,7 @@ def _records_from_file(path: Path) -> list[dict]:
 
 def parse_margins(items: list[str]) -> dict[str, float]:
     """`--margin METRIC=FRACTION` options → {metric: fraction}; GateInputError names a bad one."""
-    known = {m[0] for m in METRICS} | {m[1] for m in METRICS} | {"run"}
+    known = {m.field for m in METRICS} | {m.label for m in METRICS} | {"run"}
     margins = {}
     for m in items:
         key, eq, val = m.partition("=")
@@ -120,7 +135,7 @@ def parse_margins(items: list[str]) -> dict[str, float]:
             margins[key] = float(val)
         except ValueError:
             raise GateInputError(f"--margin {m}: use METRIC=FRACTION with METRIC one of "
-                                 f"{', '.join(x[0] for x in METRICS)}, run") from None
+                                 f"{', '.join(x.field for x in METRICS)}, run") from None
     return margins
 
 
@@ -190,69 +205,92 @@ def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] 
     out = GateResult()
     timed: list[tuple[Verdict, bool]] = []
     for b in baseline:
-        tid = b["trial_id"]
-        c = cand.get(tid)
-        if b["status"] != "ok":
-            out.verdicts.append(Verdict(tid, "status", b["status"], c["status"] if c else "absent",
-                                        outcome="improvement" if c and c["status"] == "ok" else "not compared",
-                                        why="not ok in the baseline"))
+        c = cand.get(b["trial_id"])
+        unmatched = _status_verdict(b, c) or _configuration_verdict(b, c)
+        if unmatched:
+            out.verdicts.append(unmatched)
             continue
-        if c is None or c["status"] != "ok":
-            out.verdicts.append(Verdict(tid, "status", "ok", c["status"] if c else "absent", outcome="regression",
-                                        why=(c.get("error") or "")[:120] if c else "the candidate has no such trial"))
-            continue
-        differs = [k for k in IDENTITY if b.get(k) != c.get(k)]
-        if differs:
-            out.verdicts.append(Verdict(tid, "configuration", "", "", outcome="not compared",
-                                        why="different configuration: " + ", ".join(f"{k} {b.get(k)}→{c.get(k)}" for k in differs)))
-            continue
-        metrics = list(METRICS)
-        if not b.get("step_times_s") or not c.get("step_times_s"):  # e.g. a CSV export: no per-step samples
-            metrics.insert(0, ("tokens_per_s", "tokens/s", True, "level", METRICS[0][4]))
-        has_rel = bool(b.get("step_times_rel")) and bool(c.get("step_times_rel"))
-        cpu_run = bool(b.get("step_cpu_s"))  # per-step CPU seconds are recorded on the CPU accelerator only
-        gated_time = {"wall": "step_times_s", "rel": "step_times_rel", "cpu": "step_cpu_s",
-                      "cpu-rel": "step_cpu_rel"}.get(time_basis) or (
-            "step_times_rel" if cpu_run and has_rel else "step_times_s")
-        for fld, label, higher, kind, default in metrics:
-            va, vb = b.get(fld), c.get(fld)
+        gated, cpu_run = gated_time(b, c, time_basis)
+        metrics = METRICS if b.get("step_times_s") and c.get("step_times_s") else [TOKENS_PER_S, *METRICS]
+        for m in metrics:
+            va, vb = b.get(m.field), c.get(m.field)
             if va in (None, []) or vb in (None, []):
-                if fld == gated_time and not any(m[0] == "tokens_per_s" for m in metrics):
-                    out.verdicts.append(Verdict(tid, label, f"{len(va or [])} samples", f"{len(vb or [])} samples",
+                if m.field == gated and TOKENS_PER_S not in metrics:
+                    out.verdicts.append(Verdict(b["trial_id"], m.label, f"{len(va or [])} samples", f"{len(vb or [])} samples",
                                                 outcome="not compared", why="no such samples in one of the runs"))
                 continue
-            margin = margins.get(fld, margins.get(label, default))
-            v = Verdict(tid, label, va, vb, margin=margin)
-            if kind == "time" and fld not in (gated_time, "step_times_s"):
+            if m.kind == "time" and m.field not in (gated, "step_times_s"):
                 continue  # the other CPU-time views stay in the records; one gated time plus the wall time is shown
-            if kind == "time":
-                v.baseline, v.candidate = median(va), median(vb)
-                v.change, v.p_value, v.test, sig = compare_time(va, vb, alpha)
-                beyond = abs(v.change) > margin
-                if fld != gated_time:
-                    v.outcome, v.margin = "reported", None
-                    v.why = "not gated: " + {"step_times_rel": "see step ÷ reference",
-                                             "step_cpu_rel": "see CPU ÷ reference",
-                                             "step_cpu_s": "see CPU s/step",
-                                             "step_times_s": "the wall-clock step time is gated"}[gated_time]
-                elif beyond and sig:
-                    v.outcome = "regression" if (v.change > 0) != higher else "improvement"
-                elif beyond:
-                    v.why = "beyond the margin but not significant"
-                elif sig:
-                    v.why = "significant but within the margin"
-                if fld == gated_time:
+            v = Verdict(b["trial_id"], m.label, va, vb, margin=margins.get(m.field, margins.get(m.label, m.margin)))
+            if m.kind == "time":
+                _judge_time(v, m, va, vb, alpha, gated)
+                if m.field == gated:
                     timed.append((v, cpu_run))
             else:
-                v.change = vb / va - 1 if va else (0.0 if vb == va else math.inf)
-                v.test = "margin" if fld != "tokens_per_s" else "margin only (no per-step samples)"
-                if abs(v.change) > margin:
-                    v.outcome = "regression" if (v.change > 0) != higher else "improvement"
+                _judge_level(v, m, va, vb)
             out.verdicts.append(v)
     run_level = decide == "run" or (decide == "auto" and timed and all(cpu for _, cpu in timed))
     if run_level and timed:
         out.verdicts.append(run_verdict([v for v, _ in timed], margins.get("run", RUN_MARGIN)))
     return out
+
+
+def _status_verdict(b: dict, c: dict | None) -> Verdict | None:
+    """A trial not ok on either side: not compared (baseline) or a regression (candidate)."""
+    tid = b["trial_id"]
+    if b["status"] != "ok":
+        return Verdict(tid, "status", b["status"], c["status"] if c else "absent",
+                       outcome="improvement" if c and c["status"] == "ok" else "not compared",
+                       why="not ok in the baseline")
+    if c is None or c["status"] != "ok":
+        return Verdict(tid, "status", "ok", c["status"] if c else "absent", outcome="regression",
+                       why=(c.get("error") or "")[:120] if c else "the candidate has no such trial")
+    return None
+
+
+def _configuration_verdict(b: dict, c: dict) -> Verdict | None:
+    """Same trial id, different configuration: not compared."""
+    differs = [k for k in IDENTITY if b.get(k) != c.get(k)]
+    if not differs:
+        return None
+    return Verdict(b["trial_id"], "configuration", "", "", outcome="not compared",
+                   why="different configuration: " + ", ".join(f"{k} {b.get(k)}→{c.get(k)}" for k in differs))
+
+
+def gated_time(b: dict, c: dict, time_basis: str) -> tuple[str, bool]:
+    """(the time field gated for this pair, whether it ran on the CPU accelerator): `time_basis`
+    if forced, else the reference ratio on a CPU (per-step CPU seconds are recorded there only)
+    and the wall-clock step time elsewhere."""
+    cpu_run = bool(b.get("step_cpu_s"))
+    has_rel = bool(b.get("step_times_rel")) and bool(c.get("step_times_rel"))
+    return TIME_FIELDS.get(time_basis) or ("step_times_rel" if cpu_run and has_rel else "step_times_s"), cpu_run
+
+
+_NOT_GATED = {"step_times_rel": "see step ÷ reference", "step_cpu_rel": "see CPU ÷ reference",
+              "step_cpu_s": "see CPU s/step", "step_times_s": "the wall-clock step time is gated"}
+
+
+def _judge_time(v: Verdict, m: Metric, va: list[float], vb: list[float], alpha: float, gated: str) -> None:
+    """Per-step samples: the change of the median, beyond the margin AND significant."""
+    v.baseline, v.candidate = median(va), median(vb)
+    v.change, v.p_value, v.test, sig = compare_time(va, vb, alpha)
+    beyond = abs(v.change) > v.margin
+    if m.field != gated:
+        v.outcome, v.margin, v.why = "reported", None, "not gated: " + _NOT_GATED[gated]
+    elif beyond and sig:
+        v.outcome = "regression" if (v.change > 0) != m.higher_is_better else "improvement"
+    elif beyond:
+        v.why = "beyond the margin but not significant"
+    elif sig:
+        v.why = "significant but within the margin"
+
+
+def _judge_level(v: Verdict, m: Metric, va: float, vb: float) -> None:
+    """One value a side: the relative change against the margin alone."""
+    v.change = vb / va - 1 if va else (0.0 if vb == va else math.inf)
+    v.test = "margin" if m is not TOKENS_PER_S else "margin only (no per-step samples)"
+    if abs(v.change) > v.margin:
+        v.outcome = "regression" if (v.change > 0) != m.higher_is_better else "improvement"
 
 
 def run_verdict(timed: list[Verdict], margin: float) -> Verdict:

@@ -22,13 +22,13 @@ import hashlib
 import inspect
 import math
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .collect.memory import PeakMemory
+from .collect.memory import peak_memory
+from .collect.timing import step_timer
 from .device import DTYPES, rank_device, release_host_memory, release_memory, sync
 from .collect.stats import median, median_ci95
 from .collect.weights import weight_bytes
@@ -36,7 +36,8 @@ from .data import MarkovSource
 from .models import build_config, build_model, config_to_dict
 from .spec import TrialSpec
 from .trainedmodel import EVAL_STREAM, TRAIN_TOLERANCE_NATS, trained_state
-from .failures import Unsupported, classify
+from .failures import Unsupported, recorded
+from .rank_result import InferenceResult
 
 QUANT_CONFIGS = {  # quant value → torchao.quantization config class name
     "int8-wo": "Int8WeightOnlyConfig",
@@ -45,42 +46,6 @@ QUANT_CONFIGS = {  # quant value → torchao.quantization config class name
     "fp8-wo": "Float8WeightOnlyConfig",
     "fp8-dyn": "Float8DynamicActivationFloat8WeightConfig",
 }
-
-
-@dataclass
-class InferenceResult:
-    """What the inference scenario measured; the driver turns it into the trial record."""
-
-    rank: int = 0
-    status: str = "ok"
-    error: str | None = None
-    host: str = ""
-    device: str = ""
-    setup_s: float = 0.0
-    teardown_s: float = 0.0
-    model_config: dict = field(default_factory=dict)
-    entropy_floor: float | None = None
-    train_loss_final: float | None = None
-    train_steps: int | None = None
-    train_s: float | None = None
-    trained_cache: str | None = None  # "hit" or "miss"
-    quant_config: str | None = None
-    weight_bytes: int | None = None
-    weight_bytes_reference: int | None = None
-    eval_batches_sha256: str | None = None
-    eval_tokens: int | None = None
-    eval_nll_nats: float | None = None
-    perplexity: float | None = None
-    prefill_times_s: dict = field(default_factory=dict)  # batch → per-repeat seconds
-    decode_step_times_s: dict = field(default_factory=dict)  # batch → per-token seconds (all repeats)
-    decode_step_cpu_s: dict = field(default_factory=dict)  # batch → per-token CPU seconds (CPU only)
-    decode_times_s: dict = field(default_factory=dict)  # batch → per-repeat decode seconds
-    memory: dict = field(default_factory=dict)
-    threads: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def eval_batches(source: MarkovSource, n: int, batch: int, seq_len: int) -> torch.Tensor:
@@ -120,14 +85,15 @@ def _forward_kwargs(model) -> tuple[str, dict]:
     return ("cache" if "cache" in params else "past_key_values"), extra
 
 
-def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.device,
-                   cpu_steps: list | None = None) -> tuple[float, list[float]]:
+def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list[float], list[float]]:
     """Prefill the prompt, then greedy-decode `new_tokens` tokens one at a time with the KV
-    cache. Returns (prefill seconds, seconds per decoded token): the prefill produces the
-    first new token; each decode step feeds the last token and produces the next one.
-    `cpu_steps`, if given, receives each decode step's CPU seconds (what `llmbench gate`
-    compares on a CPU, where other processes move wall time)."""
+    cache. Returns (prefill seconds, seconds per decoded token, CPU seconds per decoded token
+    on a CPU, empty elsewhere): the prefill produces the first new token; each decode step
+    feeds the last token and produces the next one, timed by the device's step timer
+    (collect/timing.py; CPU seconds are what `llmbench gate` compares on a CPU, where other
+    processes move wall time)."""
     cache_kw, extra = _forward_kwargs(model)
+    timer = step_timer(device.type)
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
@@ -135,17 +101,16 @@ def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: torch.d
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         prefill = time.perf_counter() - t0
-        steps = []
+        timer.start()
         for _ in range(new_tokens - 1):
-            t, c = time.perf_counter(), time.process_time()
+            timer.begin_step()
             past = getattr(out, "cache", None) or out.past_key_values
             out = model(input_ids=nxt, use_cache=True, **{cache_kw: past}, **extra)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             sync(device)
-            steps.append(time.perf_counter() - t)
-            if cpu_steps is not None:
-                cpu_steps.append(time.process_time() - c)
-    return prefill, steps
+            timer.end_step()
+        steps = timer.stop()
+    return prefill, steps["step_times_s"], steps["step_cpu_s"]
 
 
 def decode_tokens_per_s(batch: int, step_times_s: list[float]) -> float:
@@ -169,94 +134,111 @@ def quantize(model, quant: str) -> str:
     return repr(config)
 
 
+@dataclass
+class _Inference:
+    """What the phases of one inference trial share; `teardown` frees the model whatever happened."""
+
+    spec: TrialSpec
+    accelerator: str
+    dev: torch.device
+    state: dict | None = None  # the trained weights, dropped once loaded
+    model: object = None
+
+    def teardown(self) -> None:
+        self.model = self.state = None
+        release_memory(self.dev)
+
+
+def _inputs(t: _Inference, res: InferenceResult):
+    """The model's config, the source, the trained weights (cached) and the held-out tokens."""
+    spec = t.spec
+    config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
+    res.transformers_config = config_to_dict(config)
+    source = MarkovSource(config.vocab_size, seed=spec.seed)
+    res.entropy_floor = source.entropy_rate_nats
+    from .precision import detect_capabilities, emulated_bf16_note
+
+    res.notes += [n for n in [emulated_bf16_note(spec.precision, detect_capabilities(t.accelerator))] if n]
+    t.state, meta, res.trained_cache = trained_state(spec, config, source, t.dev)
+    res.train_loss_final, res.train_steps, res.train_s = meta["train_loss_final"], meta["train_steps"], meta["train_s"]
+    if not meta["reached_tolerance"]:
+        res.notes.append(f"the model stopped at the {meta['train_steps']}-step cap with validation loss "
+                         f"{meta['valid_loss_final']:.3f}, {meta['valid_loss_final'] - res.entropy_floor:.3f} nats "
+                         f"above the floor (tolerance {TRAIN_TOLERANCE_NATS})")
+    tokens = eval_batches(source, spec.eval_batches, spec.micro_batch, spec.seq_len)
+    res.eval_batches_sha256, res.eval_tokens = tokens_sha256(tokens), spec.eval_batches * spec.micro_batch * (spec.seq_len - 1)
+    return config, source, tokens
+
+
+def _load(t: _Inference, config, tokens: torch.Tensor, res: InferenceResult) -> None:
+    """The trained model at the trial's precision, quantized, and its first forward (where a
+    method without a kernel for this device fails: `Unsupported`)."""
+    spec = t.spec
+    t.model = build_model(config)
+    t.model.load_state_dict(t.state)
+    t.state = None
+    t.model.to(device=t.dev, dtype=DTYPES[spec.precision]).eval()
+    res.weight_bytes_reference = weight_bytes(t.model)
+    res.quant_config = quantize(t.model, spec.quant)
+    res.weight_bytes = weight_bytes(t.model)
+    try:
+        with torch.no_grad():
+            t.model(input_ids=tokens[0, :1, :8].to(t.dev), use_cache=True)
+    except Exception as e:  # noqa: BLE001
+        if spec.quant == "none":
+            raise
+        raise Unsupported(f"{spec.quant} quantized model cannot run on {t.accelerator}: {type(e).__name__}: {e}") from None
+
+
+def _measure(t: _Inference, source: MarkovSource, tokens: torch.Tensor, res: InferenceResult) -> None:
+    """Perplexity on the held-out tokens, then prefill and decode timed at every batch size."""
+    spec, model, dev = t.spec, t.model, t.dev
+    ppl, nll, count = perplexity(model, tokens, dev)
+    res.perplexity, res.eval_nll_nats = ppl, nll
+    if not math.isfinite(ppl):
+        res.notes.append(f"perplexity is not finite ({ppl}): the quantized model's outputs overflow")
+    gen = torch.from_numpy(source.batch(max(spec.decode_batches), spec.prompt_len, stream=EVAL_STREAM - 1)).to(dev)
+    for b in spec.decode_batches:
+        prompt = gen[:b]
+        generate_timed(model, prompt, spec.new_tokens, dev)  # warmup: allocator, kernels, caches
+        pre, dec, steps, cpu = [], [], [], []
+        for _ in range(spec.repeats):
+            p, s, c = generate_timed(model, prompt, spec.new_tokens, dev)
+            pre.append(p)
+            dec.append(sum(s))
+            steps += s
+            cpu += c
+        res.prefill_times_s[str(b)], res.decode_times_s[str(b)], res.decode_step_times_s[str(b)] = pre, dec, steps
+        res.decode_step_cpu_s[str(b)] = cpu
+
+
 def run_inference(spec: TrialSpec, accelerator: str, host: str = "", device_name: str = "") -> InferenceResult:
     """The inference trial: trained model → precision → quantize → measure. Never raises
-    (except KeyboardInterrupt): failures are recorded with their status and reason."""
+    (except KeyboardInterrupt): failures are recorded with their status and reason, on the
+    failure and teardown path training trials take (failures.recorded)."""
     res = InferenceResult(host=host, device=device_name, threads=torch.get_num_threads())
-    dev = rank_device(accelerator)
-    peak = PeakMemory(accelerator)
-    model = None
-    try:
+    memory = peak_memory(accelerator)
+    t = _Inference(spec, accelerator, rank_device(accelerator))
+    with recorded(res, memory, t.teardown):
         t0 = time.perf_counter()
-        config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
-        res.model_config = config_to_dict(config)
-        source = MarkovSource(config.vocab_size, seed=spec.seed)
-        res.entropy_floor = source.entropy_rate_nats
-        from .precision import detect_capabilities, emulated_bf16_note
-
-        note = emulated_bf16_note(spec.precision, detect_capabilities(accelerator))
-        if note:
-            res.notes.append(note)
-        state, meta, res.trained_cache = trained_state(spec, config, source, dev)
-        res.train_loss_final, res.train_steps, res.train_s = meta["train_loss_final"], meta["train_steps"], meta["train_s"]
-        if not meta["reached_tolerance"]:
-            res.notes.append(f"the model stopped at the {meta['train_steps']}-step cap with validation loss "
-                             f"{meta['valid_loss_final']:.3f}, {meta['valid_loss_final'] - res.entropy_floor:.3f} nats "
-                             f"above the floor (tolerance {TRAIN_TOLERANCE_NATS})")
-        tokens = eval_batches(source, spec.eval_batches, spec.micro_batch, spec.seq_len)
-        res.eval_batches_sha256, res.eval_tokens = tokens_sha256(tokens), spec.eval_batches * spec.micro_batch * (spec.seq_len - 1)
-
+        config, source, tokens = _inputs(t, res)
         gc.collect()
         release_host_memory()  # training's freed heap back to the OS: the peak below is inference's own
-        peak.reset()
-        model = build_model(config)
-        model.load_state_dict(state)
-        del state
-        model.to(device=dev, dtype=DTYPES[spec.precision]).eval()
-        res.weight_bytes_reference = weight_bytes(model)
-        res.quant_config = quantize(model, spec.quant)
-        res.weight_bytes = weight_bytes(model)
-        try:  # the first forward: where a method without a kernel for this device fails
-            with torch.no_grad():
-                model(input_ids=tokens[0, :1, :8].to(dev), use_cache=True)
-        except Exception as e:  # noqa: BLE001
-            if spec.quant == "none":
-                raise
-            raise Unsupported(f"{spec.quant} quantized model cannot run on {accelerator}: {type(e).__name__}: {e}") from None
+        memory.start()
+        _load(t, config, tokens, res)
         res.setup_s = time.perf_counter() - t0
-
-        ppl, nll, count = perplexity(model, tokens, dev)
-        res.perplexity, res.eval_nll_nats = ppl, nll
-        if not math.isfinite(ppl):
-            res.notes.append(f"perplexity is not finite ({ppl}): the quantized model's outputs overflow")
-
-        gen = torch.from_numpy(source.batch(max(spec.decode_batches), spec.prompt_len, stream=EVAL_STREAM - 1)).to(dev)
-        for b in spec.decode_batches:
-            prompt = gen[:b]
-            generate_timed(model, prompt, spec.new_tokens, dev)  # warmup: allocator, kernels, caches
-            pre, dec, steps, cpu = [], [], [], []
-            for _ in range(spec.repeats):
-                p, s = generate_timed(model, prompt, spec.new_tokens, dev, cpu if accelerator == "cpu" else None)
-                pre.append(p)
-                dec.append(sum(s))
-                steps += s
-            res.prefill_times_s[str(b)], res.decode_times_s[str(b)], res.decode_step_times_s[str(b)] = pre, dec, steps
-            res.decode_step_cpu_s[str(b)] = cpu
-        res.memory = peak.read()
-    except BaseException as e:  # noqa: BLE001 - every failure is recorded, the sweep goes on
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        res.status = classify(e)
-        res.error = f"{type(e).__name__}: {e}".strip()[:2000]
-        if not isinstance(e, Unsupported):
-            res.error += "\n" + traceback.format_exc(limit=8)[-3000:]
-        if not res.memory:
-            res.memory = peak.read()
-    finally:
-        t0 = time.perf_counter()
-        del model
-        release_memory(dev)
-        res.teardown_s = time.perf_counter() - t0
+        _measure(t, source, tokens, res)
+        res.fill(memory.stop())
     return res
 
 
-def summarise(res: dict, spec: TrialSpec) -> dict:
-    """The record fields from an InferenceResult dict: medians and 95% intervals per batch."""
+def summarise(res: InferenceResult, spec: TrialSpec) -> dict:
+    """The record fields from an InferenceResult: medians and 95% intervals per batch."""
     out: dict = {}
     batches = [str(b) for b in spec.decode_batches]
-    pre = {b: res["prefill_times_s"].get(b) or [] for b in batches}
-    dec = {b: res["decode_step_times_s"].get(b) or [] for b in batches}
-    per_repeat = {b: res["decode_times_s"].get(b) or [] for b in batches}
+    pre = {b: res.prefill_times_s.get(b) or [] for b in batches}
+    dec = {b: res.decode_step_times_s.get(b) or [] for b in batches}
+    per_repeat = {b: res.decode_times_s.get(b) or [] for b in batches}
     n_steps = spec.new_tokens - 1
     first = batches[0]
     out["prefill_latency_s"] = median(pre[first]) if pre[first] else None
@@ -274,5 +256,5 @@ def summarise(res: dict, spec: TrialSpec) -> dict:
         if ci:
             out["decode_tokens_per_s_ci95"][b] = [int(b) * n_steps / ci[1], int(b) * n_steps / ci[0]]
     out["step_times_s"] = dec[first]  # per decoded token at the first batch size: the store's steps table
-    out["step_cpu_s"] = (res.get("decode_step_cpu_s") or {}).get(first) or []
+    out["step_cpu_s"] = res.decode_step_cpu_s.get(first) or []
     return out

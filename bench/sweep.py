@@ -13,6 +13,7 @@ from .env import Hardware, environment
 from .failures import prelaunch_unsupported
 from .launch import LaunchOptions, RankPool
 from .models import ModelNotFound, ModelStats, build_config, model_stats
+from .rank_result import InferenceResult, RankResult
 from .record import aggregate, aggregate_inference, base_record, failed_record
 from .spec import SpecError, TrialSpec
 from .store import Store
@@ -99,10 +100,18 @@ def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | Non
         out = pool.run(t.trial_id, t.spec.model_dump(), t.spec.timeout_s, base_config,
                        str(trace_dir.resolve()) if trace_dir else None)
     if out.reported:
-        if t.spec.scenario == "inference":
-            aggregate_inference(rec, out.results, t.spec)
+        from pydantic import ValidationError
+
+        kind = InferenceResult if t.spec.scenario == "inference" else RankResult
+        try:
+            results = [kind.from_message(m) for m in out.results]
+        except ValidationError as e:  # the rank's and the driver's llmbench disagree: a bug or a version skew
+            failed_record(rec, "failed", f"llmbench bug: a rank's result does not fit {kind.__name__}: {e}")
+            return
+        if kind is InferenceResult:
+            aggregate_inference(rec, results, t.spec)
         else:
-            aggregate(rec, out.results, t.stats)
+            aggregate(rec, results, t.stats)
         return
     status, error = out.status, out.error or ""
     kills_after = host_oom_kills()

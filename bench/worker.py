@@ -74,13 +74,13 @@ def main() -> None:
             trace = f"{msg['trace_dir']}/{msg['trial_id']}-rank{rank}.json" if msg.get("trace_dir") else None
             res = run_trial(spec, rank, world, args.accelerator, host, device, msg.get("base_config"), ranks_per_node,
                             trace)
-            ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.to_dict()})
+            ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.message()})
         if msg["type"] == "inference":  # single-process inference scenario (world size 1)
             from .inference import run_inference
 
             spec = TrialSpec.model_validate(msg["spec"])
             res = run_inference(spec, args.accelerator, host, device)
-            ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.to_dict()})
+            ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.message()})
         if msg["type"] == "bare":  # the reference loop for the collector-overhead benchmark
             spec = TrialSpec.model_validate(msg["spec"])
             out = bare_loop(spec, rank, args.accelerator, msg.get("base_config"))

@@ -69,7 +69,7 @@ def test_zero_paper_and_deepspeed_layout_agree_for_16_bit():
 def test_telemetry_without_gpu_is_empty_with_reason():
     s = NvmlSampler(0)
     s.start()
-    out = s.stop()
+    out = s.stop()["telemetry"]
     if out["available"]:
         pytest.skip("an NVIDIA GPU is visible here")
     assert out["reason"] and "NVML" in out["reason"]

@@ -261,10 +261,12 @@ def test_inference_defaults_to_one_process():
 
 def test_summary_takes_medians_and_intervals_per_batch():
     from llmbench.inference import summarise
+    from llmbench.rank_result import InferenceResult
 
     spec = TrialSpec(scenario="inference", world_size=1, decode_batches=[1, 4], new_tokens=3)
-    res = {"prefill_times_s": {"1": [0.1, 0.2, 0.3], "4": [0.2] * 3}, "decode_step_times_s": {"1": [0.1] * 6, "4": [0.2] * 6},
-           "decode_times_s": {"1": [0.2, 0.3, 0.4], "4": [0.4] * 3}}
+    res = InferenceResult(prefill_times_s={"1": [0.1, 0.2, 0.3], "4": [0.2] * 3},
+                          decode_step_times_s={"1": [0.1] * 6, "4": [0.2] * 6},
+                          decode_times_s={"1": [0.2, 0.3, 0.4], "4": [0.4] * 3})
     out = summarise(res, spec)
     assert out["prefill_latency_s"] == 0.2 and out["prefill_latency_s_per_batch"] == {"1": 0.2, "4": 0.2}
     assert out["decode_tokens_per_s"] == {"1": pytest.approx(1 * 2 / 0.3), "4": pytest.approx(4 * 2 / 0.4)}

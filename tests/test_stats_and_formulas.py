@@ -48,6 +48,8 @@ def test_host_step_timer_reads_wall_and_cpu_seconds_per_step():
         t.begin_step()
         time.sleep(0.05)
         t.end_step()
-    wall, cpu = t.result()
+    out = t.stop()
+    wall, cpu = out["step_times_s"], out["step_cpu_s"]
     assert len(wall) == len(cpu) == 2
     assert all(w >= 0.05 for w in wall) and all(c < 0.02 for c in cpu)
+    assert out["window_s"] >= sum(wall)

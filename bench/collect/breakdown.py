@@ -2,12 +2,15 @@
 
 DeepSpeed's breakdown timers synchronise the device around forward, backward and step, so
 they never run inside the throughput window: after the window, the engine is switched to
-global timers for a few extra steps and each step's timer snapshot is read.
+global timers for a few extra steps and each step's timer snapshot is read. `Breakdown` is
+that pass's collector (collector.py): `stop()` returns `{"breakdown": {...}}`.
 """
 
 from __future__ import annotations
 
 import statistics
+
+from .collector import Base
 
 # deepspeed.runtime.engine timer names (FORWARD_GLOBAL_TIMER etc.)
 TIMERS = {"fwd": "fwd_s", "bwd": "bwd_s", "bwd_inner": "bwd_compute_s", "bwd_allreduce": "comm_s", "step": "optimizer_s"}
@@ -42,3 +45,20 @@ def summarise(steps: list[dict[str, float]], spec) -> dict:
         notes.append("ZeRO-3 all-gathers parameters inside fwd_s and bwd_s")
     out["breakdown_note"] = "; ".join(notes) or None
     return out
+
+
+class Breakdown(Base):
+    """DeepSpeed's breakdown timers switched on at start, read at the end of every step."""
+
+    def __init__(self, engine, spec) -> None:
+        self.engine, self.spec = engine, spec
+        self.steps: list[dict[str, float]] = []
+
+    def start(self) -> None:
+        enable_breakdown(self.engine)
+
+    def end_step(self) -> None:
+        self.steps.append(snapshot(self.engine))
+
+    def stop(self) -> dict:
+        return {"breakdown": summarise(self.steps, self.spec)}

@@ -5,6 +5,7 @@ this runs only in its own pass after the window (`llmbench sweep --comms`). Deep
 comms logger is not used: in 0.19.8 it sizes `all_gather_into_tensor` and
 `reduce_scatter_tensor` from a parameter named `tensor`, which those functions lack (it
 records 0 bytes), and its all-reduce "algbw" is 2·S/t where nccl-tests uses S/t.
+`CommsRecorder` is a collector (collector.py): `stop()` returns `{"comms": {...}}`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections import defaultdict
 
 from ..device import sync
+from .collector import Base
 
 # deepspeed.comm functions wrapped, and which argument holds the collective's full buffer S
 # (nccl-tests, doc/PERFORMANCE.md): the buffer for all-reduce and broadcast, the whole output
@@ -41,11 +43,11 @@ def bandwidth(kind: str, size_bytes: int, seconds: float, n: int) -> tuple[float
     return alg, alg * bus_factor(kind, n)
 
 
-class CommsRecorder:
-    """Wraps deepspeed.comm's collectives while active; each call is synchronised and timed."""
+class CommsRecorder(Base):
+    """Wraps deepspeed.comm's collectives from start to stop; each call is synchronised and timed."""
 
     def __init__(self, world_size: int, accelerator: str):
-        self.n, self.accelerator = world_size, accelerator
+        self.n, self.accelerator, self.steps = world_size, accelerator, 0
         self.calls: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._saved: list[tuple[object, str, object]] = []
 
@@ -63,7 +65,7 @@ class CommsRecorder:
             return out
         return timed
 
-    def __enter__(self):
+    def start(self) -> None:
         import deepspeed.comm as package
         import deepspeed.comm.comm as module
 
@@ -73,12 +75,15 @@ class CommsRecorder:
                     original = getattr(ns, name)
                     self._saved.append((ns, name, original))
                     setattr(ns, name, self._wrap(kind, size_of, original))
-        return self
 
-    def __exit__(self, *exc):
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def stop(self) -> dict:
         for ns, name, original in reversed(self._saved):
             setattr(ns, name, original)
         self._saved.clear()
+        return {"comms": self.summary(max(1, self.steps))}
 
     def summary(self, steps: int) -> dict:
         """Per collective kind: calls and bytes per optimizer step, time, algbw and busbw (GB/s)."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .collector import Base
+
 _KB = 1024
 
 
@@ -171,25 +173,20 @@ def deepspeed_model_state_bytes(n_params: int, stage: int, dp: int, precision: s
     return (p + p + opt) * psi / n + p * n_persistent
 
 
-class PeakMemory:
-    """Each trial's own peak: CUDA allocator peaks on GPU, the process RSS high-water mark on CPU.
+class PeakMemory(Base):
+    """Each trial's own peak, a collector (collector.py) over the span it watches: the process
+    RSS high-water mark (the peak on a CPU); `CudaPeakMemory` adds the allocator's peaks.
 
     RSS's high-water mark (VmHWM) never falls by itself, so a trial in a warm worker would see
     its predecessors' peak; Linux resets it when "5" is written to /proc/self/clear_refs
     (proc(5), since Linux 4.0). Where that is not possible we say so (`hwm_reset=False`).
     """
 
-    def __init__(self, accelerator: str):
-        self.accelerator = accelerator
+    def __init__(self) -> None:
         self.hwm_reset = False
         self.rss_at_reset: int | None = None
 
-    def reset(self) -> None:
-        self.cuda_at_reset = 0
-        if self.accelerator == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.cuda_at_reset = torch.cuda.memory_allocated()
+    def start(self) -> None:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -213,23 +210,41 @@ class PeakMemory:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KB  # Linux reports KiB
 
-    def read(self) -> dict:
-        out = {"rss_peak_bytes": self.rss_peak_bytes(), "rss_peak_reset": self.hwm_reset,
-               "rss_at_start_bytes": self.rss_at_reset}
-        if self.accelerator == "cuda":
-            stats = torch.cuda.memory_stats()
-            out.update(
-                cuda_peak_allocated_bytes=stats.get("allocated_bytes.all.peak", 0),
-                cuda_peak_reserved_bytes=stats.get("reserved_bytes.all.peak", 0),
-                cuda_alloc_retries=stats.get("num_alloc_retries", 0),
-                cuda_ooms=stats.get("num_ooms", 0),
-            )
-            out["peak_mem_bytes"] = out["cuda_peak_allocated_bytes"]
-            out["baseline_bytes"] = self.cuda_at_reset
-        else:
-            out["peak_mem_bytes"] = out["rss_peak_bytes"]
-            out["baseline_bytes"] = self.rss_at_reset
+    def stop(self) -> dict:
+        rss = self.rss_peak_bytes()
+        return {"memory": {"rss_peak_bytes": rss, "rss_peak_reset": self.hwm_reset,
+                           "rss_at_start_bytes": self.rss_at_reset, "peak_mem_bytes": rss,
+                           "baseline_bytes": self.rss_at_reset}}
+
+
+class CudaPeakMemory(PeakMemory):
+    """On a GPU the peak is the caching allocator's (`torch.cuda.max_memory_allocated`), from
+    what it held at start; the RSS figures stay alongside."""
+
+    cuda_at_reset = 0
+
+    def start(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.cuda_at_reset = torch.cuda.memory_allocated()
+        super().start()
+
+    def stop(self) -> dict:
+        out = super().stop()
+        mem, stats = out["memory"], torch.cuda.memory_stats()
+        mem.update(
+            cuda_peak_allocated_bytes=stats.get("allocated_bytes.all.peak", 0),
+            cuda_peak_reserved_bytes=stats.get("reserved_bytes.all.peak", 0),
+            cuda_alloc_retries=stats.get("num_alloc_retries", 0),
+            cuda_ooms=stats.get("num_ooms", 0),
+        )
+        mem["peak_mem_bytes"] = mem["cuda_peak_allocated_bytes"]
+        mem["baseline_bytes"] = self.cuda_at_reset
         return out
+
+
+def peak_memory(accelerator: str) -> PeakMemory:
+    return CudaPeakMemory() if accelerator == "cuda" else PeakMemory()
 
 
 def probe_model_states(engine, run_micro_step) -> ModelStateBytes:

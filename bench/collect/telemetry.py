@@ -1,6 +1,7 @@
 """GPU telemetry from NVML (nvidia-ml-py), sampled in the background during the timed window.
 
-Absent GPUs or NVML: every field is empty and the reason is recorded; nothing fails.
+Absent GPUs or NVML: every field is empty and the reason is recorded; nothing fails. Both
+samplers are collectors (collector.py): `stop()` returns `{"telemetry": {...}}`.
 """
 
 from __future__ import annotations
@@ -9,15 +10,14 @@ import statistics
 import threading
 import time
 
+from .collector import Base
 
-class NoTelemetry:
+
+class NoTelemetry(Base):
     """Where there is no NVIDIA GPU: nothing sampled, and the record says why."""
 
-    def start(self) -> None:
-        pass
-
     def stop(self) -> dict:
-        return {"available": False, "reason": "no CUDA device: NVML telemetry applies to NVIDIA GPUs"}
+        return {"telemetry": {"available": False, "reason": "no CUDA device: NVML telemetry applies to NVIDIA GPUs"}}
 
 
 def telemetry_sampler(accelerator: str):
@@ -31,7 +31,7 @@ def telemetry_sampler(accelerator: str):
     return NvmlSampler(index, uuid=f"GPU-{uuid}" if uuid else None)
 
 
-class NvmlSampler:
+class NvmlSampler(Base):
     """Samples one device every `interval_s`; energy from the device's counter (mJ) around the window."""
 
     def __init__(self, device_index: int, interval_s: float = 0.1, uuid: str | None = None):
@@ -91,6 +91,9 @@ class NvmlSampler:
         self._thread.start()
 
     def stop(self) -> dict:
+        return {"telemetry": self.summary()}
+
+    def summary(self) -> dict:
         """Summary of the window: means, maxima, the throttle reasons seen, energy in joules."""
         if self.handle is None:
             return {"available": False, "reason": self.reason}
