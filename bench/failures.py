@@ -121,7 +121,9 @@ def recorded(res, memory, teardown: Callable[[], None]) -> Iterator[None]:
     """The failure and teardown path every trial shares (training and inference): a failure of
     the body is recorded in `res` (its status from `classify`, the error with a traceback unless
     it is one of our own checks), never raised, except KeyboardInterrupt; the memory collector
-    is read if the body did not get that far; `teardown()` always runs and is timed."""
+    is read if the body did not get that far; `teardown()` always runs and is timed. A
+    teardown that fails (a sticky CUDA error in engine.destroy) is recorded too: the trial's
+    figures may stand, but the process may not be fit for the next trial."""
     try:
         yield
     except KeyboardInterrupt:
@@ -135,24 +137,37 @@ def recorded(res, memory, teardown: Callable[[], None]) -> Iterator[None]:
         # exception is collected: the teardown below then frees them
         traceback.clear_frames(e.__traceback__)
         if not res.memory:
-            res.fill(memory.stop())
+            try:
+                res.fill(memory.stop())
+            except Exception as m:  # noqa: BLE001 - the trial's own failure is the one to report
+                res.notes.append(f"peak memory unreadable after the failure: {type(m).__name__}: {m}")
     finally:
         t0 = time.perf_counter()
-        teardown()
+        try:
+            teardown()
+        except Exception as e:  # noqa: BLE001
+            res.notes.append(f"teardown failed: {type(e).__name__}: {e}"[:500])
+            if res.status == "ok":
+                res.status, res.error = "failed", f"teardown failed: {type(e).__name__}: {e}"[:2000]
         res.teardown_s = time.perf_counter() - t0
 
 
-def check_runnable(spec, accelerator: str, nodes: int) -> list[str]:
+def check_runnable(spec, accelerator: str, nodes: int, notes: list[str]) -> None:
     """On the rank, before anything is built: `Unsupported` for what this device or stack cannot
     run (fp8 without FP8 tensor cores or torchao, torch.compile on a CPU without a C++
-    compiler); the notes to record for options that run but have no effect here."""
+    compiler); appends to `notes` what the record should say of options that run but have no
+    effect here (kept also when the trial is then refused)."""
     import shutil
 
     import torch
 
     from .precision import detect_capabilities, emulated_bf16_note
 
-    notes = [n for n in [emulated_bf16_note(spec.precision, detect_capabilities(accelerator))] if n]
+    notes += [n for n in [emulated_bf16_note(spec.precision, detect_capabilities(accelerator))] if n]
+    if spec.quant in ("zeropp-qg", "zeropp") and nodes < 2:
+        notes.append("zero_quantized_gradients has no effect on a single node: DeepSpeed quantizes only inter-node gradient traffic")
+    if spec.quant in ("zeropp-hpz", "zeropp") and nodes < 2:
+        notes.append("zero_hpz_partition_size has no effect on a single node: the secondary partition is the whole node")
     if spec.quant == "fp8":
         if accelerator != "cuda" or torch.cuda.get_device_capability() < (8, 9):
             raise Unsupported("fp8 training needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
@@ -160,10 +175,5 @@ def check_runnable(spec, accelerator: str, nodes: int) -> list[str]:
             import torchao.float8  # noqa: F401
         except ImportError:
             raise Unsupported("fp8 training needs torchao (pip install torchao)") from None
-    if spec.quant in ("zeropp-qg", "zeropp") and nodes < 2:
-        notes.append("zero_quantized_gradients has no effect on a single node: DeepSpeed quantizes only inter-node gradient traffic")
-    if spec.quant in ("zeropp-hpz", "zeropp") and nodes < 2:
-        notes.append("zero_hpz_partition_size has no effect on a single node: the secondary partition is the whole node")
     if spec.compile and accelerator == "cpu" and shutil.which("g++") is None and shutil.which("c++") is None:
         raise Unsupported("torch.compile on CPU needs a C++ compiler (g++)")
-    return notes

@@ -18,7 +18,9 @@ _MESSAGE_KEYS = ("type", "trial_id")  # the control channel's envelope, not the 
 
 
 class _Result(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+    # assignments are validated where they happen (on the rank, outside any timed window), so
+    # a wrong type fails the trial there with its cause, not the driver's parse
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True, validate_assignment=True)
 
     rank: int = 0
     status: str = "ok"

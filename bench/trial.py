@@ -95,7 +95,7 @@ def _prepare(t: _Trial, rank: int, world_size: int, device: str, base_config, ra
     """Config, data (each rank its own seeded stream, made before any timed region) and the measured peak."""
     spec = t.spec
     torch.manual_seed(spec.seed)
-    res.notes += check_runnable(spec, t.accelerator, max(1, world_size // ranks_per_node))
+    check_runnable(spec, t.accelerator, max(1, world_size // ranks_per_node), res.notes)
     config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
     cfg = ds_config(spec, t.accelerator, hidden_size(config), base_config, ranks_per_node)
     res.ds_config, res.transformers_config = cfg, config_to_dict(config)

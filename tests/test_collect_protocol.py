@@ -2,6 +2,7 @@
 failure and teardown path every trial shares (failures.recorded)."""
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -30,6 +31,20 @@ class Log(Base):
         return {self.name: len(self.log)}
 
 
+class Raises(Log):
+    def stop(self):
+        super().stop()
+        raise RuntimeError("stop failed")
+
+    def abort(self):
+        self.log.append(("abort", self.name))
+
+
+class Aborts(Log):
+    def abort(self):
+        self.log.append(("abort", self.name))
+
+
 def test_observe_nests_collectors_and_the_last_is_innermost():
     log: list = []
     outs, fields = observe([Log("a", log), Log("b", log)], lambda i: log.append(("step", i)) or i * 10,
@@ -44,7 +59,7 @@ def test_observe_nests_collectors_and_the_last_is_innermost():
     assert set(fields) == {"a", "b"}
 
 
-def test_a_failing_step_stops_every_started_collector_and_propagates():
+def test_a_failing_step_aborts_every_collector_and_propagates():
     """The comms recorder wraps deepspeed.comm's functions while started: a step that fails
     must not leave the wrappers in a warm worker."""
     import deepspeed.comm as dist
@@ -59,25 +74,38 @@ def test_a_failing_step_stops_every_started_collector_and_propagates():
         raise RuntimeError("step failed")
 
     with pytest.raises(RuntimeError, match="step failed"):
-        observe([Log("a", log), CommsRecorder(2, "cpu")], fail, range(3), lambda: None)
+        observe([Aborts("a", log), CommsRecorder(2, "cpu")], fail, range(3), lambda: None)
     assert dist.all_reduce is original
-    assert ("stop", "a") in log
+    assert log[-1] == ("abort", "a") and ("stop", "a") not in log  # released, nothing measured
 
 
-def test_every_collector_follows_the_protocol():
-    from llmbench.collect.breakdown import Breakdown
+def test_collectors_on_this_device_fill_only_rank_result_fields():
+    """Each collector a CPU rank builds, started, given a step and stopped, returns fields the
+    rank result has (a name it lacks would fail the trial at the driver); aborting one that
+    never started is safe."""
     from llmbench.collect.comms import CommsRecorder
-    from llmbench.collect.memory import CudaPeakMemory, PeakMemory
-    from llmbench.collect.profile import Profile
+    from llmbench.collect.memory import peak_memory
     from llmbench.collect.reference import ReferenceSpeed
-    from llmbench.collect.signals import TrainingSignals
-    from llmbench.collect.telemetry import NoTelemetry, NvmlSampler
-    from llmbench.collect.timing import CudaEventTimer, HostTimer
+    from llmbench.collect.telemetry import telemetry_sampler
+    from llmbench.collect.timing import step_timer
+    from llmbench.rank_result import RankResult
 
-    for cls in (Breakdown, CommsRecorder, PeakMemory, CudaPeakMemory, Profile, ReferenceSpeed, TrainingSignals,
-                NoTelemetry, NvmlSampler, HostTimer, CudaEventTimer):
-        assert issubclass(cls, Base) and all(callable(getattr(cls, m)) for m in ("start", "begin_step", "end_step", "stop"))
-    assert isinstance(HostTimer(), Collector)
+    known = {f.alias or name for name, f in RankResult.model_fields.items()} | set(RankResult.model_fields)
+    for make in (lambda: peak_memory("cpu"), lambda: ReferenceSpeed("cpu"), lambda: telemetry_sampler("cpu"),
+                 lambda: step_timer("cpu"), lambda: CommsRecorder(2, "cpu")):
+        make().abort()
+        outs, fields = observe([make()], lambda i: i, range(2), lambda: None)
+        assert fields and set(fields) <= known, fields
+        RankResult().fill(fields)  # and of the right types
+    assert isinstance(step_timer("cpu"), Collector)
+
+
+def test_a_collector_whose_stop_fails_still_lets_the_others_release():
+    """Stops run innermost first: when one fails, the outer ones not yet stopped are aborted."""
+    log: list = []
+    with pytest.raises(RuntimeError, match="stop failed"):
+        observe([Aborts("outer", log), Raises("inner", log)], lambda i: i, range(1), lambda: None)
+    assert log[-3:] == [("stop", "inner"), ("abort", "inner"), ("abort", "outer")]
 
 
 def test_peak_memory_sees_an_allocation_inside_its_span_only():
@@ -117,10 +145,13 @@ def test_rank_results_refuse_keys_the_other_end_does_not_know():
     assert wire["model_config"] == {"hidden_size": 8}  # the record's name for it
     back = RankResult.from_message(wire)
     assert back.rank == 1 and back.grad_norms == [None, 2.0] and back.transformers_config == {"hidden_size": 8}
+    assert back.losses[0] == 1.0 and math.isnan(back.losses[1])  # a diverged trial's NaN crosses as NaN
     with pytest.raises(ValidationError, match="bogus"):
         RankResult.from_message({**wire, "bogus": 1})
     with pytest.raises(ValueError):
         r.fill({"bogus": 1})
+    with pytest.raises(ValidationError):  # assignments are checked on the rank, where the cause is known
+        r.fill({"tokens": "many"})
     with pytest.raises(ValidationError):  # a training result is not an inference result
         InferenceResult.from_message(wire)
 
@@ -172,6 +203,35 @@ def test_recorded_keeps_the_failure_frees_its_frames_then_tears_down():
     assert seen["alive_at_teardown"] is False
     assert res.memory["peak_mem_bytes"] > 0 and res.teardown_s >= 0
 
+    torn: list = []
     with pytest.raises(KeyboardInterrupt):
-        with recorded(RankResult(), PeakMemory(), lambda: None):
+        with recorded(RankResult(), PeakMemory(), lambda: torn.append(1)):
             raise KeyboardInterrupt
+    assert torn == [1]  # Ctrl-C is not recorded as a failure, but the trial is still torn down
+
+
+def test_a_failed_teardown_is_recorded_not_raised():
+    from llmbench.collect.memory import PeakMemory
+    from llmbench.failures import recorded
+    from llmbench.rank_result import RankResult
+
+    def teardown():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    res = RankResult()
+    with recorded(res, PeakMemory(), teardown):
+        pass
+    assert res.status == "failed" and "teardown failed" in res.error and "illegal memory access" in res.error
+
+
+def test_notes_survive_a_refusal_before_the_build():
+    """The checks before the build append their notes to the result even when they then refuse."""
+    from llmbench.failures import Unsupported, check_runnable
+    from llmbench.spec import TrialSpec
+
+    notes: list = []
+    with pytest.raises(Unsupported, match="fp8"):
+        check_runnable(TrialSpec(model="tiny", precision="fp32", quant="fp8"), "cpu", 1, notes)
+    notes2: list = []
+    check_runnable(TrialSpec(model="tiny", precision="fp32", quant="zeropp", zero_stage=3), "cpu", 1, notes2)
+    assert any("zero_quantized_gradients" in n for n in notes2) and any("hpz" in n for n in notes2)

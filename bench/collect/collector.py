@@ -3,7 +3,9 @@
 A collector watches some steps of a trial: `start()` before the first, `begin_step()` and
 `end_step()` at each step's edges, `stop()` after the last (the device already synchronised),
 which returns the rank-result fields it fills, by name (`{"memory": {...}}`,
-`{"step_times_s": [...], "step_cpu_s": [...]}`). That is the whole protocol: the step timer,
+`{"step_times_s": [...], "step_cpu_s": [...]}`); or, when a step failed, `abort()`, which
+measures nothing and only releases what the collector holds (a sampling thread, wrapped
+functions, an open profiler), safe whether or not it started. That is the whole protocol: the step timer,
 peak memory, GPU telemetry, the reference speed, DeepSpeed's breakdown timers, the comms
 recorder and the profiler are all collectors (torchtitan's components/metrics.py has the
 same shape: one small class per concern behind one interface).
@@ -25,6 +27,7 @@ class Collector(Protocol):
     def stop(self) -> dict[str, Any]:
         """The rank-result fields this collector fills (read after the device synchronised)."""
         ...
+    def abort(self) -> None: ...
 
 
 class Base:
@@ -42,20 +45,23 @@ class Base:
     def stop(self) -> dict[str, Any]:
         return {}
 
+    def abort(self) -> None:
+        pass
+
 
 def observe(collectors: list[Collector], step: Callable[[int], Any], steps: Iterable[int],
             sync: Callable[[], None]) -> tuple[list[Any], dict[str, Any]]:
     """Run `step(i)` for each i under the collectors; returns the steps' outputs and every
     collector's fields. Nothing synchronises between steps; `sync()` runs once after the last.
-    When a step fails, every started collector is still stopped (its fields discarded), so
-    none outlives the trial in a warm worker (the comms recorder's wrappers, a sampler's
-    thread), and the failure propagates."""
-    started: list[Collector] = []
+    When a step (or a collector) fails, every collector not yet stopped is aborted, so none
+    outlives the trial in a warm worker (the comms recorder's wrappers, a sampler's thread),
+    and the failure propagates."""
+    stopped: set[int] = set()
     outputs = []
+    fields: dict[str, Any] = {}
     try:
         for c in collectors:
             c.start()
-            started.append(c)
         for i in steps:
             for c in collectors:
                 c.begin_step()
@@ -63,14 +69,15 @@ def observe(collectors: list[Collector], step: Callable[[int], Any], steps: Iter
             for c in reversed(collectors):
                 c.end_step()
         sync()
+        for c in reversed(collectors):
+            fields.update(c.stop())
+            stopped.add(id(c))
     except BaseException:
-        for c in reversed(started):
-            try:
-                c.stop()
-            except Exception:  # noqa: BLE001 - the step's failure is the one to report
-                pass
+        for c in reversed(collectors):
+            if id(c) not in stopped:
+                try:
+                    c.abort()
+                except Exception:  # noqa: BLE001 - the first failure is the one to report
+                    pass
         raise
-    fields: dict[str, Any] = {}
-    for c in reversed(collectors):
-        fields.update(c.stop())
     return outputs, fields

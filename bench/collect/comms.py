@@ -80,10 +80,14 @@ class CommsRecorder(Base):
         self.steps += 1
 
     def stop(self) -> dict:
+        self.abort()
+        return {"comms": self.summary(max(1, self.steps))}
+
+    def abort(self) -> None:
+        """Put deepspeed.comm's own functions back."""
         for ns, name, original in reversed(self._saved):
             setattr(ns, name, original)
         self._saved.clear()
-        return {"comms": self.summary(max(1, self.steps))}
 
     def summary(self, steps: int) -> dict:
         """Per collective kind: calls and bytes per optimizer step, time, algbw and busbw (GB/s)."""

@@ -17,7 +17,15 @@ class Profile(Base):
         self.prof = profile(activities=acts)
         self.prof.__enter__()
 
+    prof = None
+
     def stop(self) -> dict:
         self.prof.__exit__(None, None, None)
         self.prof.export_chrome_trace(self.path)
         return {"trace": self.path}
+
+    def abort(self) -> None:
+        """Close the profiler without writing a trace."""
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.prof = None

@@ -117,11 +117,23 @@ class NvmlSampler(Base):
                 temp_c_max=max(x["temp_c"] for x in s),
                 throttle_reasons=throttle_names(self.nvml, throttles),
             )
-        try:
-            self.nvml.nvmlShutdown()
-        except Exception:
-            pass
+        self._shutdown()
         return out
+
+    def abort(self) -> None:
+        """Stop sampling and release NVML, measuring nothing (safe before start)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.nvml is not None:
+            try:
+                self.nvml.nvmlShutdown()
+            except Exception:
+                pass
+            self.nvml = None
 
 
 def throttle_names(nvml, mask: int) -> list[str]:

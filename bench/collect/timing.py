@@ -67,6 +67,8 @@ class CudaEventTimer(_Window):
         self._record()
 
     def stop(self) -> dict:
+        if self.events:
+            self.events[-1].synchronize()  # elapsed_time() refuses an event not yet completed
         steps = [a.elapsed_time(b) / 1000 for a, b in zip(self.events, self.events[1:])]
         return {"window_s": self._window_s(), "step_times_s": steps, "step_cpu_s": []}
 
