@@ -1,7 +1,14 @@
-"""`llmbench gate BASELINE CANDIDATE`: does the candidate regress against the baseline?
+"""The one engine behind `llmbench gate` and `llmbench compare`: match two runs' trials,
+judge every figure. `gate` decides (exit code 1 on a regression); `compare` shows the same
+verdicts with more figures beside them (`detail`, never judged).
 
-Trials are matched by trial id (and must describe the same configuration). Each metric has
-a direction and a margin:
+Trials are matched by identity (`config_hash`, identity.py: every setting that can change a
+figure): a baseline trial is paired with the candidate trial of the same identity (of the
+same trial id where several share it). A candidate trial of the same id but another
+identity is "not compared", naming the keys that differ (`attn_implementation: sdpa →
+eager`); when fewer than half of the baseline's trials find their identity in the
+candidate, the runs are not comparable and `gate` refuses (GateInputError, exit code 2).
+Each metric has a direction and a margin:
 
 - Which time is gated: on a GPU, the wall-clock step time (which sets tokens/s). On the CPU
   accelerator, each step time divided by a fixed reference workload timed on the same ranks
@@ -58,8 +65,9 @@ METRICS: list[Metric] = [
 # where a record has no per-step samples (a CSV export): tokens/s by the margin alone
 TOKENS_PER_S = Metric("tokens_per_s", "tokens/s", True, "level", METRICS[0].margin)
 TIME_FIELDS = {"wall": "step_times_s", "rel": "step_times_rel", "cpu": "step_cpu_s", "cpu-rel": "step_cpu_rel"}
-IDENTITY = ("model", "family", "precision", "zero_stage", "micro_batch", "grad_accum", "world_size", "seq_len",
-            "offload", "quant", "scenario")
+# shown by `compare` beside the judged figures, never judged (detail=True)
+DETAIL = [Metric("tokens_per_s", "tokens/s", True, "detail", 0.0), Metric("mfu_vs_measured_peak", "MFU (measured peak)", True, "detail", 0.0),
+          Metric("mfu", "MFU", True, "detail", 0.0), Metric("prefill_latency_s", "prefill s", False, "detail", 0.0)]
 
 
 class GateInputError(ValueError):
@@ -84,6 +92,14 @@ class Verdict:
 class GateResult:
     verdicts: list[Verdict] = field(default_factory=list)
 
+    def to_json(self, baseline: str, candidate: str) -> dict:
+        """What `gate --json` and `compare --json` write: the decision and every verdict."""
+        from dataclasses import asdict
+
+        return {"baseline": baseline, "candidate": candidate, "comparable": True, "passed": self.passed,
+                "regressions": sorted({v.trial_id for v in self.regressions}),
+                "verdicts": [asdict(v) for v in self.verdicts]}
+
     @property
     def regressions(self) -> list[Verdict]:
         return [v for v in self.verdicts if v.outcome == "regression"]
@@ -106,7 +122,7 @@ def _records_from_file(path: Path) -> list[dict]:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         import pandas as pd
 
-        df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        df = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, dtype={"config_hash": str})
     except (OSError, ValueError) as e:
         raise GateInputError(f"{path}: cannot be read: {e}") from None
     records = []
@@ -193,20 +209,56 @@ def compare_time(a: list[float], b: list[float], alpha: float) -> tuple[float, f
 RUN_MARGIN = 0.15
 
 
+def match(baseline: list[dict], candidate: list[dict]) -> list[tuple[dict, dict | None, list[str]]]:
+    """Each baseline trial with its candidate: (baseline, candidate or None, keys that differ).
+    The candidate of the same identity (identity.same), of the same trial id first, else one
+    of that identity whose id the baseline does not use (a renamed trial); else the candidate
+    of the same id, with what differs; else None (absent: it counts as not matching, so a
+    candidate run that stopped part-way is refused as not comparable rather than judged)."""
+    from .identity import differences, same
+
+    by_id = {r["trial_id"]: r for r in candidate}
+    base_ids = {r["trial_id"] for r in baseline}
+    used: set[int] = set()
+    pairs = []
+    for b in baseline:
+        c = by_id.get(b["trial_id"])
+        if c is None or not same(b, c):
+            alt = next((x for x in candidate if id(x) not in used and x["trial_id"] not in base_ids and same(b, x)), None)
+            if alt is None:
+                pairs.append((b, c, differences(b, c) if c is not None else []))
+                continue
+            c = alt
+        used.add(id(c))
+        pairs.append((b, c, []))
+    return pairs
+
+
+def comparable(pairs: list[tuple[dict, dict | None, list[str]]]) -> None:
+    """GateInputError when fewer than half of the baseline's trials found their identity."""
+    matched = [b for b, c, d in pairs if c is not None and not d]
+    if pairs and len(matched) * 2 < len(pairs):
+        unmatched = [f"{b['trial_id']}: " + ("; ".join(d[:3]) if c is not None else "absent")
+                     for b, c, d in pairs if c is None or d][:4]
+        raise GateInputError(f"only {len(matched)} of {len(pairs)} baseline trials have a candidate trial of the same "
+                             f"configuration (config_hash), so the runs are not comparable: {', '.join(unmatched)}")
+
+
 def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] | None = None,
-         alpha: float = 0.002, time_basis: str = "auto", decide: str = "auto") -> GateResult:
+         alpha: float = 0.002, time_basis: str = "auto", decide: str = "auto", detail: bool = False) -> GateResult:
     """Judge every matched trial; see the module docstring. `decide` says who decides on time:
     each trial (`trial`, the default on a GPU), or the whole run (`run`, the default on the CPU
     accelerator): the geometric mean over matched trials of the gated time's ratio must exceed
     the run margin with at least 3/4 of the trials moving the same way; per-trial time
-    verdicts are then shown as advisory ("slower", "faster")."""
+    verdicts are then shown as advisory ("slower", "faster"). `detail` adds the DETAIL figures
+    (outcome "reported"): what `compare` shows. GateInputError when the runs are not comparable."""
     margins = margins or {}
-    cand = {r["trial_id"]: r for r in candidate}
+    pairs = match(baseline, candidate)
+    comparable(pairs)
     out = GateResult()
     timed: list[tuple[Verdict, bool]] = []
-    for b in baseline:
-        c = cand.get(b["trial_id"])
-        unmatched = _status_verdict(b, c) or _configuration_verdict(b, c)
+    for b, c, differs in pairs:
+        unmatched = _configuration_verdict(b, differs) or _status_verdict(b, c)
         if unmatched:
             out.verdicts.append(unmatched)
             continue
@@ -229,9 +281,23 @@ def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] 
             else:
                 _judge_level(v, m, va, vb)
             out.verdicts.append(v)
+        if detail:
+            out.verdicts += _detail(b, c, {m.field for m in metrics})
     run_level = decide == "run" or (decide == "auto" and timed and all(cpu for _, cpu in timed))
     if run_level and timed:
         out.verdicts.append(run_verdict([v for v, _ in timed], margins.get("run", RUN_MARGIN)))
+    return out
+
+
+def _detail(b: dict, c: dict, judged: set[str]) -> list[Verdict]:
+    """The figures `compare` shows beside the judged ones: their change, no verdict."""
+    out = []
+    for m in DETAIL:
+        va, vb = b.get(m.field), c.get(m.field)
+        if m.field in judged or va is None or vb is None:
+            continue
+        out.append(Verdict(b["trial_id"], m.label, va, vb, change=vb / va - 1 if va else None, outcome="reported",
+                           why="shown, not judged"))
     return out
 
 
@@ -248,13 +314,12 @@ def _status_verdict(b: dict, c: dict | None) -> Verdict | None:
     return None
 
 
-def _configuration_verdict(b: dict, c: dict) -> Verdict | None:
-    """Same trial id, different configuration: not compared."""
-    differs = [k for k in IDENTITY if b.get(k) != c.get(k)]
+def _configuration_verdict(b: dict, differs: list[str]) -> Verdict | None:
+    """Same trial id, another identity: not compared, naming what differs."""
     if not differs:
         return None
     return Verdict(b["trial_id"], "configuration", "", "", outcome="not compared",
-                   why="different configuration: " + ", ".join(f"{k} {b.get(k)}→{c.get(k)}" for k in differs))
+                   why="different configuration: " + "; ".join(differs[:6]) + (" ..." if len(differs) > 6 else ""))
 
 
 def gated_time(b: dict, c: dict, time_basis: str) -> tuple[str, bool]:

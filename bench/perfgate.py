@@ -8,7 +8,10 @@ another). Absolute times are recorded by pytest-benchmark and reported, never ga
 
 - A count is checked only where the software fingerprint (Python, torch, DeepSpeed,
   transformers) matches the baseline's; a ratio also needs the same hardware (accelerator,
-  device, cores). A different environment skips with a warning instead of failing.
+  device, cores, CPU capability). Outside CI a different environment skips with a warning.
+  Under CI (`CI=true`, which .ci/run sets, installing from constraints.txt) another software
+  fingerprint FAILS: a new DeepSpeed or transformers release must not quietly turn every gate
+  into a skip. Another CPU still skips the ratios with a warning (CI may run on either kind).
 - A metric missing from the baseline fails.
 - Whenever a gate fails or a metric is missing, the regenerated baseline (every measured
   value, the margins kept) is printed at the end of the session, for a change that moves
@@ -35,6 +38,11 @@ def software_fingerprint() -> dict:
 
     return {"python": ".".join(platform.python_version_tuple()[:2]), "torch": torch.__version__,
             "deepspeed": v("deepspeed"), "transformers": v("transformers")}
+
+
+def _public(version):
+    """A version without its local build tag: 2.13.0+cpu → 2.13.0 (PEP 440)."""
+    return version.split("+")[0] if isinstance(version, str) else version
 
 
 def hardware_fingerprint() -> dict:
@@ -82,11 +90,20 @@ class Baseline:
         return cls(path, raw.get("fingerprint", {}), {k: Metric(**m) for k, m in raw.get("metrics", {}).items()})
 
     def env_mismatch(self, kind: str, current: dict | None = None) -> str | None:
-        """Why this baseline does not apply to a metric of `kind` here, or None."""
+        """Why this baseline does not apply to a metric of `kind` here, or None. Software is
+        compared by public version (what constraints.txt pins); a build tag (torch's `+cpu`,
+        `+cu128`) belongs with the hardware: another build is another machine's torch."""
         current = current or {"software": software_fingerprint(), "hardware": hardware_fingerprint()}
-        parts = ["software"] + (["hardware"] if kind == "ratio" else [])
-        diffs = [f"{k}: baseline {self.fingerprint.get(p, {}).get(k)!r}, here {v!r}"
-                 for p in parts for k, v in current[p].items() if self.fingerprint.get(p, {}).get(k) != v]
+        base = self.fingerprint
+        diffs = [f"{k}: baseline {base.get('software', {}).get(k)!r}, here {v!r}"
+                 for k, v in current["software"].items()
+                 if _public(base.get("software", {}).get(k)) != _public(v)]
+        if kind == "ratio":
+            diffs += [f"{k}: baseline {base.get('hardware', {}).get(k)!r}, here {v!r}"
+                      for k, v in current["hardware"].items() if base.get("hardware", {}).get(k) != v]
+            diffs += [f"{k} build: baseline {base.get('software', {}).get(k)!r}, here {v!r}"
+                      for k, v in current["software"].items()
+                      if _public(base.get("software", {}).get(k)) == _public(v) and base.get("software", {}).get(k) != v]
         return "; ".join(diffs) or None
 
     def check(self, name: str, measured: float, kind: str, better: str, default_margin: float,
@@ -126,21 +143,41 @@ class Baseline:
                 "metrics": dict(sorted(metrics.items()))}
 
 
-def assert_gate(baseline: Baseline, name: str, value: float, kind: str, better: str, margin: float,
-                noise_cv: float | None = None) -> Check:
-    """For a pytest test: fail if `name` is missing from the baseline or worse than its
-    margin; skip with a warning where the baseline was measured in another environment."""
+def in_ci() -> bool:
+    import os
+
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def require_environment(baseline: Baseline, name: str, kind: str) -> None:
+    """For a pytest test: go on where the baseline applies here. Another software fingerprint
+    fails under CI and skips with a warning elsewhere; other hardware (ratios) skips with a
+    warning everywhere."""
     import warnings
 
     import pytest
 
-    check = baseline.check(name, value, kind, better, margin, noise_cv)
-    if name not in baseline.metrics:
-        pytest.fail(check.message + "; the regenerated baseline is printed at the end of the session")
+    software = baseline.env_mismatch("count")
+    if software and in_ci():
+        pytest.fail(f"perf gate {name}: CI runs other software than the baseline was measured with ({software}); "
+                    f"install from constraints.txt (Python itself is not in it: CI's Python must be the baseline's), "
+                    f"or regenerate the baseline and the constraints together (docs/gates.md)")
     why = baseline.env_mismatch(kind)
     if why:
         baseline.failures = [f for f in baseline.failures if f != name]
         warnings.warn(f"perf gate {name} skipped: the baseline comes from another environment ({why})")
         pytest.skip(f"baseline from another environment: {why}")
+
+
+def assert_gate(baseline: Baseline, name: str, value: float, kind: str, better: str, margin: float,
+                noise_cv: float | None = None) -> Check:
+    """For a pytest test: fail if `name` is missing from the baseline or worse than its
+    margin; where the baseline was measured in another environment, `require_environment`."""
+    import pytest
+
+    check = baseline.check(name, value, kind, better, margin, noise_cv)
+    if name not in baseline.metrics:
+        pytest.fail(check.message + "; the regenerated baseline is printed at the end of the session")
+    require_environment(baseline, name, kind)
     assert check.passed, "performance regression: " + check.message
     return check

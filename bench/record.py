@@ -10,6 +10,7 @@ import statistics
 
 from .collect.flops import datasheet_peak_tflops, screen_utilisation, utilisation
 from .collect.stats import cv, median, median_ci95
+from .identity import config_hash, differences
 from .models import ModelStats
 from .rank_result import InferenceResult, RankResult
 from .schema import TrialRecord
@@ -19,13 +20,16 @@ STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skippe
 
 
 def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats | None, env: dict,
-                label: str | None = None) -> dict:
+                label: str | None = None, model_config: dict | None = None, ds_config: dict | None = None) -> dict:
     """The record every trial starts from, whatever happens to it: the schema's defaults
-    (llmbench.schema.TrialRecord) with the trial's identity, settings and model counts."""
+    (llmbench.schema.TrialRecord) with the trial's identity, settings, model counts and the
+    configs planned for it (the ranks' own replace them when they report)."""
     model = {k: getattr(stats, k) if stats else None
              for k in ("n_params", "n_embedding_params", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "vocab_size")}
-    return TrialRecord(run_id=run_id, label=label, trial_id=trial_id, **spec.model_dump(), global_batch=spec.global_batch,
-                       **model, env=env).model_dump(by_alias=True)
+    rec = TrialRecord(run_id=run_id, label=label, trial_id=trial_id, **spec.model_dump(), global_batch=spec.global_batch,
+                      **model, env=env, model_config=model_config, ds_config=ds_config).model_dump(by_alias=True)
+    rec["config_hash"] = config_hash(rec)
+    return rec
 
 
 def failed_record(rec: dict, status: str, error: str) -> dict:
@@ -38,7 +42,9 @@ def aggregate(rec: dict, ranks: list[RankResult], stats: ModelStats | None = Non
     """Fill a record from every rank's result: what every trial has, then (if all ranks
     succeeded) each group of measurements in its own function below."""
     ranks = sorted(ranks, key=lambda r: r.rank)
-    rec.update(_common(ranks))
+    planned = dict(rec)
+    rec.update({k: v for k, v in _common(ranks).items() if v is not None or k not in ("ds_config", "model_config")})
+    _check_identity(planned, rec)
     bad = [r for r in ranks if r.status != "ok"]
     if bad:
         return failed_record(rec, bad[0].status, f"rank {bad[0].rank}: {bad[0].error}")
@@ -48,6 +54,16 @@ def aggregate(rec: dict, ranks: list[RankResult], stats: ModelStats | None = Non
                  _telemetry, _comms, _training_signals):
         rec.update(part(rec, ranks, stats))
     return rec
+
+
+def _check_identity(planned: dict, rec: dict) -> None:
+    """The identity is what the ranks ran: where their configs differ from the planned ones
+    (they should not), the record says which keys, and its hash follows the ranks."""
+    if planned["config_hash"] is None or planned["config_hash"] == config_hash(rec):
+        return
+    rec["config_hash"] = config_hash(rec)
+    rec["notes"] = rec["notes"] + ["the ranks ran another configuration than the planned one: "
+                                   + "; ".join(differences(planned, rec)[:5])]
 
 
 def _common(ranks: list[RankResult]) -> dict:
@@ -198,8 +214,9 @@ def aggregate_inference(rec: dict, ranks: list[InferenceResult], spec: TrialSpec
         return failed_record(rec, "failed", f"an inference trial runs in one process; {len(ranks)} reported")
     r = ranks[0]
     mem = r.memory
+    planned = dict(rec)
     rec.update(
-        model_config=r.transformers_config or None,
+        model_config=r.transformers_config or planned["model_config"],
         entropy_floor=r.entropy_floor,
         entropy_floor_nats=r.entropy_floor,
         hosts=[r.host],
@@ -216,6 +233,7 @@ def aggregate_inference(rec: dict, ranks: list[InferenceResult], spec: TrialSpec
                                       "weight_bytes", "weight_bytes_reference", "eval_batches_sha256", "eval_tokens",
                                       "eval_nll_nats", "perplexity", "threads")},
     )
+    _check_identity(planned, rec)
     if r.status != "ok":
         return failed_record(rec, r.status, r.error or "")
     rec.update(summarise(r, spec))

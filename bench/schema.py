@@ -10,9 +10,9 @@ Parts: `identity` (which run and trial), `outcome` (status, error, notes), `sett
 was asked for: the TrialSpec, one definition shared with suites and `--set`), `model` (counts
 of the model built), `measurements` (what was seen), `provenance` (configs and environment).
 
-Versions: 1 = records stored before the schema existed (no `schema_version` field); 2 = this.
-`migrate` brings an older record to the current version; stores and exports of version 1
-load through it.
+Versions: 1 = records stored before the schema existed (no `schema_version` field); 2 = the
+schema without `config_hash`; 3 = this. `migrate` brings an older record to the current
+version; stores and exports of versions 1 and 2 load through it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, create_model
 
 from .spec import TrialSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def F(default: Any = None, unit: str = "", definition: str = "", part: str = "measurements"):  # noqa: N802
@@ -96,6 +96,8 @@ class TrialRecord(_Settings):
     run_id: str = F("", "", "the run (one sweep) this trial belongs to", _ID)
     label: Optional[str] = F(None, "", "the run's --label", _ID)
     trial_id: str = F("", "", "readable id from the swept axes' values (resolved precision)", _ID)
+    config_hash: Optional[str] = F(None, "", "SHA-256 (16 hex) of every setting that can change a figure: resolved settings, "
+                                   "model config, DeepSpeed config (identity.py); gate, compare and --resume match on it", _ID)
     status: str = F("ok", "", "ok, oom, unsupported, timeout, failed, diverged, skipped or interrupted", _OUT)
     error: Optional[str] = F(None, "", "why the trial did not succeed (first line: the cause)", _OUT)
     notes: list = F([], "", "caveats about this trial's figures (unsteady window, emulated bf16, ...)", _OUT)
@@ -247,7 +249,9 @@ def migrate(record: dict) -> dict:
     """Bring a stored or exported record to the current schema version.
 
     Version 1 (no `schema_version`): the precision ran was the precision asked for (suites
-    named it explicitly then), and the measured-peak provenance fields did not exist."""
+    named it explicitly then), and the measured-peak provenance fields did not exist.
+    Versions 1-2: no `config_hash`; it is computed from the record's own settings, model and
+    DeepSpeed configs (a setting the record predates ran at its default)."""
     version = record.get("schema_version", 1)
     if version >= SCHEMA_VERSION:
         return record
@@ -256,6 +260,13 @@ def migrate(record: dict) -> dict:
         out.setdefault("requested_precision", out.get("precision"))
         out.setdefault("measured_peak_source", None)
         out.setdefault("measured_peak_probe_s", None)
+    if version <= 2:
+        from .identity import config_hash
+
+        for name, f in TrialSpec.model_fields.items():
+            if name not in out:
+                out[name] = f.get_default(call_default_factory=True)
+        out["config_hash"] = config_hash(out)
     out["schema_version"] = SCHEMA_VERSION
     return out
 

@@ -12,7 +12,8 @@ from .collect.memory import host_oom_kills, oom_killed
 from .env import Hardware, environment
 from .failures import prelaunch_unsupported
 from .launch import LaunchOptions, RankPool
-from .models import ModelNotFound, ModelStats, build_config, model_stats
+from .engine import ds_config
+from .models import ModelNotFound, ModelStats, build_config, config_to_dict, model_stats
 from .rank_result import InferenceResult, RankResult
 from .record import aggregate, aggregate_inference, base_record, failed_record
 from .spec import SpecError, TrialSpec
@@ -30,6 +31,8 @@ class PlannedTrial:
     skip: str | None = None  # why this grid combination is not run
     stats: ModelStats | None = None
     unsupported: str | None = None  # why this device cannot run it, known before launch (failures.py)
+    model_config: dict | None = None  # the transformers config the ranks will build
+    ds_config: dict | None = None  # the DeepSpeed config they will pass (None: inference, no DeepSpeed)
 
 
 @dataclass
@@ -41,27 +44,46 @@ class Plan:
 
 
 def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, base_config: dict | None = None) -> Plan:
-    """Check every trial's model before anything launches; bad input raises SpecError."""
-    cache: dict[tuple, ModelStats] = {}
+    """Check every trial's model before anything launches (bad input raises SpecError), and
+    make the configs it will run with: the transformers config and the DeepSpeed config,
+    which with its settings are the trial's identity (identity.py)."""
+    cache: dict[tuple, tuple[ModelStats, dict]] = {}
     trials = []
     for trial_id, spec, skip in sorted(expanded, key=lambda t: t[1].world_size):
-        key = (spec.model, spec.family, spec.seq_len)
+        key = (spec.model, spec.family, spec.seq_len, spec.attn_implementation)
         if key not in cache:
             try:
-                cache[key] = model_stats(build_config(spec.model, spec.family, spec.seq_len))
+                config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
             except ModelNotFound as e:
                 raise SpecError(f"model: {e}") from None
+            cache[key] = (model_stats(config), config_to_dict(config))
+        stats, model_config = cache[key]
         if hw.accelerator == "cpu" and spec.world_size > 2 * hw.cpu_cores:
             raise SpecError(f"world_size={spec.world_size}: more than twice the {hw.cpu_cores} CPU cores; timings would be noise")
         refused = prelaunch_unsupported(spec.precision, hw.accelerator) if spec.scenario == "train" and not skip else None
-        trials.append(PlannedTrial(trial_id, spec, skip, cache[key], refused))
+        trials.append(PlannedTrial(trial_id, spec, skip, stats, refused, model_config,
+                                   _planned_ds_config(spec, hw, stats, base_config)))
     return Plan(trials, base_config)
+
+
+def _planned_ds_config(spec: TrialSpec, hw: Hardware, stats: ModelStats, base_config: dict | None) -> dict | None:
+    """The DeepSpeed config the ranks will make (trial._prepare calls the same function);
+    None for inference, which runs no DeepSpeed, or where no config can be made."""
+    if spec.scenario != "train":
+        return None
+    try:
+        return ds_config(spec, hw.accelerator, stats.hidden_size, base_config)
+    except (ValueError, SpecError):
+        return None
 
 
 def check_resume(store: Store, run_id: str, plan: Plan) -> str:
     """The stored run `--resume RUN` continues (its full id), or SpecError: no such run, trials
-    the plan does not define, or a trial that ran at another precision than the plan's (`auto`
-    may resolve differently on another host or under an ISA limit)."""
+    the plan does not define, or a trial whose identity (identity.py: settings, model and
+    DeepSpeed configs) differs from the plan's, naming the keys that differ (`auto` may
+    resolve to another precision on another host or under an ISA limit, a `--set` may differ)."""
+    from .identity import differences, same
+
     run = store.run(run_id)
     if run is None:
         raise SpecError(f"--resume {run_id}: no such run in {store.path}")
@@ -71,10 +93,16 @@ def check_resume(store: Store, run_id: str, plan: Plan) -> str:
     if unknown:
         raise SpecError(f"--resume {run_id}: the run holds trials this suite does not define ({', '.join(sorted(unknown))})")
     for t in plan.trials:
-        was = stored.get(t.trial_id, {}).get("precision")
-        if was and was != t.spec.precision:
-            raise SpecError(f"--resume {run_id}: trial {t.trial_id} ran at precision {was}, this plan would run "
-                            f"{t.spec.precision}; pass --set precision={was} to continue the run as it began")
+        was = stored.get(t.trial_id)
+        if was is None:
+            continue
+        now = base_record(run_id, t.trial_id, t.spec, t.stats, {}, None, t.model_config, t.ds_config)
+        if not same(was, now):
+            diff = differences(was, now)
+            hint = (f"; pass --set precision={was['precision']} to continue the run as it began"
+                    if was.get("precision") != t.spec.precision else "; pass the settings the run began with")
+            raise SpecError(f"--resume {run_id}: trial {t.trial_id} ran with other settings than this plan's "
+                            f"({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}){hint}")
     return run_id
 
 
@@ -177,7 +205,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
             if on_trial_start:
                 on_trial_start(seq, t)
             t_trial = time.perf_counter()
-            rec = base_record(run_id, t.trial_id, t.spec, t.stats, env, label)
+            rec = base_record(run_id, t.trial_id, t.spec, t.stats, env, label, t.model_config, t.ds_config)
             if t.skip:
                 failed_record(rec, "skipped", t.skip)
             elif t.unsupported:  # nothing launched for it
@@ -197,7 +225,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
             rec["trial_wall_s"] = time.perf_counter() - t_trial
             if rec["window_s"] is not None:
                 rec["overhead_s"] = rec["trial_wall_s"] - rec["window_s"]
-            rec = _store_trial(store, rec, seq, lambda: base_record(run_id, t.trial_id, t.spec, t.stats, env, label))
+            rec = _store_trial(store, rec, seq, lambda: base_record(run_id, t.trial_id, t.spec, t.stats, env, label, t.model_config, t.ds_config))
             records.append(rec)
             current = None
             seq += 1
@@ -211,7 +239,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         if pool is not None:
             pool.kill()
         if current is not None:
-            rec = failed_record(base_record(run_id, current.trial_id, current.spec, current.stats, env, label),
+            rec = failed_record(base_record(run_id, current.trial_id, current.spec, current.stats, env, label, current.model_config, current.ds_config),
                                 "interrupted", "the sweep was interrupted (Ctrl-C) during this trial")
             store.add_trial(rec, seq)
             records.append(rec)

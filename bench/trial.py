@@ -8,6 +8,7 @@ micro-step: losses stay on the device until the window closes.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -98,7 +99,7 @@ def _prepare(t: _Trial, rank: int, world_size: int, device: str, base_config, ra
     check_runnable(spec, t.accelerator, max(1, world_size // ranks_per_node), res.notes)
     config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
     cfg = ds_config(spec, t.accelerator, hidden_size(config), base_config, ranks_per_node)
-    res.ds_config, res.transformers_config = cfg, config_to_dict(config)
+    res.ds_config, res.transformers_config = copy.deepcopy(cfg), config_to_dict(config)  # as passed, before DeepSpeed sees it
     source = MarkovSource(config.vocab_size, seed=spec.seed)
     res.entropy_floor = source.entropy_rate_nats
     n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum

@@ -31,6 +31,21 @@ def fp32_sweep(tmp_path_factory):
     return [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
 
 
+@pytest.fixture(scope="session")
+def gate_db(zero_sweep, tmp_path_factory):
+    """A copy of the session's store plus a second real `llmbench sweep zero` of the same code:
+    (store, baseline run id, rerun id)."""
+    import sqlite3
+
+    db = tmp_path_factory.mktemp("gate") / "llmbench.db"
+    src, dst = sqlite3.connect(zero_sweep["db"]), sqlite3.connect(db)
+    src.backup(dst)
+    src.close(), dst.close()
+    llmbench("sweep", "zero", "--db", str(db), "--out", str(db.parent / "out"), "--label", "rerun")
+    (a,), (b,) = sqlite3.connect(db).execute("SELECT run_id FROM runs ORDER BY created_at").fetchall()
+    return db, a, b
+
+
 def pytest_addoption(parser):
     parser.addoption("--gate-write-baseline", action="store_true",
                      help="Write the regenerated perf-gate baseline to tests/perf/baseline.json.")

@@ -59,21 +59,6 @@ def test_rule_status_counts_and_configuration():
     assert out[("d", "status")].outcome == "regression" and out[("d", "status")].candidate == "absent"
 
 
-@pytest.fixture(scope="session")
-def gate_db(zero_sweep, tmp_path_factory):
-    """A copy of the session's store plus a second real `llmbench sweep zero` of the same code:
-    (store, baseline run id, rerun id)."""
-    import sqlite3
-
-    db = tmp_path_factory.mktemp("gate") / "llmbench.db"
-    src, dst = sqlite3.connect(zero_sweep["db"]), sqlite3.connect(db)
-    src.backup(dst)
-    src.close(), dst.close()
-    llmbench("sweep", "zero", "--db", str(db), "--out", str(db.parent / "out"), "--label", "rerun")
-    (a,), (b,) = sqlite3.connect(db).execute("SELECT run_id FROM runs ORDER BY created_at").fetchall()
-    return db, a, b
-
-
 def test_gate_passes_two_real_runs_of_the_same_code(gate_db):
     db, a, b = gate_db
     assert a != b

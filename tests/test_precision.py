@@ -210,7 +210,9 @@ def test_base_config_auto_precision_is_auto():
     assert axes_from_base_config({"bf16": {"enabled": False}})["precision"] == "fp32"
 
 
-def test_resume_refuses_to_finish_a_run_at_another_precision(tmp_path):
+def test_resume_refuses_to_finish_a_run_with_other_settings(tmp_path):
+    """--resume compares the whole identity (identity.py), not the precision alone: a changed
+    precision or a changed `--set steps=` is refused before anything launches, naming the keys."""
     suite = tmp_path / "r.yaml"
     suite.write_text("name: r\nfixed: {model: tiny, seq_len: 32, micro_batch: 2, warmup_steps: 2, steps: 2, "
                      "breakdown_steps: 0}\ngrid: {zero_stage: [0]}\n")
@@ -219,4 +221,8 @@ def test_resume_refuses_to_finish_a_run_at_another_precision(tmp_path):
     run_id = json.loads(llmbench("results", "--db", db, "--format", "json").stdout)["run_id"]
     p = llmbench("sweep", str(suite), "--set", "precision=bf16", "--resume", run_id, "--db", db, "--out", str(tmp_path),
                  check=False)
-    assert p.returncode == 2 and "ran at precision fp32" in p.stderr and "--set precision=fp32" in p.stderr, p.stderr
+    assert p.returncode == 2 and "precision: fp32 → bf16" in p.stderr and "--set precision=fp32" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = llmbench("sweep", str(suite), "--set", "precision=fp32", "--set", "steps=3", "--resume", run_id, "--db", db,
+                 "--out", str(tmp_path), check=False)
+    assert p.returncode == 2 and "ran with other settings than this plan's (steps: 2 → 3)" in p.stderr, p.stderr

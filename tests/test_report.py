@@ -123,9 +123,10 @@ def test_report_renders_in_headless_chromium(zero_sweep, tmp_path):
     assert coloured > 0.05, coloured
 
 
-def test_compare_flags_a_25_percent_slowdown_and_not_a_rerun(zero_sweep, tmp_path):
-    """A copy of the run with every step 1/0.75 as long: throughput -25%, beyond the noise;
-    the run against itself: no change anywhere."""
+def test_compare_and_gate_are_one_engine(zero_sweep, tmp_path):
+    """A copy of the run with every step 1/0.75 as long (wall, CPU, and against the reference):
+    gate fails it; compare shows the same verdicts (the JSON of both, verdict for verdict) with
+    throughput beside them at -25%; the run against itself changes nothing."""
     from llmbench.store import Store
 
     src = Store(zero_sweep["db"])
@@ -139,18 +140,22 @@ def test_compare_flags_a_25_percent_slowdown_and_not_a_rerun(zero_sweep, tmp_pat
             r["run_id"] = run_id
             r["step_time_s"] *= factor
             r["step_time_ci95_s"] = [x * factor for x in r["step_time_ci95_s"]]
-            r["step_times_s"] = [x * factor for x in r["step_times_s"]]
+            for k in ("step_times_s", "step_times_rel", "step_cpu_s", "step_cpu_rel"):
+                r[k] = [x * factor for x in r[k]]
             r["tokens_per_s"] /= factor
             dst.add_trial(r, seq)
-    out = llmbench("compare", "base", "slow", "--db", str(db), "--out", str(tmp_path)).stdout
-    assert "-25.0%" in out
-    from llmbench.report.compare import compare
-
-    rows = compare(dst.trials("base"), dst.trials("slow"))
-    tps = [r for r in rows if r["figure"] == "tokens/s"]
-    assert len(tps) == 8 and all(r["better"] is False and r["change"] == pytest.approx(-0.25) for r in tps)
-    # A trial whose own 95% interval is wider than 25% (a noisy 12-step window) may not be flagged.
-    assert sum(bool(r["significant"]) for r in tps) >= 6
-    same = compare(dst.trials("base"), dst.trials("base"))
-    assert not any(r["significant"] for r in same) and all(r["change"] in (0, None) for r in same)
+    g, c = tmp_path / "g.json", tmp_path / "c.json"
+    p = llmbench("gate", "base", "slow", "--db", str(db), "--json", str(g), check=False)
+    assert p.returncode == 1 and "FAIL" in p.stdout, p.stdout
+    out = llmbench("compare", "base", "slow", "--db", str(db), "--out", str(tmp_path), "--json", str(c)).stdout
+    assert "-25.0%" in out and "gate's rule finds 1 regression: (all trials)" in out
+    gj, cj = json.loads(g.read_text()), json.loads(c.read_text())
+    judged = [v for v in cj["verdicts"] if v["why"] != "shown, not judged"]
+    assert judged == gj["verdicts"] and cj["passed"] is gj["passed"] is False and cj["regressions"] == gj["regressions"]
+    tps = [v for v in cj["verdicts"] if v["metric"] == "tokens/s"]
+    assert len(tps) == 8 and all(v["change"] == pytest.approx(-0.25) and v["outcome"] == "reported" for v in tps)
+    same = tmp_path / "same.json"
+    llmbench("compare", "base", "base", "--db", str(db), "--out", str(tmp_path), "--json", str(same))
+    sj = json.loads(same.read_text())
+    assert sj["passed"] and all(v["change"] in (0, None) for v in sj["verdicts"])
     assert list(tmp_path.glob("compare-base-slow.html"))

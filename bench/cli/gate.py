@@ -1,4 +1,5 @@
-"""`llmbench gate`: a noise-aware regression check of a candidate run against a baseline."""
+"""`llmbench gate` and `llmbench compare`: one engine (llmbench.gate) matches two runs' trials and
+judges them; gate decides (exit 1 on a regression), compare shows the same verdicts with more figures."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import DbOpt, app, console, fail
+from .app import DbOpt, OutOpt, app, console, fail
 
 
 class TimeBasis(str, Enum):
@@ -26,27 +27,36 @@ class Decide(str, Enum):
     run = "run"
 
 
-@app.command("gate")
-def gate_cmd(
-    baseline: str = typer.Argument(..., help="Baseline: a run id (or unique prefix) in --db, or a `results` export (.json, .csv, .parquet)."),
-    candidate: str = typer.Argument(..., help="Candidate, the same way."),
-    margin: Optional[list[str]] = typer.Option(None, "--margin", help="METRIC=FRACTION, repeatable (e.g. step_times_s=0.2, peak_mem_bytes=0.05)."),
-    alpha: float = typer.Option(0.002, "--alpha", help="Significance level of the Mann-Whitney U test (asv's default)."),
-    time_basis: TimeBasis = typer.Option(TimeBasis.auto, "--time", help="Gate wall-clock step time (wall), step time ÷ the in-run reference (rel), CPU seconds per step (cpu) or CPU seconds ÷ the reference's (cpu-rel); auto: cpu-rel on CPU, wall on GPU."),
-    decide: Decide = typer.Option(Decide.auto, "--decide", help="Who decides on time: each trial (trial) or the whole run (run); auto: run on CPU, trial on GPU."),
-    db: Path = DbOpt,
-) -> None:
-    """Noise-aware regression check of CANDIDATE against BASELINE: prints a table, exits 1 on a regression."""
+BaselineArg = typer.Argument(..., help="Baseline: a run id (or unique prefix) in --db, or a `results` export (.json, .csv, .parquet).")
+CandidateArg = typer.Argument(..., help="Candidate, the same way.")
+MarginOpt = typer.Option(None, "--margin", help="METRIC=FRACTION, repeatable (e.g. step_times_s=0.2, peak_mem_bytes=0.05).")
+AlphaOpt = typer.Option(0.002, "--alpha", help="Significance level of the Mann-Whitney U test (asv's default).")
+TimeOpt = typer.Option(TimeBasis.auto, "--time", help="Gate wall-clock step time (wall), step time ÷ the in-run reference (rel), CPU seconds per step (cpu) or CPU seconds ÷ the reference's (cpu-rel); auto: cpu-rel on CPU, wall on GPU.")
+DecideOpt = typer.Option(Decide.auto, "--decide", help="Who decides on time: each trial (trial) or the whole run (run); auto: run on CPU, trial on GPU.")
+JsonOpt = typer.Option(None, "--json", help="Also write the decision and every verdict to this JSON file (for CI).")
+
+
+def _judge(baseline: str, candidate: str, margin, alpha: float, time_basis: TimeBasis, decide: Decide, db: Path,
+           detail: bool, json_path: Optional[Path] = None):
+    """Both sides loaded and judged by the one engine; bad input (or runs that are not comparable) exits 2."""
     from ..gate import GateInputError, gate, load_side, parse_margins
 
     try:
         margins = parse_margins(margin or [])
         a_name, a = load_side(baseline, db)
         b_name, b = load_side(candidate, db)
+        return a_name, b_name, gate(a, b, margins, alpha, time_basis.value, decide.value, detail=detail)
     except GateInputError as e:
+        if json_path is not None:  # CI reads the file: it says why there is no decision
+            import json
+
+            json_path.write_text(json.dumps({"baseline": baseline, "candidate": candidate, "comparable": False,
+                                             "passed": False, "error": str(e)}, indent=1) + "\n")
         fail(str(e))
-    result = gate(a, b, margins, alpha, time_basis.value, decide.value)
-    t = Table(title=f"gate: {a_name} (baseline) → {b_name} (candidate)")
+
+
+def _table(result, title: str) -> Table:
+    t = Table(title=title)
     for col in ("trial", "metric", "baseline", "candidate", "change", "margin", "test", "p", "verdict"):
         t.add_column(col, justify="left" if col in ("trial", "metric", "test", "verdict") else "right")
     colour = {"regression": "red", "improvement": "green", "reported": "dim", "slower": "yellow", "faster": "cyan"}
@@ -59,10 +69,58 @@ def gate_cmd(
         t.add_row(v.trial_id, v.metric, fmt(v.baseline), fmt(v.candidate), change,
                   "–" if v.margin is None else f"±{100 * v.margin:.0f}%", v.test,
                   "–" if v.p_value is None else f"{v.p_value:.2g}", verdict)
-    console.print(t)
+    return t
+
+
+def _write_json(path: Optional[Path], result, a_name: str, b_name: str) -> None:
+    if path is not None:
+        import json
+
+        path.write_text(json.dumps(result.to_json(a_name, b_name), indent=1, default=str) + "\n")
+
+
+@app.command("gate")
+def gate_cmd(
+    baseline: str = BaselineArg,
+    candidate: str = CandidateArg,
+    margin: Optional[list[str]] = MarginOpt,
+    alpha: float = AlphaOpt,
+    time_basis: TimeBasis = TimeOpt,
+    decide: Decide = DecideOpt,
+    json_path: Optional[Path] = JsonOpt,
+    db: Path = DbOpt,
+) -> None:
+    """Noise-aware regression check of CANDIDATE against BASELINE: prints a table, exits 1 on a regression."""
+    a_name, b_name, result = _judge(baseline, candidate, margin, alpha, time_basis, decide, db, False, json_path)
+    console.print(_table(result, f"gate: {a_name} (baseline) → {b_name} (candidate)"))
+    _write_json(json_path, result, a_name, b_name)
     n = len(result.regressions)
     if n:
         console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''} ({', '.join(sorted({v.trial_id for v in result.regressions}))})")
         raise typer.Exit(1)
     n_trials = len({v.trial_id for v in result.verdicts} - {"(all trials)"})
     console.print(f"[green]PASS[/]: no regression in {n_trials} matched trials")
+
+
+@app.command("compare")
+def compare_cmd(
+    baseline: str = BaselineArg,
+    candidate: str = CandidateArg,
+    margin: Optional[list[str]] = MarginOpt,
+    alpha: float = AlphaOpt,
+    time_basis: TimeBasis = TimeOpt,
+    decide: Decide = DecideOpt,
+    json_path: Optional[Path] = JsonOpt,
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Two runs side by side: gate's verdicts for every matched trial, with throughput and MFU beside them, and an HTML page."""
+    from ..report.html import write_compare
+
+    a_name, b_name, result = _judge(baseline, candidate, margin, alpha, time_basis, decide, db, True, json_path)
+    console.print(_table(result, f"compare: {a_name} (baseline) → {b_name} (candidate)"))
+    _write_json(json_path, result, a_name, b_name)
+    n = len(result.regressions)
+    console.print(f"gate's rule finds {n} regression{'s' if n != 1 else ''}"
+                  + (f": {', '.join(sorted({v.trial_id for v in result.regressions}))}" if n else ""))
+    console.print(f"report: {write_compare(a_name, b_name, result, out)}")

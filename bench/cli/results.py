@@ -1,4 +1,4 @@
-"""Reading the store: `results` (every export format, `--schema`), `report`, `best`, `compare`, `runs`."""
+"""Reading the store: `results` (every export format, `--schema`), `report`, `best`, `runs`."""
 
 from __future__ import annotations
 
@@ -133,34 +133,6 @@ def best(
     console.print(f"config: {path}")
     n = w["world_size"]
     console.print(f"launch: deepspeed --num_gpus {n} your_train.py --deepspeed --deepspeed_config {path}", soft_wrap=True)
-
-
-@app.command("compare")
-def compare_cmd(
-    run_a: str = typer.Argument(..., help="The baseline run (id or unique prefix)."),
-    run_b: str = typer.Argument(..., help="The run compared with it."),
-    db: Path = DbOpt,
-    out: Path = OutOpt,
-) -> None:
-    """Matched trials of two runs side by side: each figure's change, and whether it exceeds the noise."""
-    from ..report.compare import compare
-    from ..report.html import write_compare
-
-    store, a = load_run(db, run_a)
-    _, b = load_run(db, run_b)
-    rows = compare(store.trials(a["run_id"]), store.trials(b["run_id"]))
-    t = Table(title=f"{a['run_id']} → {b['run_id']}")
-    for col in ("trial", "figure", "A", "B", "change", "beyond noise"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        change = "–" if r["change"] is None else f"{100 * r['change']:+.1f}%"
-        if r["significant"]:
-            change = f"[{'green' if r['better'] else 'red'}]{change}[/]"
-        fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        t.add_row(r["trial_id"], r["figure"], fmt(r["a"]), fmt(r["b"]), change,
-                  {True: "yes", False: "no", None: "–"}[r["significant"]])
-    console.print(t)
-    console.print(f"report: {write_compare(a, b, rows, out)}")
 
 
 @app.command()

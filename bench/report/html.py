@@ -81,11 +81,13 @@ def write_report(run: dict, records: list[dict], out_dir: Path, memory_budget: f
     return path
 
 
-def write_compare(run_a: dict, run_b: dict, rows: list[dict], out_dir: Path) -> Path:
+def write_compare(a_name: str, b_name: str, result, out_dir: Path) -> Path:
+    """`llmbench compare`'s page: the engine's verdicts (llmbench.gate), as its table shows them."""
     env = Environment(loader=PackageLoader("llmbench.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
     env.filters["fmt"] = _fmt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"compare-{run_a['run_id']}-{run_b['run_id']}.html"
-    path.write_text(env.get_template("compare.html.j2").render(a=run_a, b=run_b, rows=rows), encoding="utf-8")
+    safe = lambda s: "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(s).name)  # noqa: E731
+    path = out_dir / f"compare-{safe(a_name)}-{safe(b_name)}.html"
+    path.write_text(env.get_template("compare.html.j2").render(a=a_name, b=b_name, result=result), encoding="utf-8")
     return path
