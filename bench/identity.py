@@ -2,8 +2,9 @@
 
 Two records describe the same trial when their `config_hash` is equal: a SHA-256 over the
 canonical JSON (sorted keys, no whitespace, integral floats as integers) of
-- the settings (the TrialSpec, with the resolved precision), less what cannot change a
-  figure: the toggles of the extra passes after the window (`breakdown_steps`,
+- the settings its scenario reads (the TrialSpec, with the resolved precision: a training
+  trial's without the decode settings, an inference trial's without DeepSpeed's), less what
+  cannot change a figure: the toggles of the extra passes after the window (`breakdown_steps`,
   `comms_steps`), the time limit (`timeout_s`) and what was asked before resolution
   (`requested_precision`); a local model directory counts by its config, not its path;
 - the model's architecture: its counts (parameters, layers, width, heads, vocabulary) and the
@@ -39,10 +40,19 @@ NOT_DS_IDENTITY = frozenset({"tensorboard", "wandb", "csv_monitor", "comet", "ch
                              "dump_state", "nvme_path", "output_path", "job_name", "aio"})
 
 
-def settings_fields() -> list[str]:
+# what each scenario reads of its settings (inference.py and trainedmodel.py read only these)
+INFERENCE_ONLY = frozenset({"decode_batches", "prompt_len", "new_tokens", "eval_batches", "repeats"})
+INFERENCE_READS = INFERENCE_ONLY | {"scenario", "model", "family", "seq_len", "micro_batch", "precision", "quant",
+                                    "attn_implementation", "seed", "world_size"}
+
+
+def settings_fields(scenario: str = "train") -> list[str]:
+    """The settings in a trial's identity: those its scenario reads (a training trial's
+    identity does not change with the decode settings, an inference trial's not with ZeRO's)."""
     from .spec import TrialSpec
 
-    return [k for k in TrialSpec.model_fields if k not in NOT_IDENTITY]
+    keep = (lambda k: k in INFERENCE_READS) if scenario == "inference" else (lambda k: k not in INFERENCE_ONLY)
+    return [k for k in TrialSpec.model_fields if k not in NOT_IDENTITY and keep(k)]
 
 
 def _rope(mc: dict) -> dict | None:
@@ -96,7 +106,7 @@ def has_configs(record: dict) -> bool:
 def identity(record: dict, configs: bool = True) -> dict[str, Any]:
     """The canonical identity of a record (or of a planned trial's provisional record);
     `configs=False`: settings and model counts only (what older records can be matched on)."""
-    settings = {k: record.get(k) for k in settings_fields()}
+    settings = {k: record.get(k) for k in settings_fields(record.get("scenario") or "train")}
     model = settings.get("model")
     if isinstance(model, str) and (os.sep in model or model.startswith(".")):
         settings["model"] = "local directory"  # identified by its config, wherever it lies

@@ -113,7 +113,7 @@ class TrialRecord(_Settings):
     vocab_size: Optional[int] = F(None, "tokens", "vocabulary size", _MOD)
     # -- time and throughput -------------------------------------------------------------------------
     step_time_s: Optional[float] = F(None, "s", "median optimizer-step time of the slowest rank")
-    step_time_ci95_s: Optional[list] = F(None, "s", "distribution-free 95% interval of that median (binomial order statistics)")
+    step_time_ci95_s: Optional[list] = F(None, "s", "distribution-free 95% interval of that median: order statistics with exact binomial coverage ≥ 95%; empty below 6 steps (docs/measurement.md)")
     step_time_cv: Optional[float] = F(None, "", "coefficient of variation of the step times")
     step_times_s: list = F([], "s", "every timed step: the slowest rank's wall time (CUDA events on GPU)")
     tokens_per_s: Optional[float] = F(None, "tokens/s", "all ranks' tokens / the slowest rank's window wall time")

@@ -93,7 +93,7 @@ class TrialSpec(BaseModel):
     prompt_len: int = Field(64, ge=1)
     new_tokens: int = Field(32, ge=2)
     eval_batches: int = Field(16, ge=1)
-    repeats: int = Field(5, ge=2)
+    repeats: int = Field(6, ge=2)  # 6: the fewest with a 95% interval of the median (collect/stats.py)
 
     @field_validator("decode_batches", mode="before")
     @classmethod

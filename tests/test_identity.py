@@ -36,12 +36,15 @@ def record(fp32_sweep):
 def test_every_setting_that_can_change_a_figure_changes_the_hash(record):
     h = config_hash(record)
     assert record["config_hash"] == h  # the stored hash is the hash of the stored fields
-    assert set(settings_fields()) | NOT_IDENTITY == set(TrialSpec.model_fields)
+    from llmbench.identity import INFERENCE_ONLY
+
+    assert set(settings_fields()) | NOT_IDENTITY | INFERENCE_ONLY == set(TrialSpec.model_fields)
     for k in settings_fields():
         changed = dict(record, **{k: flipped(record[k])})
         assert config_hash(changed) != h, k
         assert any(d.startswith(f"{k}: ") for d in differences(record, changed)), k
-    for k in NOT_IDENTITY:  # the extra passes' toggles, the time limit, what was asked before resolution
+    for k in NOT_IDENTITY | INFERENCE_ONLY:  # the extra passes' toggles, the time limit, what was asked; decode settings
+        assert k in record
         assert config_hash(dict(record, **{k: flipped(record[k])})) == h, k
     for path, key in ((("ds_config", "zero_optimization", "stage3_param_persistence_threshold"), None),
                       (("ds_config", "gradient_clipping"), None),
@@ -153,3 +156,15 @@ def test_gate_pairs_a_renamed_trial_by_its_identity():
     renamed = dict(r, trial_id="zero1")
     out = gate([r], [renamed]).verdicts
     assert [v.metric for v in out] == ["step time", "model-state bytes"] and all(v.outcome == "same" for v in out)
+
+
+def test_an_inference_trial_is_identified_by_what_it_reads(record):
+    """An inference trial runs no DeepSpeed: ZeRO's settings do not change its identity, its
+    decode settings do; a training trial's is the other way round."""
+    inf = dict(record, scenario="inference", ds_config=None)
+    h = config_hash(inf)
+    assert h is not None
+    for k in ("zero_stage", "grad_accum", "steps", "lr", "overlap_comm"):
+        assert config_hash(dict(inf, **{k: flipped(record[k])})) == h, k
+    for k in ("repeats", "new_tokens", "quant", "micro_batch"):
+        assert config_hash(dict(inf, **{k: flipped(record[k])})) != h, k

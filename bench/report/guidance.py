@@ -9,6 +9,7 @@ same sweep do not recommend different winners because of noise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ..collect.stats import range_coverage
 
 OBJECTIVES = ("throughput", "memory", "budget")
 
@@ -18,9 +19,21 @@ def trial_mem_bytes(r: dict) -> float:
     return (r.get("peak_mem_bytes") or 0) - (r.get("peak_mem_baseline_bytes") or 0)
 
 
+def step_interval(r: dict) -> tuple[list[float] | None, str]:
+    """The step-time interval the guidance uses and what it is: the exact 95% interval of the
+    median (collect/stats.median_ci95), or, for a window too short to have one (n < 6 steps),
+    the range of its steps, which covers the median with probability only 1 − 2^(1−n)."""
+    if r.get("step_time_ci95_s"):
+        return r["step_time_ci95_s"], "95% CI"
+    steps = r.get("step_times_s") or []
+    if len(steps) >= 2:
+        return [min(steps), max(steps)], f"range of {len(steps)} steps, {100 * range_coverage(len(steps)):.0f}% coverage"
+    return None, "no interval"
+
+
 def tokens_ci(r: dict) -> tuple[float, float]:
-    """95% interval of tokens/s from the step-time interval of the median (same step size)."""
-    ci = r.get("step_time_ci95_s")
+    """Interval of tokens/s from the step-time interval (step_interval; same step size)."""
+    ci, _ = step_interval(r)
     if not ci:
         return r["tokens_per_s"], r["tokens_per_s"]
     tokens_per_step = r["global_batch"] * r["seq_len"]
@@ -75,7 +88,7 @@ def fmt_mib(b: float) -> str:
 
 def _fmt_tps(r: dict) -> str:
     lo, hi = tokens_ci(r)
-    return f"{r['tokens_per_s']:,.0f} tokens/s (95% CI {lo:,.0f}–{hi:,.0f})"
+    return f"{r['tokens_per_s']:,.0f} tokens/s ({step_interval(r)[1]} {lo:,.0f}–{hi:,.0f})"
 
 
 def _overlap(a: dict, b: dict) -> bool:
