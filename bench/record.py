@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 
 from .collect.flops import datasheet_peak_tflops, screen_utilisation, utilisation
-from .collect.stats import cv, median, median_ci95
+from .collect.stats import cv, median, median_ci95, throughput_ci95
 from .identity import config_hash, differences
 from .models import ModelStats
 from .rank_result import InferenceResult, RankResult
@@ -99,6 +99,7 @@ def _throughput(rec: dict, ranks: list[RankResult], stats) -> dict:
     return dict(
         step_times_s=steps, step_time_s=median(steps), step_time_ci95_s=median_ci95(steps), step_time_cv=cv(steps),
         window_s=window, tokens_per_s=tokens / window, tokens_per_s_per_device=tokens / window / len(ranks),
+        tokens_per_s_ci95=throughput_ci95(tokens / window, steps),
         samples_per_s=tokens // rec["seq_len"] / window,
         step_times_per_rank=[r.step_times_s for r in ranks],
         data_s=max((r.data_s or 0) for r in ranks),

@@ -117,6 +117,7 @@ class TrialRecord(_Settings):
     step_time_cv: Optional[float] = F(None, "", "coefficient of variation of the step times")
     step_times_s: list = F([], "s", "every timed step: the slowest rank's wall time (CUDA events on GPU)")
     tokens_per_s: Optional[float] = F(None, "tokens/s", "all ranks' tokens / the slowest rank's window wall time")
+    tokens_per_s_ci95: Optional[list] = F(None, "tokens/s", "95% interval of tokens_per_s: batch means of the step times, Student t (collect/stats.throughput_ci95); empty below 6 steps")
     tokens_per_s_per_device: Optional[float] = F(None, "tokens/s", "tokens_per_s / ranks")
     samples_per_s: Optional[float] = F(None, "samples/s", "all ranks' samples / the window")
     window_s: Optional[float] = F(None, "s", "the slowest rank's timed window")

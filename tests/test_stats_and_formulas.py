@@ -96,3 +96,32 @@ def test_host_step_timer_reads_wall_and_cpu_seconds_per_step():
     assert len(wall) == len(cpu) == 2
     assert all(w >= 0.05 for w in wall) and all(c < 0.02 for c in cpu)
     assert out["window_s"] >= sum(wall)
+
+
+def test_throughput_interval_holds_its_level_and_contains_the_headline():
+    """Batch means (collect/stats.throughput_ci95): the interval of the window throughput covers
+    the true rate about 95% of the time for independent steps and stays near it for steps
+    correlated at ρ = 0.5 (where the median's interval falls to ~82%); the headline is inside."""
+    import numpy as np
+
+    from llmbench.collect.stats import throughput_ci95
+
+    rng = np.random.default_rng(7)
+
+    def cover(rho, n=12, draws=1000):
+        hits = 0
+        for _ in range(draws):
+            e = rng.standard_normal(n)
+            x = np.empty(n)
+            x[0] = e[0] / math.sqrt(1 - rho**2)
+            for i in range(1, n):
+                x[i] = rho * x[i - 1] + e[i]
+            steps = list(0.1 * (1 + 0.05 * x))
+            tps = 1024 * n / sum(steps)
+            lo, hi = throughput_ci95(tps, steps)
+            assert lo <= tps <= hi
+            hits += lo <= 1024 / 0.1 <= hi
+        return hits / draws
+
+    assert cover(0.0) >= 0.92 and cover(0.5) >= 0.88
+    assert throughput_ci95(1000.0, [0.1] * 5) is None  # below 6 steps, as for the median

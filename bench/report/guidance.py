@@ -20,9 +20,9 @@ def trial_mem_bytes(r: dict) -> float:
 
 
 def step_interval(r: dict) -> tuple[list[float] | None, str]:
-    """The step-time interval the guidance uses and what it is: the exact 95% interval of the
-    median (collect/stats.median_ci95), or, for a window too short to have one (n < 6 steps),
-    the range of its steps, which covers the median with probability only 1 − 2^(1−n)."""
+    """The step-time interval of the median and what it is: the exact 95% interval
+    (collect/stats.median_ci95), or, for a window too short to have one (n < 6 steps), the
+    range of its steps, which covers the median with probability only 1 − 2^(1−n)."""
     if r.get("step_time_ci95_s"):
         return r["step_time_ci95_s"], "95% CI"
     steps = r.get("step_times_s") or []
@@ -32,23 +32,42 @@ def step_interval(r: dict) -> tuple[list[float] | None, str]:
 
 
 def tokens_ci(r: dict) -> tuple[float, float]:
-    """Interval of tokens/s from the step-time interval (step_interval; same step size)."""
+    """The interval of the headline tokens/s (the window's): its block-bootstrap 95% interval
+    (`tokens_per_s_ci95`); for a record without one (fewer than 6 steps, an older record) the
+    step-time interval (step_interval) rescaled around the headline. The headline is always
+    inside its interval."""
+    tps = r["tokens_per_s"]
+    if r.get("tokens_per_s_ci95"):
+        lo, hi = r["tokens_per_s_ci95"]
+        return min(lo, tps), max(hi, tps)
     ci, _ = step_interval(r)
-    if not ci:
-        return r["tokens_per_s"], r["tokens_per_s"]
-    tokens_per_step = r["global_batch"] * r["seq_len"]
-    return tokens_per_step / ci[1], tokens_per_step / ci[0]
+    mid = r.get("step_time_s")
+    if not ci or not mid:
+        return tps, tps
+    return min(tps, tps * mid / ci[1]), max(tps, tps * mid / ci[0])
+
+
+def interval_label(r: dict) -> str:
+    return "95% CI" if r.get("tokens_per_s_ci95") else step_interval(r)[1]
+
+
+# A contender within this fraction of the leader's throughput is as fast: the equivalence
+# margin of the tie rule (docs/measurement.md measures what it does).
+TIE_MARGIN = 0.04
+
+
+def tied_with(leader: dict, r: dict) -> bool:
+    """As fast as the leader: its tokens/s inside the leader's interval, or within TIE_MARGIN
+    of the leader's. An equivalence rule on the contender's estimate, not an overlap of
+    intervals: a much slower contender is never tied because its own interval is wide."""
+    lo, _ = tokens_ci(leader)
+    return r["tokens_per_s"] >= min(lo, leader["tokens_per_s"] * (1 - TIE_MARGIN))
 
 
 def simplicity(r: dict) -> tuple:
     """Smaller is simpler: no offload, lower ZeRO stage, less accumulation, no extras."""
     return ({"none": 0, "optimizer": 1, "optimizer+params": 2}.get(r.get("offload", "none"), 3), r["zero_stage"],
             r["grad_accum"], bool(r.get("activation_checkpointing")), r["micro_batch"])
-
-
-def _median_tps(r: dict) -> float:
-    """Throughput at the median step: the figure the interval is around."""
-    return r["global_batch"] * r["seq_len"] / r["step_time_s"]
 
 
 @dataclass
@@ -69,16 +88,15 @@ def recommend(records: list[dict], objective: str, memory_budget: float | None =
         best = min(ok, key=lambda r: (r["model_state_bytes"] + (r.get("other_mem_bytes") or 0), simplicity(r)))
         return Recommendation(objective, best, reason=f"least memory per rank: {fmt_mib(best['model_state_bytes'])} "
                                                       f"of model states + {fmt_mib(best.get('other_mem_bytes') or 0)} for the rest")
-    leader = max(ok, key=_median_tps)
-    lo, _ = tokens_ci(leader)
-    contenders = [r for r in ok if tokens_ci(r)[1] >= lo]  # intervals overlap the leader's
+    leader = max(ok, key=lambda r: (r["tokens_per_s"], r["trial_id"]))  # the headline, the statistic ranked
+    contenders = [r for r in ok if tied_with(leader, r)]
     winner = min(contenders, key=lambda r: (r["model_state_bytes"] + (r.get("other_mem_bytes") or 0), simplicity(r)))
     tied = [r for r in contenders if r is not winner]
     if tied:
-        reason = (f"{len(contenders)} configurations are within each other's 95% intervals of the fastest; "
-                  "the tie goes to the one with less memory, then the simpler configuration")
+        reason = (f"{len(contenders)} configurations are as fast as the fastest (inside its interval or within "
+                  f"{TIE_MARGIN:.0%}); the tie goes to the one with less memory, then the simpler configuration")
     else:
-        reason = "fastest, and its 95% interval clears every other trial's"
+        reason = f"fastest; every other trial is below its interval and more than {TIE_MARGIN:.0%} slower"
     return Recommendation(objective, winner, tied, reason)
 
 
@@ -88,7 +106,7 @@ def fmt_mib(b: float) -> str:
 
 def _fmt_tps(r: dict) -> str:
     lo, hi = tokens_ci(r)
-    return f"{r['tokens_per_s']:,.0f} tokens/s ({step_interval(r)[1]} {lo:,.0f}–{hi:,.0f})"
+    return f"{r['tokens_per_s']:,.0f} tokens/s ({interval_label(r)} {lo:,.0f}–{hi:,.0f})"
 
 
 def _overlap(a: dict, b: dict) -> bool:

@@ -10,7 +10,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import figures
 from .frames import MiB, loss_frame, quant_frame, split, trials_frame
-from .guidance import OBJECTIVES, QUANT_RULE, default_memory_budget, quant_statements, recommend, statements, step_interval, tokens_ci
+from .guidance import OBJECTIVES, QUANT_RULE, default_memory_budget, quant_statements, recommend, statements, interval_label, tokens_ci
 from .kernels import findings as kernel_findings, kernel_figures
 
 
@@ -59,7 +59,7 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None, k
     budget = memory_budget or default_memory_budget(run["env"])
     recs = [recommend(records, o, budget) for o in OBJECTIVES] if records else []
     env.globals["tokens_ci"] = tokens_ci
-    env.globals["step_interval"] = step_interval
+    env.globals["interval_label"] = interval_label
     return env.get_template("report.html.j2").render(
         run=run, records=records, inference=inference, quant_figure=quant_fig, quant_guidance=quant_statements(inference),
         quant_rule=QUANT_RULE, figures=figs,
