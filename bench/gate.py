@@ -97,7 +97,7 @@ class GateResult:
         from dataclasses import asdict
 
         return {"baseline": baseline, "candidate": candidate, "comparable": True, "passed": self.passed,
-                "regressions": sorted({v.trial_id for v in self.regressions}),
+                "regressions": self.regressed_trials,
                 "verdicts": [asdict(v) for v in self.verdicts]}
 
     @property
@@ -107,6 +107,10 @@ class GateResult:
     @property
     def passed(self) -> bool:
         return not self.regressions
+
+    @property
+    def regressed_trials(self) -> list[str]:
+        return sorted({v.trial_id for v in self.regressions})
 
 
 def _records_from_file(path: Path) -> list[dict]:

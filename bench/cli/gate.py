@@ -36,16 +36,17 @@ DecideOpt = typer.Option(Decide.auto, "--decide", help="Who decides on time: eac
 JsonOpt = typer.Option(None, "--json", help="Also write the decision and every verdict to this JSON file (for CI).")
 
 
-def _judge(baseline: str, candidate: str, margin, alpha: float, time_basis: TimeBasis, decide: Decide, db: Path,
-           detail: bool, json_path: Optional[Path] = None):
-    """Both sides loaded and judged by the one engine; bad input (or runs that are not comparable) exits 2."""
+def _judge(command: str, baseline: str, candidate: str, margin, alpha: float, time_basis: TimeBasis, decide: Decide,
+           db: Path, detail: bool, json_path: Optional[Path] = None):
+    """Both sides loaded and judged by the one engine, the table printed and the JSON written;
+    bad input (or runs that are not comparable) exits 2."""
     from ..gate import GateInputError, gate, load_side, parse_margins
 
     try:
         margins = parse_margins(margin or [])
         a_name, a = load_side(baseline, db)
         b_name, b = load_side(candidate, db)
-        return a_name, b_name, gate(a, b, margins, alpha, time_basis.value, decide.value, detail=detail)
+        result = gate(a, b, margins, alpha, time_basis.value, decide.value, detail=detail)
     except GateInputError as e:
         if json_path is not None:  # CI reads the file: it says why there is no decision
             import json
@@ -53,6 +54,9 @@ def _judge(baseline: str, candidate: str, margin, alpha: float, time_basis: Time
             json_path.write_text(json.dumps({"baseline": baseline, "candidate": candidate, "comparable": False,
                                              "passed": False, "error": str(e)}, indent=1) + "\n")
         fail(str(e))
+    console.print(_table(result, f"{command}: {a_name} (baseline) → {b_name} (candidate)"))
+    _write_json(json_path, result, a_name, b_name)
+    return a_name, b_name, result
 
 
 def _table(result, title: str) -> Table:
@@ -91,12 +95,10 @@ def gate_cmd(
     db: Path = DbOpt,
 ) -> None:
     """Noise-aware regression check of CANDIDATE against BASELINE: prints a table, exits 1 on a regression."""
-    a_name, b_name, result = _judge(baseline, candidate, margin, alpha, time_basis, decide, db, False, json_path)
-    console.print(_table(result, f"gate: {a_name} (baseline) → {b_name} (candidate)"))
-    _write_json(json_path, result, a_name, b_name)
+    _, _, result = _judge("gate", baseline, candidate, margin, alpha, time_basis, decide, db, False, json_path)
     n = len(result.regressions)
     if n:
-        console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''} ({', '.join(sorted({v.trial_id for v in result.regressions}))})")
+        console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''} ({', '.join(result.regressed_trials)})")
         raise typer.Exit(1)
     n_trials = len({v.trial_id for v in result.verdicts} - {"(all trials)"})
     console.print(f"[green]PASS[/]: no regression in {n_trials} matched trials")
@@ -117,10 +119,7 @@ def compare_cmd(
     """Two runs side by side: gate's verdicts for every matched trial, with throughput and MFU beside them, and an HTML page."""
     from ..report.html import write_compare
 
-    a_name, b_name, result = _judge(baseline, candidate, margin, alpha, time_basis, decide, db, True, json_path)
-    console.print(_table(result, f"compare: {a_name} (baseline) → {b_name} (candidate)"))
-    _write_json(json_path, result, a_name, b_name)
+    a_name, b_name, result = _judge("compare", baseline, candidate, margin, alpha, time_basis, decide, db, True, json_path)
     n = len(result.regressions)
-    console.print(f"gate's rule finds {n} regression{'s' if n != 1 else ''}"
-                  + (f": {', '.join(sorted({v.trial_id for v in result.regressions}))}" if n else ""))
+    console.print(f"gate's rule finds {n} regression{'s' if n != 1 else ''}" + (f": {', '.join(result.regressed_trials)}" if n else ""))
     console.print(f"report: {write_compare(a_name, b_name, result, out)}")
