@@ -16,12 +16,19 @@ Each metric has a direction and a margin:
   machine's effective speed drifts by tens of percent between runs minutes apart (measured:
   docs/gates.md), and the ratio cancels that drift. The other times are shown
   and marked "reported". `time_basis` (wall, rel, cpu) forces one.
-- Time-based figures use the rule of asv
-  (airspeed velocity; `asv compare --factor` with `asv.statistics.is_different`): a change
-  counts only when it exceeds the margin AND the two sets of samples differ significantly:
-  a two-sided Mann-Whitney U test on the per-step samples at `alpha` (asv's p_threshold,
-  0.002) when the samples can reach that significance, otherwise (too few samples) the
-  pessimistic check that the 95% intervals of the medians do not overlap.
+- Time-based figures use the rule of asv (airspeed velocity; `asv compare --factor`): a
+  change counts only when it exceeds the margin AND the two sides differ significantly, at
+  `alpha` (0.01: asv's p_threshold is 0.002 for many samples; here the replicates are 3 to
+  8 a side, where 0.002 misses most 20% slowdowns: docs/gates.md). The test is Welch's t on the logs of replicates that
+  are nearly independent (compare_time): the trial's rounds (independent windows,
+  interleaved with the run's other trials; `--set rounds=N`) where both sides have 3 or
+  more, else batch means of each window, which absorb the correlation between neighbouring
+  steps but cannot see a level shift between runs: with one window a side, the margin is
+  what stops that (the measured false-alarm rates: docs/gates.md). A test on the individual
+  steps (asv's Mann-Whitney) would count correlated steps as independent replicates.
+- On the CPU accelerator the run decides (run_verdict): a change common to most trials
+  (uniform rule) or a change confined to a few trials, measured against the run's median
+  change (confined rule).
 - Counts that do not depend on time (model-state bytes, weight bytes, parameters) and
   figures with little noise (peak memory, final loss, perplexity) use the margin alone.
 - A trial that was ok in the baseline and is not ok (or absent) in the candidate regresses.
@@ -36,7 +43,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .collect.stats import median, median_ci95
+import statistics
+
+from .collect.stats import median, replicates, welch_log
 
 @dataclass(frozen=True)
 class Metric:
@@ -80,7 +89,7 @@ class Verdict:
     metric: str
     baseline: object
     candidate: object
-    change: float | None = None       # candidate / baseline − 1 (of the median, for time)
+    change: float | None = None       # candidate / baseline − 1 (of the replicates' geometric means, for time)
     margin: float | None = None
     p_value: float | None = None
     test: str = ""
@@ -182,35 +191,39 @@ def load_side(ref: str, db: Path | None) -> tuple[str, list[dict]]:
     return name, records
 
 
-def mann_whitney_p(a: list[float], b: list[float]) -> float:
-    from scipy.stats import mannwhitneyu
-
-    # the exact distribution where it is cheap and valid (no ties); scipy's "auto" switches
-    # to the normal approximation above 8 samples, which overstates p in the tails
-    exact = len(a) + len(b) <= 60 and len(set(a) | set(b)) == len(a) + len(b)
-    return float(mannwhitneyu(a, b, alternative="two-sided", method="exact" if exact else "asymptotic").pvalue)
-
-
-def min_p(n: int, m: int) -> float:
-    """The smallest two-sided p-value a Mann-Whitney U test can give for n and m samples
-    (all of one sample below all of the other): 2 / C(n+m, n)."""
-    return min(1.0, 2 / math.comb(n + m, n))
-
-
-def compare_time(a: list[float], b: list[float], alpha: float) -> tuple[float, float | None, str, bool]:
-    """(change of the median, p-value or None, which test, significant?) for lower-is-better samples."""
-    ma, mb = median(a), median(b)
-    change = mb / ma - 1
-    if len(a) >= 2 and len(b) >= 2 and min_p(len(a), len(b)) < alpha:
-        p = mann_whitney_p(a, b)
-        return change, p, "Mann-Whitney U", p < alpha
-    ca, cb = median_ci95(a), median_ci95(b)
-    if ca is None or cb is None:
-        return change, None, "too few samples", False
-    return change, None, "95% CIs overlap?", cb[1] < ca[0] or cb[0] > ca[1]
+def compare_time(a: list[float], b: list[float], alpha: float, rounds: tuple[int, int] = (1, 1),
+                 shift: float = 1.0, slower: bool = False) -> tuple[float, float, float, float | None, str, bool]:
+    """(baseline, candidate, change, p-value or None, which test, significant?) for
+    lower-is-better per-step samples: the geometric means of the replicates on each side
+    (collect/stats.replicates: the rounds where both have 3 or more, else batch means of each
+    window) and Welch's t on their logs (stats.welch_log) that the ratio equals `shift` (1: no
+    change; the common change of the run for the confined rule), two-sided or, `slower`,
+    against a slowdown only. Below 6 steps a side: the medians, never significant."""
+    ra, rb = replicates(a, rounds[0]), replicates(b, rounds[1])
+    if ra and rb and ra[1].endswith("rounds") != rb[1].endswith("rounds"):  # rounds on one side only
+        ra, rb = replicates(a), replicates(b)
+    if not (ra and rb):
+        ma, mb = median(a), median(b)
+        return ma, mb, mb / ma - 1, None, "too few samples", False
+    diff, p = welch_log(ra[0], rb[0], math.log(shift), greater=slower)
+    base = math.exp(statistics.fmean(math.log(x) for x in ra[0]))
+    kind = ra[1] if ra[1] == rb[1] else f"{ra[1]} vs {rb[1]}"
+    return base, base * math.exp(diff), math.exp(diff) - 1, p, f"Welch t{' (one-sided)' if slower else ''}, {kind}", p < alpha
 
 
 RUN_MARGIN = 0.15
+ALPHA = 0.01  # the significance level of the time test (module docstring)
+# the confined rule's margins: a trial's change beyond the run's common change must exceed
+# CONFINED_ROUNDS where both sides have 3 or more rounds (the test on them then measures the
+# trial's run-to-run noise), else CONFINED_ONE_WINDOW (one window cannot: the margin alone
+# must exceed that noise). Both from the noise measured in docs/gates.md.
+CONFINED_ROUNDS = 0.10
+CONFINED_ONE_WINDOW = 0.60
+
+
+def rounds_of(rec: dict) -> int:
+    """The independent rounds a record's step lists hold (1 for a record before rounds)."""
+    return int(rec.get("rounds_done") or 1)
 
 
 def match(baseline: list[dict], candidate: list[dict]) -> list[tuple[dict, dict | None, list[str]]]:
@@ -249,7 +262,7 @@ def comparable(pairs: list[tuple[dict, dict | None, list[str]]]) -> None:
 
 
 def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] | None = None,
-         alpha: float = 0.002, time_basis: str = "auto", decide: str = "auto", detail: bool = False) -> GateResult:
+         alpha: float = ALPHA, time_basis: str = "auto", decide: str = "auto", detail: bool = False) -> GateResult:
     """Judge every matched trial; see the module docstring. `decide` says who decides on time:
     each trial (`trial`, the default on a GPU), or the whole run (`run`, the default on the CPU
     accelerator): the geometric mean over matched trials of the gated time's ratio must exceed
@@ -260,7 +273,7 @@ def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] 
     pairs = match(baseline, candidate)
     comparable(pairs)
     out = GateResult()
-    timed: list[tuple[Verdict, bool]] = []
+    timed: list[Timed] = []
     for b, c, differs in pairs:
         unmatched = _configuration_verdict(b, differs) or _status_verdict(b, c)
         if unmatched:
@@ -279,18 +292,30 @@ def gate(baseline: list[dict], candidate: list[dict], margins: dict[str, float] 
                 continue  # the other CPU-time views stay in the records; one gated time plus the wall time is shown
             v = Verdict(b["trial_id"], m.label, va, vb, margin=margins.get(m.field, margins.get(m.label, m.margin)))
             if m.kind == "time":
-                _judge_time(v, m, va, vb, alpha, gated)
+                rounds = (rounds_of(b), rounds_of(c))
+                _judge_time(v, m, va, vb, alpha, gated, rounds)
                 if m.field == gated:
-                    timed.append((v, cpu_run))
+                    timed.append(Timed(v, va, vb, rounds, cpu_run))
             else:
                 _judge_level(v, m, va, vb)
             out.verdicts.append(v)
         if detail:
             out.verdicts += _detail(b, c, {m.field for m in metrics})
-    run_level = decide == "run" or (decide == "auto" and timed and all(cpu for _, cpu in timed))
+    run_level = decide == "run" or (decide == "auto" and timed and all(t.cpu_run for t in timed))
     if run_level and timed:
-        out.verdicts.append(run_verdict([v for v, _ in timed], margins.get("run", RUN_MARGIN)))
+        out.verdicts.append(run_verdict(timed, margins.get("run", RUN_MARGIN), alpha))
     return out
+
+
+@dataclass
+class Timed:
+    """A trial's gated time: its verdict, both sides' samples and rounds, whether on a CPU."""
+
+    verdict: Verdict
+    baseline: list[float]
+    candidate: list[float]
+    rounds: tuple[int, int]
+    cpu_run: bool
 
 
 def _detail(b: dict, c: dict, judged: set[str]) -> list[Verdict]:
@@ -339,10 +364,10 @@ _NOT_GATED = {"step_times_rel": "see step ÷ reference", "step_cpu_rel": "see CP
               "step_cpu_s": "see CPU s/step", "step_times_s": "the wall-clock step time is gated"}
 
 
-def _judge_time(v: Verdict, m: Metric, va: list[float], vb: list[float], alpha: float, gated: str) -> None:
-    """Per-step samples: the change of the median, beyond the margin AND significant."""
-    v.baseline, v.candidate = median(va), median(vb)
-    v.change, v.p_value, v.test, sig = compare_time(va, vb, alpha)
+def _judge_time(v: Verdict, m: Metric, va: list[float], vb: list[float], alpha: float, gated: str,
+                rounds: tuple[int, int]) -> None:
+    """Per-step samples: the change beyond the margin AND significant (compare_time)."""
+    v.baseline, v.candidate, v.change, v.p_value, v.test, sig = compare_time(va, vb, alpha, rounds)
     beyond = abs(v.change) > v.margin
     if m.field != gated:
         v.outcome, v.margin, v.why = "reported", None, "not gated: " + _NOT_GATED[gated]
@@ -362,23 +387,47 @@ def _judge_level(v: Verdict, m: Metric, va: float, vb: float) -> None:
         v.outcome = "regression" if (v.change > 0) != m.higher_is_better else "improvement"
 
 
-def run_verdict(timed: list[Verdict], margin: float) -> Verdict:
-    """The run-level decision: geometric mean of the matched trials' time ratios (candidate /
-    baseline medians), a regression when it exceeds `margin` and at least 3/4 of the trials
-    are slower (a sign-consistency check: a real slowdown moves every trial, noise scatters)."""
-    ratios = [1 + v.change for v in timed]
+def run_verdict(timed: list[Timed], margin: float, alpha: float = ALPHA) -> Verdict:
+    """The run-level decision (the CPU default), by two rules; either makes a regression.
+
+    - Uniform: the geometric mean of the matched trials' time ratios (candidate / baseline)
+      exceeds `margin` with at least 3/4 of the trials slower (a sign-consistency check: a
+      change in common code moves every trial, noise scatters).
+    - Confined: a trial whose ratio, divided by the median ratio of the other trials (the
+      change common to the run, which on a shared machine includes what the reference did not
+      cancel; at least 2 other trials),
+      exceeds CONFINED_ROUNDS where both sides have 3 or more rounds, else
+      CONFINED_ONE_WINDOW, and is significantly slower than that common change (compare_time
+      with `shift`, one-sided: only a slowdown is looked for; at alpha / trials, Bonferroni's
+      bound, since every trial is a chance of a false alarm): a regression confined to a few
+      trials, which the uniform rule cannot see.
+
+    The other per-trial verdicts become advice ("slower", "faster")."""
+    ratios = [1 + t.verdict.change for t in timed]
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     slower, faster = sum(r > 1 for r in ratios), sum(r < 1 for r in ratios)
     need = math.ceil(0.75 * len(ratios))
-    for v in timed:  # per-trial verdicts become advice
-        if v.outcome in ("regression", "improvement"):
+    confined = []
+    for i, t in enumerate(timed):
+        v = t.verdict
+        if v.outcome in ("regression", "improvement"):  # per-trial verdicts become advice
             v.outcome = "slower" if v.outcome == "regression" else "faster"
             v.why = "advisory: the run-level row decides"
-    label = timed[0].metric
-    outcome = "same"
-    if geo - 1 > margin and slower >= need:
-        outcome = "regression"
-    elif 1 - geo > margin and faster >= need:
-        outcome = "improvement"
-    return Verdict("(all trials)", f"{label}, geometric mean", f"{len(ratios)} trials", f"{slower} slower, {faster} faster",
-                   change=geo - 1, margin=margin, test=f"sign: ≥{need} of {len(ratios)} the same way", outcome=outcome)
+        others = ratios[:i] + ratios[i + 1:]
+        if len(others) < 2:
+            continue  # no common change to measure against
+        common = median(others)
+        beyond = (1 + v.change) / common - 1
+        limit = CONFINED_ROUNDS if min(t.rounds) >= 3 else CONFINED_ONE_WINDOW
+        if beyond > limit and compare_time(t.baseline, t.candidate, alpha / len(timed), t.rounds, common, slower=True)[5]:
+            v.outcome = "regression"
+            v.why = (f"confined: {beyond:+.1%} beyond the other trials' median change ({common - 1:+.1%}), "
+                     f"over {limit:.0%} and significant")
+            confined.append(v.trial_id)
+    uniform = geo - 1 > margin and slower >= need
+    why = "; ".join((["uniform"] if uniform else []) + ([f"confined to {', '.join(confined)}"] if confined else []))
+    outcome = "regression" if why else "improvement" if 1 - geo > margin and faster >= need else "same"
+    return Verdict("(all trials)", f"{timed[0].verdict.metric}, geometric mean", f"{len(ratios)} trials",
+                   f"{slower} slower, {faster} faster", change=geo - 1, margin=margin,
+                   test=f"uniform: ≥{need} of {len(ratios)} the same way; confined: one trial beyond the median change",
+                   outcome=outcome, why=why)

@@ -5,8 +5,9 @@ canonical JSON (sorted keys, no whitespace, integral floats as integers) of
 - the settings its scenario reads (the TrialSpec, with the resolved precision: a training
   trial's without the decode settings, an inference trial's without DeepSpeed's), less what
   cannot change a figure: the toggles of the extra passes after the window (`breakdown_steps`,
-  `comms_steps`), the time limit (`timeout_s`) and what was asked before resolution
-  (`requested_precision`); a local model directory counts by its config, not its path;
+  `comms_steps`), the time limit (`timeout_s`), what was asked before resolution
+  (`requested_precision`) and how many times the trial is repeated (`rounds`: a one-round
+  baseline and a five-round candidate are the same configuration); a local model directory counts by its config, not its path;
 - the model's architecture: its counts (parameters, layers, width, heads, vocabulary) and the
   transformers config keys that change the computation (`ARCHITECTURE`), under one name
   whatever the transformers version calls them (`rope_theta` or `rope_parameters`), so that
@@ -28,7 +29,7 @@ import json
 import os
 from typing import Any
 
-NOT_IDENTITY = frozenset({"breakdown_steps", "comms_steps", "timeout_s", "requested_precision"})
+NOT_IDENTITY = frozenset({"breakdown_steps", "comms_steps", "timeout_s", "requested_precision", "rounds"})
 COUNTS = ("n_params", "n_embedding_params", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "vocab_size")
 # transformers config keys that change what is computed (Llama and GPT-2 names)
 ARCHITECTURE = ("model_type", "intermediate_size", "n_inner", "hidden_act", "activation_function", "rms_norm_eps",

@@ -88,24 +88,87 @@ def _common(ranks: list[RankResult]) -> dict:
     )
 
 
+def _rates(steps: list[float], window: float, tokens: int, n_ranks: int, seq_len: int, rounds: int = 1) -> dict:
+    """The step-time summary and tokens/s of one window, or of several rounds' (their steps in
+    order, their windows and tokens summed)."""
+    return dict(
+        step_times_s=steps, step_time_s=median(steps), step_time_ci95_s=median_ci95(steps), step_time_cv=cv(steps),
+        window_s=window, tokens_per_s=tokens / window, tokens_per_s_per_device=tokens / window / n_ranks,
+        tokens_per_s_ci95=throughput_ci95(tokens / window, steps, rounds),
+        samples_per_s=tokens // seq_len / window, rounds_done=rounds,
+    )
+
+
 def _throughput(rec: dict, ranks: list[RankResult], stats) -> dict:
     """Step times (a step ends when its slowest rank ends: the per-step max across ranks),
     tokens/s (all ranks' tokens over the slowest window: not a mean of rates), losses."""
     steps = [max(r.step_times_s[i] for r in ranks) for i in range(len(ranks[0].step_times_s))]
-    window = max(r.window_s for r in ranks)
-    tokens = sum(r.tokens for r in ranks)
     losses = [statistics.fmean(r.losses[i] for r in ranks) for i in range(len(ranks[0].losses))]
     final = losses[-1] if losses else None
     return dict(
-        step_times_s=steps, step_time_s=median(steps), step_time_ci95_s=median_ci95(steps), step_time_cv=cv(steps),
-        window_s=window, tokens_per_s=tokens / window, tokens_per_s_per_device=tokens / window / len(ranks),
-        tokens_per_s_ci95=throughput_ci95(tokens / window, steps),
-        samples_per_s=tokens // rec["seq_len"] / window,
+        **_rates(steps, max(r.window_s for r in ranks), sum(r.tokens for r in ranks), len(ranks), rec["seq_len"]),
         step_times_per_rank=[r.step_times_s for r in ranks],
         data_s=max((r.data_s or 0) for r in ranks),
         losses=losses, final_loss=final,
         loss_gap_to_floor=final - rec["entropy_floor"] if final is not None and rec["entropy_floor"] is not None else None,
     )
+
+
+# per-step lists a round contributes to, in order; the rest of a multi-round record is round 1's
+ROUND_STEP_LISTS = ("step_times_rel", "step_cpu_s", "step_cpu_rel")
+
+
+def combine_rounds(rounds: list[dict], stats: ModelStats | None = None) -> dict:
+    """One record from a trial's rounds (each aggregated on its own, in order). The step lists
+    are every round's steps in order and tokens/s is all tokens over all windows (its interval
+    from the rounds as batches, collect/stats.throughput_ci95); the relative times are each
+    round's against its own reference, and the references the median over rounds; energy is
+    summed. Memory, losses, gradient norms, breakdown and setup are round 1's, as a one-round
+    run has them (every round trains the same steps from the same weights); a later round
+    whose peak memory exceeds round 1's by more than 10% is noted. When the last round
+    failed, the record is its status and error, and keeps what the rounds before it measured."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    last = rounds[-1]
+    if not ok:
+        return last
+    rec = dict(ok[0])
+    if len(ok) > 1:
+        rec.update(_rates([t for r in ok for t in r["step_times_s"]], sum(r["window_s"] for r in ok),
+                          round(sum(r["tokens_per_s"] * r["window_s"] for r in ok)), len(rec["devices"]),
+                          rec["seq_len"], len(ok)))
+        for k in ROUND_STEP_LISTS:
+            rec[k] = [t for r in ok for t in r[k]] if all(r[k] for r in ok) else []
+        rec["step_times_per_rank"] = [sum(per, []) for per in zip(*(r["step_times_per_rank"] for r in ok))]
+        for k in ("reference_s", "reference_cpu_s"):
+            rec[k] = median([r[k] for r in ok]) if all(r[k] for r in ok) else None
+        rec["step_time_drift"] = max((r["step_time_drift"] for r in ok if r["step_time_drift"] is not None), key=abs, default=None)
+        if all(r["energy_j"] is not None for r in ok):
+            rec["energy_j"] = sum(r["energy_j"] for r in ok)
+            rec["tokens_per_joule"] = rec["tokens_per_s"] * rec["window_s"] / rec["energy_j"] if rec["energy_j"] else None
+        rec["notes"] = _round_notes(ok)
+        if stats is not None:
+            u = utilisation(stats, rec["seq_len"], rec["tokens_per_s_per_device"], rec["activation_checkpointing"],
+                            datasheet_peak_tflops(rec["devices"][0], rec["precision"]), rec["measured_peak_tflops"])
+            rec["notes"] += screen_utilisation(u)
+            rec.update(u)
+    if last["status"] != "ok":
+        failed_record(rec, last["status"], f"round {len(rounds)} of {rec['rounds']}: {last['error']}")
+    return rec
+
+
+def _round_notes(ok: list[dict]) -> list[str]:
+    """The rounds' notes once each, without their per-window ones: one steadiness note (the
+    round whose window drifted most, if any did), none of their utilisation screens (the
+    combined figure is screened again), and a note if a later round's peak memory grew."""
+    steady, screen = "timed window not steady", "measurement error:"
+    notes = [n for r in ok for n in r["notes"] if not n.startswith((steady, screen))]
+    worst = max(range(len(ok)), key=lambda i: abs(ok[i]["step_time_drift"] or 0))
+    notes += [f"round {worst + 1}: {n}" for n in ok[worst]["notes"] if n.startswith(steady)]
+    first, highest = ok[0]["peak_mem_bytes"], max(ok, key=lambda r: r["peak_mem_bytes"] or 0)
+    if first and highest["peak_mem_bytes"] > 1.10 * first:
+        notes.append(f"peak memory grew over the rounds: {highest['peak_mem_bytes'] / first - 1:+.0%} in round "
+                     f"{ok.index(highest) + 1} against round 1's (reported)")
+    return list(dict.fromkeys(notes))
 
 
 def _model_states(rec: dict, ranks: list[RankResult], stats) -> dict:
@@ -237,5 +300,5 @@ def aggregate_inference(rec: dict, ranks: list[InferenceResult], spec: TrialSpec
     _check_identity(planned, rec)
     if r.status != "ok":
         return failed_record(rec, r.status, r.error or "")
-    rec.update(summarise(r, spec))
+    rec.update(summarise(r, spec), rounds_done=1)
     return rec

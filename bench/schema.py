@@ -11,8 +11,8 @@ was asked for: the TrialSpec, one definition shared with suites and `--set`), `m
 of the model built), `measurements` (what was seen), `provenance` (configs and environment).
 
 Versions: 1 = records stored before the schema existed (no `schema_version` field); 2 = the
-schema without `config_hash`; 3 = this. `migrate` brings an older record to the current
-version; stores and exports of versions 1 and 2 load through it.
+schema without `config_hash`; 3 = without `rounds`; 4 = this. `migrate` brings an older record to the current
+version; stores and exports of versions 1 to 3 load through it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, create_model
 
 from .spec import TrialSpec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def F(default: Any = None, unit: str = "", definition: str = "", part: str = "measurements"):  # noqa: N802
@@ -66,6 +66,7 @@ SETTINGS = {
     "min_loss_scale": ("", "fp16: the smallest loss scale"),
     "warmup_steps": ("steps", "optimizer steps before the timed window (model states are probed in the last)"),
     "steps": ("steps", "timed optimizer steps"),
+    "rounds": ("", "independent replicates of the trial (a fresh engine, warmup and window each), interleaved with the run's other trials; the step lists hold every round's steps in order"),
     "breakdown_steps": ("steps", "extra steps after the window timed by DeepSpeed's synchronising breakdown timers"),
     "comms_steps": ("steps", "extra steps recording every collective (`--comms`)"),
     "seed": ("", "seed of weights and data"),
@@ -117,15 +118,16 @@ class TrialRecord(_Settings):
     step_time_cv: Optional[float] = F(None, "", "coefficient of variation of the step times")
     step_times_s: list = F([], "s", "every timed step: the slowest rank's wall time (CUDA events on GPU)")
     tokens_per_s: Optional[float] = F(None, "tokens/s", "all ranks' tokens / the slowest rank's window wall time")
-    tokens_per_s_ci95: Optional[list] = F(None, "tokens/s", "95% interval of tokens_per_s: batch means of the step times, Student t (collect/stats.throughput_ci95); empty below 6 steps")
+    tokens_per_s_ci95: Optional[list] = F(None, "tokens/s", "95% interval of tokens_per_s: batch means of the step times (each round a batch from 3 rounds), Student t (collect/stats.throughput_ci95); empty below 6 steps")
     tokens_per_s_per_device: Optional[float] = F(None, "tokens/s", "tokens_per_s / ranks")
     samples_per_s: Optional[float] = F(None, "samples/s", "all ranks' samples / the window")
-    window_s: Optional[float] = F(None, "s", "the slowest rank's timed window")
-    step_time_drift: Optional[float] = F(None, "", "second half's median step / first half's − 1 (a steady window is near 0)")
+    window_s: Optional[float] = F(None, "s", "the slowest rank's timed window (summed over rounds)")
+    rounds_done: int = F(0, "", "rounds measured (of `rounds`): the step lists hold rounds_done × steps steps, round by round")
+    step_time_drift: Optional[float] = F(None, "", "second half's median step / first half's − 1 (a steady window is near 0; with rounds, the round that drifted most)")
     step_times_per_rank: list = F([], "s", "each rank's step times")
     step_cpu_s: list = F([], "s", "CPU accelerator: CPU seconds all ranks spent per step (time.process_time)")
-    reference_s: Optional[float] = F(None, "s", "fixed matmul workload timed next to the window (slowest rank's median)")
-    step_times_rel: list = F([], "", "each step time / reference_s: cost relative to the machine's speed then")
+    reference_s: Optional[float] = F(None, "s", "fixed matmul workload timed next to the window (slowest rank's median; the median over rounds)")
+    step_times_rel: list = F([], "", "each step time / reference_s: cost relative to the machine's speed then (each round's against its own reference)")
     reference_cpu_s: Optional[float] = F(None, "s", "the reference's CPU seconds, summed over ranks")
     step_cpu_rel: list = F([], "", "step_cpu_s / reference_cpu_s")
     # -- FLOPs and utilisation ---------------------------------------------------------------------
@@ -252,7 +254,8 @@ def migrate(record: dict) -> dict:
     Version 1 (no `schema_version`): the precision ran was the precision asked for (suites
     named it explicitly then), and the measured-peak provenance fields did not exist.
     Versions 1-2: no `config_hash`; it is computed from the record's own settings, model and
-    DeepSpeed configs (a setting the record predates ran at its default)."""
+    DeepSpeed configs (a setting the record predates ran at its default). Versions 1-3: one
+    round (`rounds`, `rounds_done`)."""
     version = record.get("schema_version", 1)
     if version >= SCHEMA_VERSION:
         return record
@@ -261,13 +264,15 @@ def migrate(record: dict) -> dict:
         out.setdefault("requested_precision", out.get("precision"))
         out.setdefault("measured_peak_source", None)
         out.setdefault("measured_peak_probe_s", None)
+    for name, f in TrialSpec.model_fields.items():  # a setting the record predates ran at its default
+        if name not in out:
+            out[name] = f.get_default(call_default_factory=True)
     if version <= 2:
         from .identity import config_hash
 
-        for name, f in TrialSpec.model_fields.items():
-            if name not in out:
-                out[name] = f.get_default(call_default_factory=True)
         out["config_hash"] = config_hash(out)
+    if version <= 3:
+        out["rounds_done"] = 1 if out.get("status") == "ok" else 0
     out["schema_version"] = SCHEMA_VERSION
     return out
 

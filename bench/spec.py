@@ -80,6 +80,10 @@ class TrialSpec(BaseModel):
     # probed during the last warmup step (never in the timed window).
     warmup_steps: int = Field(3, ge=2)
     steps: int = Field(10, ge=2)
+    # Independent replicates of the whole trial (build, warmup, window), interleaved with the
+    # other trials of the run: round 1 of every trial, then round 2, ... (sweep.py). The gate
+    # tests a trial's rounds against each other's (gate.py); 1 = one window.
+    rounds: int = Field(1, ge=1, le=50)
     breakdown_steps: int = Field(3, ge=0)  # extra steps after the window, timed by DeepSpeed's breakdown timers
     comms_steps: int = Field(0, ge=0)  # extra steps recording every collective (synchronising; `--comms`)
     seed: int = 0

@@ -97,12 +97,16 @@ class Store:
         return matches[0] if len(matches) == 1 else None
 
     # -- trials ----------------------------------------------------------------------------
-    def add_trial(self, record: dict, seq: int) -> None:
-        """Store one finished trial and its steps in one transaction. The record is checked
-        against the schema first (llmbench.schema): a key it lacks is refused, never stored."""
+    def add_trial(self, record: dict, seq: int, replace: bool = False) -> None:
+        """Store one finished trial and its steps in one transaction (`replace`: in place of
+        the trial's record so far, a trial's next round). The record is checked against the
+        schema first (llmbench.schema): a key it lacks is refused, never stored."""
         validate(record)
         with self.db:  # BEGIN ... COMMIT
             self.db.execute("BEGIN")
+            if replace:
+                self.db.execute("DELETE FROM steps WHERE run_id=? AND trial_id=?", (record["run_id"], record["trial_id"]))
+                self.db.execute("DELETE FROM trials WHERE run_id=? AND trial_id=?", (record["run_id"], record["trial_id"]))
             self.db.execute("INSERT INTO trials (run_id, trial_id, seq, status, error, finished_at, record_json) VALUES (?,?,?,?,?,?,?)",
                             (record["run_id"], record["trial_id"], seq, record["status"], record["error"], time.time(),
                              json.dumps(record)))

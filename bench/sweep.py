@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +15,7 @@ from .launch import LaunchOptions, RankPool
 from .engine import ds_config
 from .models import ModelNotFound, ModelStats, build_config, config_to_dict, model_stats
 from .rank_result import InferenceResult, RankResult
-from .record import aggregate, aggregate_inference, base_record, failed_record
+from .record import aggregate, aggregate_inference, base_record, combine_rounds, failed_record
 from .spec import SpecError, TrialSpec
 from .store import Store
 
@@ -96,6 +96,9 @@ def check_resume(store: Store, run_id: str, plan: Plan) -> str:
         was = stored.get(t.trial_id)
         if was is None:
             continue
+        if was["rounds"] != t.spec.rounds:  # not identity, but one run holds one number of rounds
+            raise SpecError(f"--resume {run_id}: trial {t.trial_id} ran with rounds={was['rounds']}, this plan has "
+                            f"rounds={t.spec.rounds}; pass --set rounds={was['rounds']}")
         now = base_record(run_id, t.trial_id, t.spec, t.stats, {}, None, t.model_config, t.ds_config)
         if not same(was, now):
             diff = differences(was, now)
@@ -151,17 +154,88 @@ def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | Non
     failed_record(rec, status, error)
 
 
-def _store_trial(store: Store, rec: dict, seq: int, fallback: Callable[[], dict]) -> dict:
-    """Store a trial's record; one that does not fit the schema (an llmbench bug) is stored as
-    `failed` with the reason instead, so the sweep goes on and nothing is lost silently."""
+def rounds_of(t: PlannedTrial) -> int:
+    """How many rounds a planned trial runs: its `rounds` when it trains, else one (an
+    inference trial's replicates are its `repeats`; a skipped or unsupported trial is recorded once)."""
+    return t.spec.rounds if t.spec.scenario == "train" and not t.skip and not t.unsupported else 1
+
+
+def _groups(trials: list[PlannedTrial]) -> list[list[PlannedTrial]]:
+    """Consecutive trials of one world size (the plan is sorted by it): one pool serves each."""
+    out: list[list[PlannedTrial]] = []
+    for t in trials:
+        if out and out[-1][0].spec.world_size == t.spec.world_size:
+            out[-1].append(t)
+        else:
+            out.append([t])
+    return out
+
+
+@dataclass
+class _Driver:
+    """What every round of every trial shares: the run, its store and the pool of ranks."""
+
+    plan: Plan
+    hw: Hardware
+    store: Store
+    run_id: str
+    env: dict
+    label: str | None
+    log_dir: Path
+    options: LaunchOptions | None
+    warm_pool: bool
+    trace_dir: Path | None
+    pool: RankPool | None = None
+    start_times: list = field(default_factory=list)
+
+    def record(self, t: PlannedTrial) -> dict:
+        return base_record(self.run_id, t.trial_id, t.spec, t.stats, self.env, self.label, t.model_config, t.ds_config)
+
+    def run_round(self, t: PlannedTrial, round_no: int) -> dict:
+        """One round of a trial (the first: the trial) on a pool of its world size: its record."""
+        t_trial = time.perf_counter()
+        rec = self.record(t)
+        if t.skip:
+            failed_record(rec, "skipped", t.skip)
+        elif t.unsupported:  # nothing launched for it
+            failed_record(rec, "unsupported", t.unsupported)
+        else:
+            if self.pool is None or self.pool.world_size != t.spec.world_size:
+                if self.pool is not None:
+                    self.pool.stop()  # one pool alive at a time
+                self.pool = RankPool(self.hw, t.spec.world_size, self.log_dir / f"{self.run_id}-ws{t.spec.world_size}.log",
+                                     self.options)
+            starts_before = self.pool.starts
+            # the extra passes (breakdown, comms, profile) run in the first round only
+            run = t if round_no == 0 else PlannedTrial(t.trial_id, t.spec.model_copy(update={"breakdown_steps": 0, "comms_steps": 0}),
+                                                       stats=t.stats)
+            _run_one(self.pool, run, rec, self.plan.base_config, self.trace_dir if round_no == 0 else None)
+            if self.pool.starts > starts_before:
+                self.start_times.append(self.pool.start_s)
+                rec["pool_start_s"] = self.pool.start_s  # this trial paid for starting the ranks
+            if not self.warm_pool:
+                self.pool.stop()
+        rec["trial_wall_s"] = time.perf_counter() - t_trial
+        return rec
+
+    def store_trial(self, t: PlannedTrial, rec: dict, seq: int, replace: bool) -> dict:
+        if rec["window_s"] is not None:
+            rec["overhead_s"] = rec["trial_wall_s"] - rec["window_s"]
+        return _store_trial(self.store, rec, seq, lambda: self.record(t), replace)
+
+
+def _store_trial(store: Store, rec: dict, seq: int, fallback: Callable[[], dict], replace: bool = False) -> dict:
+    """Store a trial's record (`replace`: in place of its earlier rounds' record); one that
+    does not fit the schema (an llmbench bug) is stored as `failed` with the reason instead,
+    so the sweep goes on and nothing is lost silently."""
     from pydantic import ValidationError
 
     try:
-        store.add_trial(rec, seq)
+        store.add_trial(rec, seq, replace=replace)
         return rec
     except ValidationError as e:
         rec = failed_record(fallback(), "failed", f"llmbench bug: the trial's record does not fit the schema: {e}")
-        store.add_trial(rec, seq)
+        store.add_trial(rec, seq, replace=replace)
         return rec
 
 
@@ -172,9 +246,14 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
               on_trial_end: Callable[[int, dict], None] | None = None) -> SweepResult:
     """Run every planned trial; a failing trial is recorded and the sweep goes on.
 
-    `resume` continues a stored run: trials already finished are kept and not run again,
-    an `interrupted` one is run again (and replaces its record). `warm_pool=False` starts
-    a fresh DeepSpeed launch for every trial (to measure what the pool saves).
+    Rounds are interleaved: round 1 of every trial of a world size, then round 2 of those
+    that ask for more, ... (a slow drift of the machine then spreads over the trials instead
+    of landing on one); after each round the trial's record is stored again with every round
+    so far (record.combine_rounds), so an interruption loses at most the round in flight.
+    `resume` continues a stored run: finished trials are kept, an `interrupted` one or one
+    with fewer rounds than asked is run again whole (and replaces its record).
+    `warm_pool=False` starts a fresh DeepSpeed launch for every round (to measure what the pool saves).
+    `on_trial_start` and `on_trial_end` are called for every round.
     """
     t0 = time.perf_counter()
     env = environment(hw)
@@ -183,9 +262,10 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         run_id = resume
         label = store.run(run_id)["label"]
         existing = store.trials(run_id)
-        done = {r["trial_id"] for r in existing if r["status"] != "interrupted"}
+        done = {r["trial_id"] for r in existing if r["status"] != "interrupted"
+                and not (r["status"] == "ok" and r["scenario"] == "train" and r["rounds_done"] < r["rounds"])}
         for r in existing:
-            if r["status"] == "interrupted":
+            if r["trial_id"] not in done:
                 store.delete_trial(run_id, r["trial_id"])
         store.set_run_status(run_id, "running")
         seq = store.next_seq(run_id)
@@ -194,63 +274,53 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         store.create_run(run_id, suite, label, env, meta={"n_trials": len(plan.trials), "base_config": plan.base_config})
         seq = 0
     todo = [t for t in plan.trials if t.trial_id not in done]
-    records: list[dict] = []
-    pool: RankPool | None = None
-    start_times: list[float] = []
+    d = _Driver(plan, hw, store, run_id, env, label, log_dir, options, warm_pool,
+                log_dir.parent / "traces" / run_id if profile else None)
+    records: dict[str, dict] = {}
     status = "finished"
-    current: PlannedTrial | None = None
+    current: tuple[PlannedTrial, int] | None = None
     try:
-        for t in todo:
-            current = t
-            if on_trial_start:
-                on_trial_start(seq, t)
-            t_trial = time.perf_counter()
-            rec = base_record(run_id, t.trial_id, t.spec, t.stats, env, label, t.model_config, t.ds_config)
-            if t.skip:
-                failed_record(rec, "skipped", t.skip)
-            elif t.unsupported:  # nothing launched for it
-                failed_record(rec, "unsupported", t.unsupported)
-            else:
-                if pool is None or pool.world_size != t.spec.world_size:
-                    if pool is not None:
-                        pool.stop()  # one pool alive at a time
-                    pool = RankPool(hw, t.spec.world_size, log_dir / f"{run_id}-ws{t.spec.world_size}.log", options)
-                starts_before = pool.starts
-                _run_one(pool, t, rec, plan.base_config, log_dir.parent / "traces" / run_id if profile else None)
-                if pool.starts > starts_before:
-                    start_times.append(pool.start_s)
-                    rec["pool_start_s"] = pool.start_s  # this trial paid for starting the ranks
-                if not warm_pool:
-                    pool.stop()
-            rec["trial_wall_s"] = time.perf_counter() - t_trial
-            if rec["window_s"] is not None:
-                rec["overhead_s"] = rec["trial_wall_s"] - rec["window_s"]
-            rec = _store_trial(store, rec, seq, lambda: base_record(run_id, t.trial_id, t.spec, t.stats, env, label, t.model_config, t.ds_config))
-            records.append(rec)
-            current = None
-            seq += 1
-            if on_trial_end:
-                on_trial_end(seq, rec)
+        for group in _groups(todo):
+            rounds: dict[str, list[dict]] = {t.trial_id: [] for t in group}
+            seqs: dict[str, int] = {}
+            for round_no in range(max(rounds_of(t) for t in group)):
+                for t in group:
+                    so_far = rounds[t.trial_id]
+                    if round_no >= rounds_of(t) or (so_far and so_far[-1]["status"] != "ok"):
+                        continue
+                    current = (t, round_no)
+                    if on_trial_start:
+                        on_trial_start(seq, t)
+                    so_far.append(d.run_round(t, round_no))
+                    rec = combine_rounds(so_far, t.stats)
+                    rec["trial_wall_s"] = sum(r["trial_wall_s"] for r in so_far)
+                    if round_no == 0:
+                        seqs[t.trial_id], seq = seq, seq + 1
+                    records[t.trial_id] = d.store_trial(t, rec, seqs[t.trial_id], replace=round_no > 0)
+                    current = None
+                    if on_trial_end:
+                        on_trial_end(seqs[t.trial_id] + 1, records[t.trial_id])
     except Exception:
         status = "failed"  # a bug in the driver: the run is not "finished"; its stored trials stay
         raise
     except KeyboardInterrupt:
         status = "interrupted"
-        if pool is not None:
-            pool.kill()
-        if current is not None:
-            rec = failed_record(base_record(run_id, current.trial_id, current.spec, current.stats, env, label, current.model_config, current.ds_config),
-                                "interrupted", "the sweep was interrupted (Ctrl-C) during this trial")
+        if d.pool is not None:
+            d.pool.kill()
+        if current is not None and current[1] == 0:  # a later round's trial keeps its rounds so far
+            t = current[0]
+            rec = failed_record(d.record(t), "interrupted", "the sweep was interrupted (Ctrl-C) during this trial")
             store.add_trial(rec, seq)
-            records.append(rec)
+            records[t.trial_id] = rec
         raise
     finally:
-        if pool is not None:
-            pool.stop()
+        if d.pool is not None:
+            d.pool.stop()
         wall = time.perf_counter() - t0
         meta = store.run(run_id)["meta"]
         meta.update(n_trials=len(plan.trials), wall_s=meta.get("wall_s", 0) + wall,
-                    pool_starts=meta.get("pool_starts", 0) + len(start_times),
-                    pool_start_s=meta.get("pool_start_s", []) + start_times, warm_pool=warm_pool)
+                    pool_starts=meta.get("pool_starts", 0) + len(d.start_times),
+                    pool_start_s=meta.get("pool_start_s", []) + d.start_times, warm_pool=warm_pool)
         store.finish_run(run_id, status, meta=meta)
-    return SweepResult(run_id, status, records, wall, len(start_times), start_times)
+    ordered = [records[t.trial_id] for t in todo if t.trial_id in records]
+    return SweepResult(run_id, status, ordered, wall, len(d.start_times), d.start_times)

@@ -77,12 +77,19 @@ class _Trial:
     batches: list = field(default_factory=list)
     engine: object = None
     model: object = None
+    slowdown: float = 0.0  # test-only (injected_slowdown): sleep this fraction of each step's time
 
     def step(self, i: int, probe=None) -> torch.Tensor:
         """Optimizer step i (its micro-batches wrap around after the warmup and window)."""
         ga, n = self.spec.grad_accum, self.spec.warmup_steps + self.spec.steps
         i %= n
-        return train_step(self.engine, self.batches[i * ga:(i + 1) * ga], self.dev, probe)
+        if not self.slowdown:
+            return train_step(self.engine, self.batches[i * ga:(i + 1) * ga], self.dev, probe)
+        t0 = time.perf_counter()
+        loss = train_step(self.engine, self.batches[i * ga:(i + 1) * ga], self.dev, probe)
+        sync(self.accelerator)
+        time.sleep(self.slowdown * (time.perf_counter() - t0))
+        return loss
 
     def teardown(self) -> None:
         """Destroy the engine and free everything the trial held (also after a failure)."""
@@ -190,14 +197,37 @@ def _fp16_collapse(spec: TrialSpec, res: RankResult) -> None:
                        f"{spec.steps} steps skipped for overflow")
 
 
+SLOWDOWN_ENV = "LLMBENCH_TEST_SLOWDOWN"
+
+
+def injected_slowdown(trial_id: str, value: str | None) -> float:
+    """The test-only slowdown for this trial from LLMBENCH_TEST_SLOWDOWN: `FRACTION` (every
+    trial) or `FRACTION:ID,ID` (those trials): each step then sleeps FRACTION of its own time
+    after it ends (synchronised first), so the step is that much slower and the reference
+    workload is not. How the gate's miss rate is measured (docs/gates.md); 0.0 when unset."""
+    if not value:
+        return 0.0
+    frac, _, ids = value.partition(":")
+    try:
+        f = float(frac)
+        if not 0 <= f <= 100:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{SLOWDOWN_ENV}={value!r}: use FRACTION (0 to 100) or FRACTION:TRIAL_ID,TRIAL_ID") from None
+    return f if not ids or trial_id in ids.split(",") else 0.0
+
+
 def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,
               base_config: dict | None = None, ranks_per_node: int | None = None,
-              trace_path: str | None = None) -> RankResult:
+              trace_path: str | None = None, slowdown: float = 0.0) -> RankResult:
     """One trial on this rank, as nanoGPT's bench loop reads: prepare, build, warm up, time the
-    window, extra passes, tear down. Every failure is recorded in the result, never raised."""
+    window, extra passes, tear down. Every failure is recorded in the result, never raised.
+    `slowdown` > 0 (tests only: injected_slowdown) makes every step that fraction slower."""
     res = RankResult(rank=rank, host=host, device=device)
     memory = peak_memory(accelerator)
-    t = _Trial(spec, accelerator, rank_device(accelerator))
+    t = _Trial(spec, accelerator, rank_device(accelerator), slowdown=slowdown)
+    if slowdown:
+        res.notes.append(f"test-only slowdown injected ({SLOWDOWN_ENV}): every step sleeps {slowdown:.0%} of its time")
     with recorded(res, memory, t.teardown):
         config, cfg = _prepare(t, rank, world_size, device, base_config, ranks_per_node or world_size, res)
         memory.start()  # the peak from here to the window's end is this trial's

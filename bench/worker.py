@@ -54,7 +54,7 @@ def main() -> None:
     import deepspeed
 
     from .spec import TrialSpec
-    from .trial import bare_loop, run_trial
+    from .trial import SLOWDOWN_ENV, bare_loop, injected_slowdown, run_trial
 
     deepspeed.init_distributed(dist_backend=args.backend)
     world = torch.distributed.get_world_size()
@@ -73,7 +73,7 @@ def main() -> None:
             ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
             trace = f"{msg['trace_dir']}/{msg['trial_id']}-rank{rank}.json" if msg.get("trace_dir") else None
             res = run_trial(spec, rank, world, args.accelerator, host, device, msg.get("base_config"), ranks_per_node,
-                            trace)
+                            trace, injected_slowdown(msg["trial_id"], os.environ.get(SLOWDOWN_ENV)))
             ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.message()})
         if msg["type"] == "inference":  # single-process inference scenario (world size 1)
             from .inference import run_inference

@@ -4,7 +4,7 @@ import tempfile
 
 import pytest
 
-from helpers import llmbench
+from helpers import SLOWDOWN, SLOWED, llmbench
 
 # The measured-peak and trained-model caches of this test session start empty and never touch
 # the user's ~/.cache/llmbench (fixtures that need their own set LLMBENCH_CACHE and restore it).
@@ -33,8 +33,10 @@ def fp32_sweep(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gate_db(zero_sweep, tmp_path_factory):
-    """A copy of the session's store plus a second real `llmbench sweep zero` of the same code:
-    (store, baseline run id, rerun id)."""
+    """A copy of the session's store plus two real `llmbench sweep zero` runs: one of the same
+    code, and one of 3 rounds in which the test-only LLMBENCH_TEST_SLOWDOWN makes every step
+    of z1-mb4 and z2-mb8 twice as long: (store, baseline run id, rerun id, slowed run id)."""
+    import os
     import sqlite3
 
     db = tmp_path_factory.mktemp("gate") / "llmbench.db"
@@ -42,8 +44,10 @@ def gate_db(zero_sweep, tmp_path_factory):
     src.backup(dst)
     src.close(), dst.close()
     llmbench("sweep", "zero", "--db", str(db), "--out", str(db.parent / "out"), "--label", "rerun")
-    (a,), (b,) = sqlite3.connect(db).execute("SELECT run_id FROM runs ORDER BY created_at").fetchall()
-    return db, a, b
+    llmbench("sweep", "zero", "--set", "rounds=3", "--db", str(db), "--out", str(db.parent / "out"), "--label", "slowed",
+             env=dict(os.environ, LLMBENCH_TEST_SLOWDOWN=f"{SLOWDOWN}:{','.join(SLOWED)}"))
+    (a,), (b,), (c,) = sqlite3.connect(db).execute("SELECT run_id FROM runs ORDER BY created_at").fetchall()
+    return db, a, b, c
 
 
 def pytest_addoption(parser):

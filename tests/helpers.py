@@ -13,3 +13,7 @@ def llmbench(*args, cwd=None, timeout=900, check=True, env=None):
     if check and p.returncode != 0:
         raise AssertionError(f"llmbench {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
     return p
+
+
+# the test-only slowdown of gate_db's third run (conftest.py): every step of these trials twice as long
+SLOWDOWN, SLOWED = 1.0, ("z1-mb4", "z2-mb8")

@@ -24,6 +24,7 @@ from helpers import llmbench
     (["sweep", "zero", "--no-such-option"], "No such option: --no-such-option"),
     (["kernels", "--family", "opt"], "'opt' is not one of 'llama', 'gpt2'"),
     (["sweep", "zero", "--hostfile", "/no/such/hostfile"], "--hostfile /no/such/hostfile: no such file"),
+    (["sweep", "zero", "--set", "rounds=0"], "rounds"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     p = llmbench(*args, "--db", str(tmp_path / "x.db"), check=False) if "--db" not in args else llmbench(*args, check=False)
@@ -32,6 +33,16 @@ def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "x.db").exists()  # nothing was launched or stored
+
+
+def test_a_malformed_test_slowdown_is_bad_input(tmp_path):
+    import os
+
+    p = llmbench("sweep", "zero", "--db", str(tmp_path / "x.db"), check=False,
+                 env=dict(os.environ, LLMBENCH_TEST_SLOWDOWN="fast:z1-mb4"))
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "LLMBENCH_TEST_SLOWDOWN='fast:z1-mb4'" in lines[0], p.stderr
+    assert not (tmp_path / "x.db").exists()
 
 
 def test_every_option_has_help_and_choices_are_listed():

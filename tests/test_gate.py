@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from helpers import llmbench
-from llmbench.gate import gate, mann_whitney_p, min_p
+from helpers import SLOWED, llmbench
+from llmbench.gate import ALPHA, gate
 
 
 def rec(trial_id="t", times=None, status="ok", **kw):
@@ -21,12 +21,6 @@ def noisy(n, level, cv=0.05, seed=0):
     return [level * (1 + rng.gauss(0, cv)) for _ in range(n)]
 
 
-def test_min_p_is_the_exact_mann_whitney_p_of_complete_separation():
-    a, b = [1.0 + i / 100 for i in range(12)], [2.0 + i / 100 for i in range(12)]
-    assert mann_whitney_p(a, b) == pytest.approx(min_p(12, 12), rel=1e-9)
-    assert min_p(4, 4) == pytest.approx(2 / 70)
-
-
 def test_rule_slowdown_beyond_margin_and_significant_is_a_regression():
     base = [rec(times=noisy(12, 0.10, seed=1))]
     same = [rec(times=noisy(12, 0.10, seed=2))]
@@ -34,7 +28,7 @@ def test_rule_slowdown_beyond_margin_and_significant_is_a_regression():
     fast = [rec(times=[t / 1.25 for t in noisy(12, 0.10, seed=2)])]
     assert gate(base, same).passed
     r = gate(base, slow)
-    assert not r.passed and r.regressions[0].metric == "step time" and r.regressions[0].p_value < 0.002
+    assert not r.passed and r.regressions[0].metric == "step time" and r.regressions[0].p_value < ALPHA
     assert r.regressions[0].change == pytest.approx(0.25, abs=0.06)
     r = gate(base, fast)
     assert r.passed and any(v.outcome == "improvement" for v in r.verdicts)
@@ -60,19 +54,11 @@ def test_rule_status_counts_and_configuration():
 
 
 def test_gate_passes_two_real_runs_of_the_same_code(gate_db):
-    db, a, b = gate_db
+    """No retry: one comparison of two real runs (the false-alarm rate of this one-window
+    comparison is measured in docs/gates.md)."""
+    db, a, b, _ = gate_db
     assert a != b
     p = llmbench("gate", a, b, "--db", str(db), check=False)
-    if p.returncode == 1:
-        # A suspected regression on a shared machine is confirmed by one more run before it
-        # counts (the CI recipe in docs/gates.md): a real regression reproduces, a noise burst does not.
-        first = p.stdout
-        llmbench("sweep", "zero", "--db", str(db), "--out", str(db.parent / "out"), "--label", "confirm")
-        import sqlite3
-
-        (c,) = sqlite3.connect(db).execute("SELECT run_id FROM runs ORDER BY created_at DESC LIMIT 1").fetchone()
-        p = llmbench("gate", a, c, "--db", str(db), check=False)
-        assert p.returncode == 0, "failed twice:\n" + first + p.stdout + p.stderr
     assert p.returncode == 0, p.stdout + p.stderr
     assert "PASS" in p.stdout and "z3-mb8" in p.stdout
     # on CPU: the step time relative to the in-run reference, decided over the whole run;
@@ -80,11 +66,50 @@ def test_gate_passes_two_real_runs_of_the_same_code(gate_db):
     assert "step ÷ reference" in p.stdout and "(all trials)" in p.stdout and "reported" in p.stdout
 
 
+def test_gate_fails_a_real_slowdown_confined_to_two_trials(gate_db, tmp_path):
+    """A real run (3 rounds) in which two of the 8 trials' steps take twice as long (the
+    test-only LLMBENCH_TEST_SLOWDOWN): the gate fails and names those two, by the confined rule."""
+
+    db, a, _, c = gate_db
+    out = tmp_path / "gate.json"
+    p = llmbench("gate", a, c, "--db", str(db), "--json", str(out), check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    verdict = json.loads(out.read_text())
+    assert set(verdict["regressions"]) == {*SLOWED, "(all trials)"}, p.stdout
+    run_row = next(v for v in verdict["verdicts"] if v["trial_id"] == "(all trials)")
+    # the confined rule names them (the uniform rule may fire too: two trials 2× slower lift
+    # the geometric mean over 8 trials by 19%)
+    assert f"confined to {', '.join(SLOWED)}" in run_row["why"], run_row
+    for v in verdict["verdicts"]:
+        if v["trial_id"] in SLOWED and v["metric"] == "step ÷ reference":
+            assert v["outcome"] == "regression" and v["change"] > 0.5 and v["why"].startswith("confined"), v
+
+
+def test_a_run_of_rounds_holds_every_round(gate_db):
+    """The slowed run's records: 3 rounds each, every round's steps in order, tokens/s all
+    tokens over all windows, losses those of one round (every round trains the same steps),
+    the injected slowdown named in the slowed trials' notes and no other."""
+    from llmbench.store import Store
+
+    db, _, _, c = gate_db
+    for r in Store(db).trials(c):
+        assert r["status"] == "ok" and r["rounds"] == 3 and r["rounds_done"] == 3, r["trial_id"]
+        assert len(r["step_times_s"]) == len(r["step_times_rel"]) == len(r["step_cpu_s"]) == 3 * r["steps"]
+        assert all(len(per) == 3 * r["steps"] for per in r["step_times_per_rank"])
+        assert len(r["losses"]) == r["steps"] and len(r["grad_norms"]) == r["steps"]
+        tokens = 3 * r["steps"] * r["global_batch"] * r["seq_len"]
+        assert r["tokens_per_s"] * r["window_s"] == pytest.approx(tokens, rel=1e-9)
+        lo, hi = r["tokens_per_s_ci95"]
+        assert lo <= r["tokens_per_s"] <= hi
+        injected = any("LLMBENCH_TEST_SLOWDOWN" in n for n in r["notes"])
+        assert injected == (r["trial_id"] in SLOWED), (r["trial_id"], r["notes"])
+
+
 def test_gate_fails_a_candidate_25_percent_slower_with_a_table(gate_db, tmp_path):
     """The candidate is the baseline run itself with every step 25% longer, against the wall
     clock and against the in-run reference alike (what a change that makes each step 25%
     slower produces): throughput 20% lower."""
-    db, a, _ = gate_db
+    db, a, _, _ = gate_db
     out = tmp_path / "a.json"
     llmbench("results", a, "--db", str(db), "--format", "json", "--output", str(out))
     slowed = []
@@ -110,12 +135,12 @@ def test_gate_fails_a_candidate_25_percent_slower_with_a_table(gate_db, tmp_path
 
 
 def test_gate_reads_exports_and_refuses_bad_input(gate_db, tmp_path):
-    db, a, b = gate_db
+    db, a, b, _ = gate_db
     pq = tmp_path / "a.parquet"
     llmbench("results", a, "--db", str(db), "--format", "parquet", "--output", str(pq))
     # an export against its own run: the same samples read back, so nothing may change
     p = llmbench("gate", str(pq), a, "--db", str(db), check=False)
-    assert p.returncode == 0 and "Mann-Whitney" in p.stdout and "reported" in p.stdout, p.stdout
+    assert p.returncode == 0 and "Welch t" in p.stdout and "reported" in p.stdout, p.stdout
     assert "FAIL" not in p.stdout and p.stdout.count("+0.0%") >= 8 * 5, p.stdout  # 5 figures per trial
     csv = tmp_path / "a.csv"
     llmbench("results", a, "--db", str(db), "--format", "csv", "--output", str(csv))
@@ -127,20 +152,17 @@ def test_gate_reads_exports_and_refuses_bad_input(gate_db, tmp_path):
     assert p.returncode == 2 and "--margin" in p.stderr + p.stdout
 
 
-def test_run_level_rule_needs_a_consistent_slowdown():
-    """On CPU records (they carry step_cpu_s) the run decides: a +30% geometric mean driven by
-    two trials is not a regression; every trial +25% is."""
+def test_run_level_uniform_rule_catches_every_trial_25_percent_slower():
+    """On CPU records (they carry step_cpu_s) the run decides: every trial +25% is a uniform
+    regression of the step ÷ reference; its per-trial verdicts are advice (test_gate_noise.py
+    has the confined rule and the error rates)."""
     def cpu_rec(tid, times):
         return rec(tid, times, step_cpu_s=times, step_times_rel=[t * 10 for t in times])
 
     base = [cpu_rec(f"t{i}", noisy(12, 0.1, cv=0.02, seed=i)) for i in range(8)]
-    spiky = [cpu_rec(f"t{i}", [t * (3.0 if i < 2 else 1.0) for t in noisy(12, 0.1, cv=0.02, seed=i + 10)]) for i in range(8)]
-    r = gate(base, spiky)
-    run = next(v for v in r.verdicts if v.trial_id == "(all trials)")
-    assert run.change > 0.15 and run.outcome == "same" and r.passed
-    assert sum(v.outcome == "slower" for v in r.verdicts) == 2  # per-trial: advice only
     slow = [cpu_rec(f"t{i}", [t * 1.25 for t in noisy(12, 0.1, cv=0.02, seed=i + 10)]) for i in range(8)]
     r = gate(base, slow)
     run = next(v for v in r.verdicts if v.trial_id == "(all trials)")
-    assert run.outcome == "regression" and run.change == pytest.approx(0.25, abs=0.03) and not r.passed
-    assert run.metric.startswith("step ÷ reference")
+    assert run.outcome == "regression" and run.why == "uniform" and not r.passed
+    assert run.change == pytest.approx(0.25, abs=0.03) and run.metric.startswith("step ÷ reference")
+    assert {v.outcome for v in r.verdicts if v.trial_id != "(all trials)" and v.metric == "step ÷ reference"} <= {"slower", "same"}

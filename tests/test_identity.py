@@ -112,13 +112,13 @@ def test_two_identical_sweeps_hash_equal_trial_for_trial(gate_records):
 
 @pytest.fixture(scope="module")
 def gate_records(gate_db):
-    db, a, b = gate_db
+    db, a, b, _ = gate_db
     read = lambda run: [json.loads(x) for x in llmbench("results", run, "--db", str(db), "--format", "json").stdout.splitlines()]  # noqa: E731
     return read(a), read(b)
 
 
 def test_gate_does_not_compare_sdpa_with_eager_and_refuses_runs_that_do_not_match(gate_db, gate_records, tmp_path):
-    db, a, _ = gate_db
+    db, a, _, _ = gate_db
     base, _ = gate_records
 
     def export(records, name):

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..gate import ALPHA
 from .app import DbOpt, OutOpt, app, console, fail
 
 
@@ -30,7 +31,7 @@ class Decide(str, Enum):
 BaselineArg = typer.Argument(..., help="Baseline: a run id (or unique prefix) in --db, or a `results` export (.json, .csv, .parquet).")
 CandidateArg = typer.Argument(..., help="Candidate, the same way.")
 MarginOpt = typer.Option(None, "--margin", help="METRIC=FRACTION, repeatable (e.g. step_times_s=0.2, peak_mem_bytes=0.05).")
-AlphaOpt = typer.Option(0.002, "--alpha", help="Significance level of the Mann-Whitney U test (asv's default).")
+AlphaOpt = typer.Option(ALPHA, "--alpha", help="Significance level of the Welch t test on rounds or batch means.")
 TimeOpt = typer.Option(TimeBasis.auto, "--time", help="Gate wall-clock step time (wall), step time ÷ the in-run reference (rel), CPU seconds per step (cpu) or CPU seconds ÷ the reference's (cpu-rel); auto: cpu-rel on CPU, wall on GPU.")
 DecideOpt = typer.Option(Decide.auto, "--decide", help="Who decides on time: each trial (trial) or the whole run (run); auto: run on CPU, trial on GPU.")
 JsonOpt = typer.Option(None, "--json", help="Also write the decision and every verdict to this JSON file (for CI).")

@@ -17,6 +17,22 @@ from .app import DbOpt, HostfileOpt, IncludeOpt, MasterAddrOpt, NumNodesOpt, Out
 from .results import kernels_for
 
 
+def _check_slowdown(plan) -> None:
+    """A malformed test-only LLMBENCH_TEST_SLOWDOWN is bad input, refused before any rank reads it."""
+    from ..trial import SLOWDOWN_ENV, injected_slowdown
+
+    value = os.environ.get(SLOWDOWN_ENV)
+    try:
+        for t in plan.trials:
+            injected_slowdown(t.trial_id, value)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    ids = set(value.partition(":")[2].split(",")) - {""} if value else set()
+    unknown = ids - {t.trial_id for t in plan.trials}
+    if unknown:
+        raise SpecError(f"{SLOWDOWN_ENV}={value!r}: no such trial in this plan: {', '.join(sorted(unknown))}")
+
+
 def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path, out: Path, dry_run: bool = False,
            cpu: bool = False, hostfile: Optional[str] = None, include: Optional[str] = None,
            num_nodes: Optional[int] = None, master_addr: Optional[str] = None, base_config: Optional[Path] = None,
@@ -48,6 +64,7 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
             if not db.exists():
                 raise SpecError(f"--resume {resume}: no such run in {db}")
             resume = check_resume(Store(db), resume, plan)
+        _check_slowdown(plan)
     except SpecError as e:
         fail(str(e))
     options = LaunchOptions(hostfile=hostfile, include=include, num_nodes=num_nodes, master_addr=master_addr)
@@ -83,7 +100,9 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
                   f"({hw.comm_backend}); store {db}" + (f"; resuming {resume}" if resume else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
-    task = progress.add_task("starting", total=len(plan.trials))
+    from ..sweep import rounds_of
+
+    task = progress.add_task("starting", total=sum(rounds_of(t) for t in plan.trials))  # every round of every trial
 
     def started(seq, planned):
         progress.update(task, description=planned.trial_id)
@@ -91,8 +110,11 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     def ended(seq, rec):
         mark = "[green]ok[/]" if rec["status"] == "ok" else f"[red]{rec['status']}[/]"
         extra = ok_summary(rec) if rec["status"] == "ok" else error_summary(rec["error"])
-        progress.console.print(f"  {rec['trial_id']:<24} {mark} {extra}", highlight=False)
-        for note in rec.get("notes") or []:
+        train = rec["scenario"] == "train"
+        rounds = f" (round {rec['rounds_done']} of {rec['rounds']})" if train and rec["rounds"] > 1 and rec["status"] == "ok" else ""
+        progress.console.print(f"  {rec['trial_id']:<24} {mark} {extra}{rounds}", highlight=False)
+        final = rec["status"] != "ok" or not train or rec["rounds_done"] >= rec["rounds"]
+        for note in (rec.get("notes") or []) if final else []:
             progress.console.print(f"  {'':<24} [yellow]note[/] {note}", highlight=False)
         progress.advance(task)
 
