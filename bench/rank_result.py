@@ -74,6 +74,8 @@ class RankResult(_Result):
     reference_cpu_s: list[float] = Field(default_factory=list)
     data_s: Optional[float] = None
     trace: Optional[str] = None
+    fp32_matmul_precision: Optional[str] = None  # torch.get_float32_matmul_precision(): "highest" keeps TF32 off
+    ds_global_steps: Optional[int] = None  # DeepSpeed's engine.global_steps when the trial ended
 
 
 class InferenceResult(_Result):

@@ -85,7 +85,17 @@ def _common(ranks: list[RankResult]) -> dict:
         memory_per_rank=[r.memory for r in ranks],
         notes=sorted({n for r in ranks for n in r.notes}),
         peak_mem_bytes=max((m for m in peaks if m is not None), default=None),
+        trial_peak_mem_bytes=max((own_peak(r.memory) for r in ranks if r.memory.get("peak_mem_bytes") is not None),
+                                 default=None),
+        fp32_matmul_precision=first.fp32_matmul_precision,
+        ds_global_steps=first.ds_global_steps,
     )
+
+
+def own_peak(memory: dict) -> int:
+    """A rank's peak memory above what its process (CPU: RSS) or allocator (CUDA) held when
+    the trial began: the trial's own, which a regression in the trial moves in full."""
+    return max(0, (memory.get("peak_mem_bytes") or 0) - (memory.get("baseline_bytes") or 0))
 
 
 def _rates(steps: list[float], window: float, tokens: int, n_ranks: int, seq_len: int, rounds: int = 1) -> dict:
@@ -148,7 +158,8 @@ def combine_rounds(rounds: list[dict], stats: ModelStats | None = None) -> dict:
         rec["notes"] = _round_notes(ok)
         if stats is not None:
             u = utilisation(stats, rec["seq_len"], rec["tokens_per_s_per_device"], rec["activation_checkpointing"],
-                            datasheet_peak_tflops(rec["devices"][0], rec["precision"]), rec["measured_peak_tflops"])
+                            datasheet_peak_tflops(rec["devices"][0], rec["precision"], rec["quant"], rec["fp32_matmul_precision"]),
+                            rec["measured_peak_tflops"])
             rec["notes"] += screen_utilisation(u)
             rec.update(u)
     if last["status"] != "ok":
@@ -167,7 +178,7 @@ def _round_notes(ok: list[dict]) -> list[str]:
     first, highest = ok[0]["peak_mem_bytes"], max(ok, key=lambda r: r["peak_mem_bytes"] or 0)
     if first and highest["peak_mem_bytes"] > 1.10 * first:
         notes.append(f"peak memory grew over the rounds: {highest['peak_mem_bytes'] / first - 1:+.0%} in round "
-                     f"{ok.index(highest) + 1} against round 1's (reported)")
+                     f"{ok.index(highest) + 1} against round 1's (the record keeps round 1's)")
     return list(dict.fromkeys(notes))
 
 
@@ -176,12 +187,19 @@ def _model_states(rec: dict, ranks: list[RankResult], stats) -> dict:
     activations, communication buckets, gathered ZeRO-3 parameters, temporaries, fragmentation
     (peak minus what was held before, minus model states)."""
     per_rank = [sum(r.model_state.get(k, 0) for k in ("params", "grads", "optimizer")) for r in ranks]
+    host = [r.model_state.get("host", 0) for r in ranks]
+    # the memory measured: the device's on a GPU (offloaded states are not in it), the
+    # process's RSS on the CPU accelerator (where the "device" is the host and holds them all)
+    in_peak = per_rank if rec["devices"] and str(rec["devices"][0]).startswith("cpu") else \
+        [ms - h for ms, h in zip(per_rank, host)]
     return dict(
         model_state_bytes_per_rank=per_rank,
         model_state_breakdown=[{k: r.model_state.get(k) for k in ("params", "grads", "optimizer")} for r in ranks],
         model_state_bytes=max(per_rank),
+        model_state_host_bytes=max(host),
+        model_state_device_bytes=max(ms - h for ms, h in zip(per_rank, host)),
         other_mem_bytes=max(max(0, (r.memory.get("peak_mem_bytes") or 0) - (r.memory.get("baseline_bytes") or 0) - ms)
-                            for r, ms in zip(ranks, per_rank)),
+                            for r, ms in zip(ranks, in_peak)),
     )
 
 
@@ -218,7 +236,7 @@ def _utilisation(rec: dict, ranks: list[RankResult], stats: ModelStats | None) -
     """TFLOPS and MFU (collect/flops.py) against the datasheet and the measured peak."""
     out: dict = {}
     if stats is not None:
-        peak = datasheet_peak_tflops(ranks[0].device, rec["precision"])
+        peak = datasheet_peak_tflops(ranks[0].device, rec["precision"], rec["quant"], ranks[0].fp32_matmul_precision)
         measured = min((r.measured_peak_tflops for r in ranks if r.measured_peak_tflops), default=None)
         out = utilisation(stats, rec["seq_len"], rec["tokens_per_s_per_device"], rec["activation_checkpointing"],
                           peak, measured)
@@ -234,7 +252,7 @@ def _breakdown(rec: dict, ranks: list[RankResult], stats) -> dict:
     """DeepSpeed's breakdown timers (collect/breakdown.py): the slowest rank's, per part."""
     parts = [r.breakdown for r in ranks]
     out: dict = {"breakdown_per_rank": parts, "breakdown_note": parts[0].get("breakdown_note")}
-    for key in ("fwd_s", "bwd_s", "bwd_compute_s", "comm_s", "optimizer_s"):
+    for key in ("fwd_s", "bwd_s", "bwd_compute_s", "comm_s", "optimizer_s", "allgather_s", "breakdown_step_s"):
         vals = [p.get(key) for p in parts if p.get(key) is not None]
         out[key] = max(vals) if vals else None
     return out

@@ -107,6 +107,7 @@ def _prepare(t: _Trial, rank: int, world_size: int, device: str, base_config, ra
     config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
     cfg = ds_config(spec, t.accelerator, hidden_size(config), base_config, ranks_per_node)
     res.ds_config, res.transformers_config = copy.deepcopy(cfg), config_to_dict(config)  # as passed, before DeepSpeed sees it
+    res.fp32_matmul_precision = torch.get_float32_matmul_precision()  # "highest": fp32 matmuls without TF32
     source = MarkovSource(config.vocab_size, seed=spec.seed)
     res.entropy_floor = source.entropy_rate_nats
     n_micro = (spec.warmup_steps + spec.steps) * spec.grad_accum
@@ -236,6 +237,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         _timed_window(t, res)
         res.fill(memory.stop())
         _extra_passes(t, world_size, trace_path, res)
+        res.ds_global_steps = t.engine.global_steps  # DeepSpeed's count of optimizer steps taken
         _fp16_collapse(spec, res)
     return res
 

@@ -99,7 +99,7 @@ def gate_cmd(
     _, _, result = _judge("gate", baseline, candidate, margin, alpha, time_basis, decide, db, False, json_path)
     n = len(result.regressions)
     if n:
-        console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''} ({', '.join(result.regressed_trials)})")
+        console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''}: {', '.join(result.regressed_trials)}")
         raise typer.Exit(1)
     n_trials = len({v.trial_id for v in result.verdicts} - {"(all trials)"})
     console.print(f"[green]PASS[/]: no regression in {n_trials} matched trials")

@@ -11,30 +11,49 @@ TFLOP = 1e12
 #   tf32 156, fp32 19.5.
 # H100 SXM / H100 PCIe: NVIDIA H100 Tensor Core GPU datasheet (2023): bf16/fp16 989 / 756
 #   (the datasheet's 1,979 / 1,513 are with sparsity), tf32 494 / 378, fp32 67 / 51.
+# H100 NVL: the same datasheet, per GPU: bf16/fp16 835.5 (1,671 with sparsity), tf32 417.5,
+#   fp32 60.
+# fp8 (dense; the datasheets' 3,958 / 3,026 / 3,341 are with sparsity): H100 SXM and H200
+#   1,979, H100 PCIe 1,513, H100 NVL 1,670.5; the A100 has no fp8.
 # H200: NVIDIA H200 Tensor Core GPU datasheet (2024), same compute as H100 SXM: bf16/fp16
 #   989, tf32 494, fp32 67.
-# fp32 training runs its matmuls in fp32 unless TF32 is allowed; we quote fp32 against the
-# fp32 (non-tensor-core) peak only when torch keeps TF32 off (its default for matmuls).
+# fp32 training runs its matmuls in fp32 unless TF32 is allowed: a trial whose ranks allowed
+# it (torch.get_float32_matmul_precision() not "highest", recorded as fp32_matmul_precision)
+# is quoted against the tf32 peak, else against the fp32 (non-tensor-core) one. An fp8 trial
+# (quant=fp8: torchao's float8 linear layers) is quoted against the fp8 peak.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-    "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100 SXM": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "fp8": 1979.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0, "fp8": 1513.0},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0, "fp8": 1670.5},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0, "fp8": 1979.0},
 }
 
 
-def datasheet_peak_tflops(device_name: str, precision: str) -> float | None:
-    """Look a device up by the name torch reports (e.g. "NVIDIA H100 80GB HBM3"); None if unknown."""
+def peak_dtype(precision: str, quant: str = "none", fp32_matmul_precision: str | None = None) -> str:
+    """The datasheet column a trial's matmuls run in: fp8 for quant=fp8, tf32 for fp32 with
+    TF32 allowed, else the precision itself."""
+    if quant == "fp8":
+        return "fp8"
+    if precision == "fp32" and fp32_matmul_precision not in (None, "highest"):
+        return "tf32"
+    return precision
+
+
+def datasheet_peak_tflops(device_name: str, precision: str, quant: str = "none",
+                          fp32_matmul_precision: str | None = None) -> float | None:
+    """Look a device up by the name torch reports (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H100
+    NVL"); the peak of the column peak_dtype names; None if unknown."""
     name = device_name.upper()
     if "H200" in name:
         key = "H200"
     elif "H100" in name:
-        key = "H100 PCIe" if "PCIE" in name else "H100 SXM"
+        key = "H100 NVL" if "NVL" in name else "H100 PCIe" if "PCIE" in name else "H100 SXM"
     elif "A100" in name:
         key = "A100"
     else:
         return None
-    return PEAK_TFLOPS[key].get(precision)
+    return PEAK_TFLOPS[key].get(peak_dtype(precision, quant, fp32_matmul_precision))
 
 
 def hfu_flops_per_token(stats: ModelStats, seq_len: int, activation_checkpointing: bool) -> float:

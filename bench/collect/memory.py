@@ -20,6 +20,7 @@ class ModelStateBytes:
     grads: int = 0
     optimizer: int = 0  # fp32 master copies + Adam moments
     buffers: int = 0  # communication buckets: not model states ("the rest" of the memory)
+    host: int = 0  # of params + grads + optimizer: what ZeRO-Offload keeps on the host (offloaded)
     detail: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -71,7 +72,7 @@ class _Ledger:
         self.out = out
         self.claimed: dict[int, list[tuple[int, int]]] = {}
 
-    def add(self, kind: str, path: str, t: torch.Tensor) -> None:
+    def add(self, kind: str, path: str, t: torch.Tensor, host: bool = False) -> None:
         if t.numel() == 0 or t.device.type == "meta":
             return
         storage = t.untyped_storage()
@@ -90,6 +91,8 @@ class _Ledger:
             return
         ranges.append((start, end))
         setattr(self.out, kind, getattr(self.out, kind) + new)
+        if host and kind != "buffers":
+            self.out.host += new
         top = path.split("[")[0]
         self.out.detail[top] = self.out.detail.get(top, 0) + new
 
@@ -109,10 +112,11 @@ def model_state_bytes(engine) -> ModelStateBytes:
     ledger = _Ledger(out)
     params = list(engine.module.parameters())
     found = list(_walk(engine.optimizer, "optimizer", depth=6, seen_obj=set())) if engine.optimizer is not None else []
+    host = offloaded(engine)
     for p in params:
         ds = getattr(p, "ds_tensor", None)
         if ds is not None:
-            ledger.add("params", "module.ds_tensor", ds)
+            ledger.add("params", "module.ds_tensor", ds, host(ds, "param"))
             persistent = getattr(p, "ds_persist", False)
             ledger.add("params" if persistent else "buffers", "module.param" if persistent else "module.gathered", p.data)
         else:
@@ -127,12 +131,36 @@ def model_state_bytes(engine) -> ModelStateBytes:
             ledger.add("grads", "module.grad", p.grad)
     for path, t in found:
         if _OPT_STATE.search(path):
-            ledger.add("optimizer", path, t)
+            ledger.add("optimizer", path, t, host(t, "optimizer"))
         elif _GRAD.search(path):
-            ledger.add("grads", path, t)
+            ledger.add("grads", path, t, host(t, "optimizer"))
         else:
-            ledger.add("optimizer", path, t)
+            ledger.add("optimizer", path, t, host(t, "optimizer"))
     return out
+
+
+def offloaded(engine):
+    """Whether a tensor the ZeRO optimizer holds lives on the host under ZeRO-Offload:
+    `host(tensor, "optimizer" | "param")`. On a GPU the tensor's own device says it. On the
+    CPU accelerator every tensor is on the host, so DeepSpeed's own offload settings say it
+    (engine.zero_offload_optimizer / zero_offload_param): with the optimizer offloaded, its
+    fp32 tensors (master partitions, Adam moments, fp32 gradient partitions: what
+    ZeRO-Offload moves, Ren et al. 2021 §4) are the host's and the 16-bit ones the device's;
+    with parameters offloaded (ZeRO-3), the parameter partitions too."""
+    on_cpu = torch.device(getattr(engine, "device", "cpu")).type == "cpu"
+    def device_of(cfg) -> str:
+        d = getattr(cfg, "device", None)
+        return str(getattr(d, "value", d) or "none")
+    opt = device_of(engine.zero_offload_optimizer()) in ("cpu", "nvme") if hasattr(engine, "zero_offload_optimizer") else False
+    par = device_of(engine.zero_offload_param()) in ("cpu", "nvme") if hasattr(engine, "zero_offload_param") else False
+
+    def host(t: torch.Tensor, owner: str) -> bool:
+        if not on_cpu:
+            return t.device.type == "cpu"
+        if owner == "param":
+            return par
+        return opt and t.dtype == torch.float32
+    return host
 
 
 def zero_paper_bytes(n_params: int, stage: int, dp: int) -> float:

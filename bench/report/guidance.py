@@ -14,6 +14,12 @@ from ..collect.stats import range_coverage
 OBJECTIVES = ("throughput", "memory", "budget")
 
 
+def device_state_bytes(r: dict) -> float:
+    """Model states on the device (ZeRO-Offload's host part left out; older records: all)."""
+    v = r.get("model_state_device_bytes")
+    return r["model_state_bytes"] if v is None else v
+
+
 def trial_mem_bytes(r: dict) -> float:
     """Memory the trial itself used per rank: its peak less what the process held before it."""
     return (r.get("peak_mem_bytes") or 0) - (r.get("peak_mem_baseline_bytes") or 0)
@@ -85,12 +91,12 @@ def recommend(records: list[dict], objective: str, memory_budget: float | None =
     if not ok:
         return Recommendation(objective, None, reason="no successful trial" + (" fits the memory budget" if objective == "budget" else ""))
     if objective == "memory":
-        best = min(ok, key=lambda r: (r["model_state_bytes"] + (r.get("other_mem_bytes") or 0), simplicity(r)))
-        return Recommendation(objective, best, reason=f"least memory per rank: {fmt_mib(best['model_state_bytes'])} "
+        best = min(ok, key=lambda r: (device_state_bytes(r) + (r.get("other_mem_bytes") or 0), simplicity(r)))
+        return Recommendation(objective, best, reason=f"least memory per device: {fmt_mib(device_state_bytes(best))} "
                                                       f"of model states + {fmt_mib(best.get('other_mem_bytes') or 0)} for the rest")
     leader = max(ok, key=lambda r: (r["tokens_per_s"], r["trial_id"]))  # the headline, the statistic ranked
     contenders = [r for r in ok if tied_with(leader, r)]
-    winner = min(contenders, key=lambda r: (r["model_state_bytes"] + (r.get("other_mem_bytes") or 0), simplicity(r)))
+    winner = min(contenders, key=lambda r: (device_state_bytes(r) + (r.get("other_mem_bytes") or 0), simplicity(r)))
     tied = [r for r in contenders if r is not winner]
     if tied:
         reason = (f"{len(contenders)} configurations are as fast as the fastest (inside its interval or within "
@@ -176,7 +182,8 @@ def statements(records: list[dict]) -> list[dict]:
             if ref is None or r is ref:
                 continue
             out.append({"text": f"Offload {r['offload']} at ZeRO-{r['zero_stage']}: model states on the device "
-                                f"{fmt_mib(ref['model_state_bytes'])} → {fmt_mib(r['model_state_bytes'])}, throughput "
+                                f"{fmt_mib(device_state_bytes(ref))} → {fmt_mib(device_state_bytes(r))} "
+                                f"({fmt_mib(r.get('model_state_host_bytes') or 0)} on the host), throughput "
                                 f"{r['tokens_per_s'] / ref['tokens_per_s'] - 1:+.0%}.", "trials": [ref["trial_id"], r["trial_id"]]})
     return out
 

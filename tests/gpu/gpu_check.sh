@@ -24,6 +24,57 @@ for line in open(sys.argv[1]):
     print(f"{r['trial_id']:12} {r['status']:11} tok/s={r['tokens_per_s'] or 0:,.0f} MFU={r['mfu']} "
           f"peak={r['peak_mem_bytes']} scales={r['loss_scales'][:3]} energy_j={r['energy_j']} err={(r['error'] or '')[:80]}")
 PY
+# Checks that need CUDA (#15): energy is the window's (mean power × window within 15%); the
+# breakdown's parts (with the ZeRO-1/2 all-gather) add up to its step within 15%; DeepSpeed
+# counts the optimizer steps run; the peak the MFU is quoted against follows fp32_matmul_precision.
+python3 - "$dest/results.jsonl" <<'PY' | tee "$dest/checks.txt"
+import json, sys
+def check(name, ok, detail):
+    print(f"CHECK {name}: {'PASS' if ok else 'FAIL'} {detail}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["status"] != "ok":
+        continue
+    t = r["trial_id"]
+    tele = [x for x in r["telemetry_per_rank"] if x.get("energy_j") is not None and x.get("power_w_mean")]
+    if tele:
+        want = sum(x["power_w_mean"] for x in tele) * r["window_s"]
+        have = sum(x["energy_j"] for x in tele)
+        check(f"{t} energy", abs(have / want - 1) < 0.15, f"{have:.1f} J vs mean power x window {want:.1f} J")
+    parts = [r["fwd_s"], r["bwd_s"], r["optimizer_s"], r["allgather_s"] or 0.0]
+    if None not in parts and r["breakdown_step_s"]:
+        check(f"{t} breakdown", abs(sum(parts) / r["breakdown_step_s"] - 1) < 0.15,
+              f"fwd+bwd+opt+allgather {sum(parts):.4f} s vs step {r['breakdown_step_s']:.4f} s (allgather {r['allgather_s']})")
+    check(f"{t} global steps", r["ds_global_steps"] == r["warmup_steps"] + r["steps"] + r["breakdown_steps"] + r["comms_steps"],
+          f"{r['ds_global_steps']} (fp32 matmul precision {r['fp32_matmul_precision']}, peak {r['peak_tflops']})")
+PY
+# ZeRO-Offload's split on CUDA (#15): ZeRO-2 with and without offload=optimizer (torch's AdamW on
+# the host partitions, so no DeepSpeedCPUAdam build): the host part is the tensors on the CPU, the
+# device part must fit in the allocator's peak above the trial's start and shrink with offload.
+cat > "$dest/offload.yaml" <<'YAML'
+name: offload-split
+description: ZeRO-2 with and without optimizer offload (GPU evidence for the device/host split).
+fixed: {model: 125m, world_size: auto, seq_len: 512, micro_batch: 4, warmup_steps: 2, steps: 6, zero_stage: 2, precision: bf16}
+grid:
+  offload: [none, optimizer]
+YAML
+echo '{"zero_force_ds_cpu_optimizer": false, "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "torch_adam": true}}}' \
+  > "$dest/offload-base.json"
+python3 -m llmbench.cli sweep "$dest/offload.yaml" --base-config "$dest/offload-base.json" --db "$dest/offload.db" \
+  --out "$dest" --label gpu-offload 2>&1 | tee "$dest/offload.log"
+python3 -m llmbench.cli results --db "$dest/offload.db" --format json > "$dest/offload.jsonl"
+python3 - "$dest/offload.jsonl" <<'PY' | tee -a "$dest/checks.txt"
+import json, sys
+recs = {r["offload"]: r for r in map(json.loads, open(sys.argv[1]))}
+for off, r in recs.items():
+    own = (r["peak_mem_bytes"] or 0) - (r["peak_mem_baseline_bytes"] or 0)
+    print(f"CHECK offload={off} device part within the allocator's peak: {'PASS' if r['status'] == 'ok' and r['model_state_device_bytes'] <= own else 'FAIL'} "
+          f"device {r['model_state_device_bytes']} host {r['model_state_host_bytes']} own peak {own} {r['status']} {(r['error'] or '')[:80]}")
+if {"none", "optimizer"} <= set(recs) and all(r["status"] == "ok" for r in recs.values()):
+    a, b = recs["none"], recs["optimizer"]
+    print(f"CHECK offload moves states to the host: {'PASS' if b['model_state_host_bytes'] > 0 == a['model_state_host_bytes'] and b['model_state_device_bytes'] < a['model_state_device_bytes'] else 'FAIL'} "
+          f"device {a['model_state_device_bytes']} -> {b['model_state_device_bytes']}, host {b['model_state_host_bytes']}")
+PY
 # Inference quantization on CUDA: the quant suite's inference grid (int8, int4 weight-only, fp8
 # weight-only and dynamic; torchao) on the tiny model trained to near the entropy floor. int4-wo
 # needs torchao's kernel package (mslk); without it the trial is recorded `unsupported` with
