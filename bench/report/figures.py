@@ -67,13 +67,15 @@ def loss_curves(losses: pd.DataFrame, floor: float | None) -> str:
 
 
 def step_breakdown(df: pd.DataFrame) -> str:
-    """Forward, backward compute, gradient-reduction epilogue and optimizer step per trial,
-    from DeepSpeed's timers in the pass after the window."""
+    """Forward, backward compute, gradient-reduction epilogue, optimizer step and (ZeRO-1/2)
+    the parameter all-gather after it, per trial, from DeepSpeed's timers in the pass after
+    the window."""
     ok = df[(df["status"] == "ok") & df["fwd_s"].notna()].sort_values(["zero_stage", "micro_batch"])
     fig, ax = plt.subplots(figsize=(6.4, 4))
     bottom = pd.Series(0.0, index=ok.index)
     for col, label, colour in (("fwd_s", "forward", "#3b528b"), ("bwd_compute_s", "backward (compute + overlapped comm)", "#21918c"),
-                               ("comm_s", "gradient reduction after backward", "#fde725"), ("optimizer_s", "optimizer step", "#5ec962")):
+                               ("comm_s", "gradient reduction after backward", "#fde725"), ("optimizer_s", "optimizer step", "#5ec962"),
+                               ("allgather_s", "parameter all-gather (ZeRO-1/2)", "#440154")):
         vals = ok[col].fillna(0).astype(float)
         ax.bar(range(len(ok)), vals, bottom=bottom, label=label, color=colour)
         bottom = bottom + vals

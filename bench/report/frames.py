@@ -38,7 +38,7 @@ def trials_frame(records: list[dict]) -> pd.DataFrame:
             df[f"decode_tokens_per_s_b{b}"] = [d.get(b) if isinstance(d, dict) else None for d in df["decode_tokens_per_s"]]
             df[f"decode_latency_s_per_token_b{b}"] = [d.get(b) if isinstance(d, dict) else None
                                                       for d in df.get("decode_latency_s_per_token", [None] * len(df))]
-    for col in ("mfu", "mfu_vs_measured_peak", "fwd_s", "bwd_compute_s", "comm_s", "optimizer_s", "other_mem_bytes",
+    for col in ("mfu", "mfu_vs_measured_peak", "fwd_s", "bwd_compute_s", "comm_s", "optimizer_s", "allgather_s", "other_mem_bytes",
                 "peak_mem_baseline_bytes", "activation_checkpointing", "offload"):
         if col not in df:  # records from older llmbench versions
             df[col] = None
