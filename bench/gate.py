@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import statistics
 
 from .collect.stats import median, replicates, welch_log
 

@@ -249,7 +249,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
     Rounds are interleaved: round 1 of every trial of a world size, then round 2 of those
     that ask for more, ... (a slow drift of the machine then spreads over the trials instead
     of landing on one); after each round the trial's record is stored again with every round
-    so far (record.combine_rounds), so an interruption loses at most the round in flight.
+    so far (record.combine_rounds), so a trial interrupted between rounds keeps them stored.
     `resume` continues a stored run: finished trials are kept, an `interrupted` one or one
     with fewer rounds than asked is run again whole (and replaces its record).
     `warm_pool=False` starts a fresh DeepSpeed launch for every round (to measure what the pool saves).

@@ -201,13 +201,9 @@ def _fp16_collapse(spec: TrialSpec, res: RankResult) -> None:
 SLOWDOWN_ENV = "LLMBENCH_TEST_SLOWDOWN"
 
 
-def injected_slowdown(trial_id: str, value: str | None) -> float:
-    """The test-only slowdown for this trial from LLMBENCH_TEST_SLOWDOWN: `FRACTION` (every
-    trial) or `FRACTION:ID,ID` (those trials): each step then sleeps FRACTION of its own time
-    after it ends (synchronised first), so the step is that much slower and the reference
-    workload is not. How the gate's miss rate is measured (docs/gates.md); 0.0 when unset."""
-    if not value:
-        return 0.0
+def parse_slowdown(value: str) -> tuple[float, set[str]]:
+    """LLMBENCH_TEST_SLOWDOWN's value: (FRACTION, the trial ids it names; empty: every trial).
+    ValueError names a malformed one."""
     frac, _, ids = value.partition(":")
     try:
         f = float(frac)
@@ -215,7 +211,18 @@ def injected_slowdown(trial_id: str, value: str | None) -> float:
             raise ValueError
     except ValueError:
         raise ValueError(f"{SLOWDOWN_ENV}={value!r}: use FRACTION (0 to 100) or FRACTION:TRIAL_ID,TRIAL_ID") from None
-    return f if not ids or trial_id in ids.split(",") else 0.0
+    return f, set(ids.split(",")) - {""}
+
+
+def injected_slowdown(trial_id: str, value: str | None) -> float:
+    """The test-only slowdown for this trial from LLMBENCH_TEST_SLOWDOWN (parse_slowdown): each
+    named step then sleeps FRACTION of its own time after it ends (synchronised first), so the
+    step is that much slower and the reference workload is not (nor its CPU time: a sleep uses
+    none). How the gate's miss rate is measured (docs/gates.md); 0.0 when unset."""
+    if not value:
+        return 0.0
+    f, ids = parse_slowdown(value)
+    return f if not ids or trial_id in ids else 0.0
 
 
 def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,

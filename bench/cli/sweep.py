@@ -18,16 +18,17 @@ from .results import kernels_for
 
 
 def _check_slowdown(plan) -> None:
-    """A malformed test-only LLMBENCH_TEST_SLOWDOWN is bad input, refused before any rank reads it."""
-    from ..trial import SLOWDOWN_ENV, injected_slowdown
+    """A malformed test-only LLMBENCH_TEST_SLOWDOWN, or one naming a trial the plan lacks, is
+    bad input, refused before any rank reads it."""
+    from ..trial import SLOWDOWN_ENV, parse_slowdown
 
     value = os.environ.get(SLOWDOWN_ENV)
+    if not value:
+        return
     try:
-        for t in plan.trials:
-            injected_slowdown(t.trial_id, value)
+        _, ids = parse_slowdown(value)
     except ValueError as e:
         raise SpecError(str(e)) from None
-    ids = set(value.partition(":")[2].split(",")) - {""} if value else set()
     unknown = ids - {t.trial_id for t in plan.trials}
     if unknown:
         raise SpecError(f"{SLOWDOWN_ENV}={value!r}: no such trial in this plan: {', '.join(sorted(unknown))}")

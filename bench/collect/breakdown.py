@@ -66,13 +66,13 @@ class Breakdown(Base):
         self.engine, self.spec = engine, spec
         self.steps: list[dict[str, float]] = []
         self._optimizer_timers = None
+        self._allgather: float | None = None
 
     def start(self) -> None:
         enable_breakdown(self.engine)
         opt = getattr(self.engine, "optimizer", None)
         if self.spec.zero_stage in (1, 2) and hasattr(opt, "timers"):
             self._optimizer_timers, opt.timers = opt.timers, self.engine.timers
-            self._allgather: float | None = None
             self.engine.timers.log = self._read_and_reset
 
     def _read_and_reset(self, names, normalizer=1.0, reset=True, memory_breakdown=False, ranks=None) -> None:

@@ -69,14 +69,12 @@ def throughput_ci95(tokens_per_s: float, steps: list[float], rounds: int = 1) ->
     zero). None below 6 steps, as for the median (median_ci95). With 3 or more `rounds` (the
     steps hold that many independent windows in order, sweep.py) each round is one batch:
     independent replicates rather than neighbouring runs of one window."""
-    n = len(steps)
-    if n < 6 or not tokens_per_s:
+    reps = replicates(steps, rounds) if len(steps) >= 6 else None
+    if reps is None or not tokens_per_s:
         return None
     from scipy.stats import t
 
-    b = rounds if rounds >= 3 and n % rounds == 0 else max(3, math.isqrt(n))
-    size = n // b
-    means = [statistics.fmean(steps[i * size:(i + 1) * size]) for i in range(b)]
+    means, b = reps[0], len(reps[0])
     m, half = statistics.fmean(means), t.ppf(0.975, b - 1) * statistics.stdev(means) / math.sqrt(b)
     fastest = max(m - half, min(steps))  # a mean step below the fastest step seen is not credible
     return [float(tokens_per_s * m / (m + half)), float(tokens_per_s * m / fastest)]

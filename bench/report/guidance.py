@@ -20,11 +20,6 @@ def device_state_bytes(r: dict) -> float:
     return r["model_state_bytes"] if v is None else v
 
 
-def trial_mem_bytes(r: dict) -> float:
-    """Memory the trial itself used per rank: its peak less what the process held before it."""
-    return (r.get("peak_mem_bytes") or 0) - (r.get("peak_mem_baseline_bytes") or 0)
-
-
 def step_interval(r: dict) -> tuple[list[float] | None, str]:
     """The step-time interval of the median and what it is: the exact 95% interval
     (collect/stats.median_ci95), or, for a window too short to have one (n < 6 steps), the
