@@ -142,6 +142,9 @@ class ModelStats:
     n_kv_heads: int
     head_dim: int
     vocab_size: int
+    # every distinct parameter's element count, largest first (the planner: ZeRO-3's persistence
+    # threshold, the largest tensor a step's temporaries are sized by)
+    param_numels: tuple[int, ...] = ()
 
     @property
     def n_non_embedding_params(self) -> int:
@@ -175,7 +178,8 @@ def model_stats(config) -> ModelStats:
 
     with torch.device("meta"):
         model = build_model(config)
-    n_params = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
+    numels = tuple(sorted((p.numel() for p in model.parameters()), reverse=True))  # parameters() de-duplicates tied weights
+    n_params = sum(numels)
     emb = model.get_input_embeddings()
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
     n_emb = 0 if tied else emb.weight.numel()
@@ -186,7 +190,7 @@ def model_stats(config) -> ModelStats:
             n_emb += mod.weight.numel()
         if isinstance(mod, torch.nn.ModuleList) and len(mod) == shape["n_layers"] and not n_layer_params:
             n_layer_params = sum(p.numel() for p in mod.parameters())
-    return ModelStats(n_params=n_params, n_embedding_params=n_emb, n_layer_params=n_layer_params, **shape)
+    return ModelStats(n_params=n_params, n_embedding_params=n_emb, n_layer_params=n_layer_params, param_numels=numels, **shape)
 
 
 def flops_per_token(stats: ModelStats, seq_len: int) -> float:

@@ -63,6 +63,7 @@ class RankResult(_Result):
     skipped_steps: int = 0
     tokens: int = 0
     model_state: dict = Field(default_factory=dict)  # collect.memory.ModelStateBytes
+    activations: dict = Field(default_factory=dict)  # collect.activations.probe_activations: bytes saved for backward
     ds_config: dict = Field(default_factory=dict)
     breakdown: dict = Field(default_factory=dict)
     comms: dict = Field(default_factory=dict)

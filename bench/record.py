@@ -16,7 +16,8 @@ from .rank_result import InferenceResult, RankResult
 from .schema import TrialRecord
 from .spec import TrialSpec
 
-STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "interrupted")
+# pruned: predicted not to fit its device or --memory-budget (plan/memory.py), not launched
+STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "pruned", "interrupted")
 
 
 def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats | None, env: dict,
@@ -51,7 +52,7 @@ def aggregate(rec: dict, ranks: list[RankResult], stats: ModelStats | None = Non
     if len(ranks) != rec["world_size"]:
         return failed_record(rec, "failed", f"{len(ranks)} of {rec['world_size']} ranks reported")
     for part in (_throughput, _model_states, _steadiness, _relative_speed, _utilisation, _breakdown,
-                 _telemetry, _comms, _training_signals):
+                 _telemetry, _comms, _training_signals, _prediction_error):
         rec.update(part(rec, ranks, stats))
     return rec
 
@@ -201,6 +202,34 @@ def _model_states(rec: dict, ranks: list[RankResult], stats) -> dict:
         other_mem_bytes=max(max(0, (r.memory.get("peak_mem_bytes") or 0) - (r.memory.get("baseline_bytes") or 0) - ms)
                             for r, ms in zip(ranks, in_peak)),
     )
+
+
+def prediction_fields(pred) -> dict:
+    """The record's predicted_* fields from a plan/memory.MemoryPrediction (None: no prediction)."""
+    if pred is None:
+        return {}
+    return dict(predicted_peak_bytes=pred.peak, predicted_model_state_bytes=pred.states_device + pred.states_host,
+                predicted_activation_bytes=pred.activations, predicted_buffer_bytes=pred.buffers,
+                predicted_device_bytes=pred.device_total, predicted_host_bytes=pred.host_total,
+                predicted_memory=pred.to_dict())
+
+
+def _prediction_error(rec: dict, ranks: list[RankResult], stats) -> dict:
+    """The measured memory terms, and predicted / measured − 1 for each the trial predicted."""
+    acts = [r.activations for r in ranks if r.activations]
+    out: dict = {}
+    if acts:
+        out["activation_bytes"] = max(a["activation_bytes"] for a in acts)
+        out["activation_bytes_by_dtype"] = max(acts, key=lambda a: a["activation_bytes"])["activation_bytes_by_dtype"]
+    if any(r.model_state for r in ranks):
+        out["buffer_bytes"] = max(r.model_state.get("buffers", 0) for r in ranks)
+    pairs = {"activations": ("predicted_activation_bytes", out.get("activation_bytes")),
+             "model_states": ("predicted_model_state_bytes", rec.get("model_state_bytes")),
+             "peak": ("predicted_peak_bytes", rec.get("trial_peak_mem_bytes"))}
+    err = {k: rec[p] / m - 1 for k, (p, m) in pairs.items() if rec.get(p) is not None and m}
+    if err:
+        out["prediction_error"] = err
+    return out
 
 
 def _steadiness(rec: dict, ranks: list[RankResult], stats) -> dict:

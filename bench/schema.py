@@ -11,7 +11,7 @@ was asked for: the TrialSpec, one definition shared with suites and `--set`), `m
 of the model built), `measurements` (what was seen), `provenance` (configs and environment).
 
 Versions: 1 = records stored before the schema existed (no `schema_version` field); 2 = the
-schema without `config_hash`; 3 = without `rounds`; 4 = this. `migrate` brings an older record to the current
+schema without `config_hash`; 3 = without `rounds`; 4 = without the memory prediction; 5 = this. `migrate` brings an older record to the current
 version; stores and exports of versions 1 to 3 load through it.
 """
 
@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, create_model
 
 from .spec import TrialSpec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def F(default: Any = None, unit: str = "", definition: str = "", part: str = "measurements"):  # noqa: N802
@@ -99,7 +99,7 @@ class TrialRecord(_Settings):
     trial_id: str = F("", "", "readable id from the swept axes' values (resolved precision)", _ID)
     config_hash: Optional[str] = F(None, "", "SHA-256 (16 hex) of every setting that can change a figure: resolved settings, "
                                    "model config, DeepSpeed config (identity.py); gate, compare and --resume match on it", _ID)
-    status: str = F("ok", "", "ok, oom, unsupported, timeout, failed, diverged, skipped or interrupted", _OUT)
+    status: str = F("ok", "", "ok, oom, unsupported, timeout, failed, diverged, skipped, pruned (predicted not to fit: not launched) or interrupted", _OUT)
     error: Optional[str] = F(None, "", "why the trial did not succeed (first line: the cause)", _OUT)
     notes: list = F([], "", "caveats about this trial's figures (unsteady window, emulated bf16, ...)", _OUT)
     # -- settings beyond TrialSpec ----------------------------------------------------------------
@@ -174,6 +174,18 @@ class TrialRecord(_Settings):
     model_state_host_bytes: Optional[float] = F(None, "bytes", "of model_state_bytes, what ZeRO-Offload keeps on the host (the tensor's device on a GPU; DeepSpeed's offload settings on the CPU accelerator, collect/memory.offloaded), largest rank")
     model_state_device_bytes: Optional[float] = F(None, "bytes", "model_state_bytes − the host part: the model states on the device, largest rank; what the memory objective and the offload guidance use")
     memory_per_rank: list = F([], "", "each rank's memory readings")
+    activation_bytes: Optional[float] = F(None, "bytes", "bytes one micro-batch saved for backward, seen by autograd's saved-tensor hooks in a warmup step (collect/activations.py: each storage once, parameters left out), largest rank")
+    activation_bytes_by_dtype: Optional[dict] = F(None, "bytes", "the same by dtype")
+    buffer_bytes: Optional[float] = F(None, "bytes", "DeepSpeed's communication buckets and ZeRO-3's gathered parameters the engine held when its model states were probed, largest rank")
+    # -- the memory prediction (plan/memory.py), made before launch -----------------------------------
+    predicted_peak_bytes: Optional[float] = F(None, "bytes", "predicted trial_peak_mem_bytes (the trial's own peak per rank)")
+    predicted_model_state_bytes: Optional[float] = F(None, "bytes", "predicted model_state_bytes (device + host)")
+    predicted_activation_bytes: Optional[float] = F(None, "bytes", "predicted activation_bytes")
+    predicted_buffer_bytes: Optional[float] = F(None, "bytes", "predicted DeepSpeed buckets (pages written on a CPU)")
+    predicted_device_bytes: Optional[float] = F(None, "bytes", "predicted memory a rank needs of its device: the own peak plus the process (CPU) or the CUDA context, NCCL and allocator slack")
+    predicted_host_bytes: Optional[float] = F(None, "bytes", "predicted host memory per rank: ZeRO-Offload's states (the whole process on a CPU)")
+    predicted_memory: Optional[dict] = F(None, "bytes", "every term of the prediction (plan/memory.MemoryPrediction), the phase that sets the peak, DeepSpeed's own estimate")
+    prediction_error: Optional[dict] = F(None, "", "predicted / measured − 1 per term: activations, model_states, peak")
     # -- training dynamics -----------------------------------------------------------------------------
     losses: list = F([], "nats", "loss per timed step, averaged over ranks")
     grad_norms: list = F([], "", "global gradient norm per step (rank 0; None where DeepSpeed exposes none)")
@@ -262,7 +274,7 @@ def migrate(record: dict) -> dict:
     named it explicitly then), and the measured-peak provenance fields did not exist.
     Versions 1-2: no `config_hash`; it is computed from the record's own settings, model and
     DeepSpeed configs (a setting the record predates ran at its default). Versions 1-3: one
-    round (`rounds`, `rounds_done`)."""
+    round (`rounds`, `rounds_done`); versions 1-4: no memory prediction."""
     version = record.get("schema_version", 1)
     if version >= SCHEMA_VERSION:
         return record
@@ -280,6 +292,7 @@ def migrate(record: dict) -> dict:
         out["config_hash"] = config_hash(out)
     if version <= 3:
         out["rounds_done"] = 1 if out.get("status") == "ok" else 0
+    # version 4 had no memory prediction: its fields keep their defaults (None)
     out["schema_version"] = SCHEMA_VERSION
     return out
 

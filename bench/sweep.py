@@ -14,8 +14,10 @@ from .failures import prelaunch_unsupported
 from .launch import LaunchOptions, RankPool
 from .engine import ds_config
 from .models import ModelNotFound, ModelStats, build_config, config_to_dict, model_stats
+from .plan.memory import MemoryPrediction
+from .plan.prune import Budget, predict_trial, prune_reason
 from .rank_result import InferenceResult, RankResult
-from .record import aggregate, aggregate_inference, base_record, combine_rounds, failed_record
+from .record import aggregate, aggregate_inference, base_record, combine_rounds, failed_record, prediction_fields
 from .spec import SpecError, TrialSpec
 from .store import Store
 
@@ -33,6 +35,9 @@ class PlannedTrial:
     unsupported: str | None = None  # why this device cannot run it, known before launch (failures.py)
     model_config: dict | None = None  # the transformers config the ranks will build
     ds_config: dict | None = None  # the DeepSpeed config they will pass (None: inference, no DeepSpeed)
+    memory: MemoryPrediction | None = None  # predicted memory per rank (plan/memory.py; training trials)
+    pruned: str | None = None  # why the plan does not launch it: predicted not to fit (plan/prune.py)
+    plan_note: str | None = None  # why it has no memory prediction (the prediction failed)
 
 
 @dataclass
@@ -43,12 +48,18 @@ class Plan:
     base_config: dict | None = None
 
 
-def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, base_config: dict | None = None) -> Plan:
+def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, base_config: dict | None = None,
+              budget: Budget | None = None, ranks_per_node: int | None = None, warm_pool: bool = True) -> Plan:
     """Check every trial's model before anything launches (bad input raises SpecError), and
     make the configs it will run with: the transformers config and the DeepSpeed config,
-    which with its settings are the trial's identity (identity.py)."""
+    which with its settings are the trial's identity (identity.py). Every training trial gets
+    its memory prediction; with a `budget` (plan/prune.py), one predicted not to fit is pruned.
+    The first trial a pool of ranks runs (every trial without `warm_pool`) is predicted with its
+    processes' one-time costs (plan/memory.py); a pool restarted after a failure or a resume is
+    not foreseen."""
     cache: dict[tuple, tuple[ModelStats, dict]] = {}
     trials = []
+    launched: set[int] = set()  # world sizes whose pool has a trial to run before this one
     for trial_id, spec, skip in sorted(expanded, key=lambda t: t[1].world_size):
         key = (spec.model, spec.family, spec.seq_len, spec.attn_implementation)
         if key not in cache:
@@ -61,18 +72,30 @@ def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, b
         if hw.accelerator == "cpu" and spec.world_size > 2 * hw.cpu_cores:
             raise SpecError(f"world_size={spec.world_size}: more than twice the {hw.cpu_cores} CPU cores; timings would be noise")
         refused = prelaunch_unsupported(spec.precision, hw.accelerator) if spec.scenario == "train" and not skip else None
-        trials.append(PlannedTrial(trial_id, spec, skip, stats, refused, model_config,
-                                   _planned_ds_config(spec, hw, stats, base_config)))
+        planned_ds = _planned_ds_config(spec, hw, stats, base_config, ranks_per_node)
+        first = not warm_pool or spec.world_size not in launched
+        memory, note = None, None
+        if not skip:
+            try:
+                memory = predict_trial(spec, stats, model_config, hw.accelerator, planned_ds, ranks_per_node, first)
+            except Exception as e:  # noqa: BLE001  a prediction is advice: the trial is still planned
+                note = f"no memory prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        on_node = min(spec.world_size, ranks_per_node or spec.world_size)
+        pruned = prune_reason(memory, budget, on_node) if budget and memory and not refused else None
+        if not (skip or refused or pruned):
+            launched.add(spec.world_size)
+        trials.append(PlannedTrial(trial_id, spec, skip, stats, refused, model_config, planned_ds, memory, pruned, note))
     return Plan(trials, base_config)
 
 
-def _planned_ds_config(spec: TrialSpec, hw: Hardware, stats: ModelStats, base_config: dict | None) -> dict | None:
+def _planned_ds_config(spec: TrialSpec, hw: Hardware, stats: ModelStats, base_config: dict | None,
+                       ranks_per_node: int | None = None) -> dict | None:
     """The DeepSpeed config the ranks will make (trial._prepare calls the same function);
     None for inference, which runs no DeepSpeed, or where no config can be made."""
     if spec.scenario != "train":
         return None
     try:
-        return ds_config(spec, hw.accelerator, stats.hidden_size, base_config)
+        return ds_config(spec, hw.accelerator, stats.hidden_size, base_config, ranks_per_node)
     except (ValueError, SpecError):
         return None
 
@@ -156,8 +179,8 @@ def _run_one(pool: RankPool, t: PlannedTrial, rec: dict, base_config: dict | Non
 
 def rounds_of(t: PlannedTrial) -> int:
     """How many rounds a planned trial runs: its `rounds` when it trains, else one (an
-    inference trial's replicates are its `repeats`; a skipped or unsupported trial is recorded once)."""
-    return t.spec.rounds if t.spec.scenario == "train" and not t.skip and not t.unsupported else 1
+    inference trial's replicates are its `repeats`; a skipped, unsupported or pruned trial is recorded once)."""
+    return t.spec.rounds if t.spec.scenario == "train" and not t.skip and not t.unsupported and not t.pruned else 1
 
 
 def _groups(trials: list[PlannedTrial]) -> list[list[PlannedTrial]]:
@@ -189,7 +212,11 @@ class _Driver:
     start_times: list = field(default_factory=list)
 
     def record(self, t: PlannedTrial) -> dict:
-        return base_record(self.run_id, t.trial_id, t.spec, t.stats, self.env, self.label, t.model_config, t.ds_config)
+        rec = base_record(self.run_id, t.trial_id, t.spec, t.stats, self.env, self.label, t.model_config, t.ds_config)
+        rec.update(prediction_fields(t.memory))
+        if t.plan_note:
+            rec["notes"] = rec["notes"] + [t.plan_note]
+        return rec
 
     def run_round(self, t: PlannedTrial, round_no: int) -> dict:
         """One round of a trial (the first: the trial) on a pool of its world size: its record."""
@@ -199,6 +226,8 @@ class _Driver:
             failed_record(rec, "skipped", t.skip)
         elif t.unsupported:  # nothing launched for it
             failed_record(rec, "unsupported", t.unsupported)
+        elif t.pruned:  # nor for this: predicted not to fit
+            failed_record(rec, "pruned", t.pruned)
         else:
             if self.pool is None or self.pool.world_size != t.spec.world_size:
                 if self.pool is not None:
@@ -262,8 +291,11 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         run_id = resume
         label = store.run(run_id)["label"]
         existing = store.trials(run_id)
+        pruned_now = {t.trial_id for t in plan.trials if t.pruned}
+        # a trial pruned before and not by this plan (--no-prune, another budget) runs now
         done = {r["trial_id"] for r in existing if r["status"] != "interrupted"
-                and not (r["status"] == "ok" and r["scenario"] == "train" and r["rounds_done"] < r["rounds"])}
+                and not (r["status"] == "ok" and r["scenario"] == "train" and r["rounds_done"] < r["rounds"])
+                and not (r["status"] == "pruned" and r["trial_id"] not in pruned_now)}
         for r in existing:
             if r["trial_id"] not in done:
                 store.delete_trial(run_id, r["trial_id"])

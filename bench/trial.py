@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .collect.activations import probe_activations
 from .collect.breakdown import Breakdown
 from .collect.collector import observe
 from .collect.memory import peak_memory, probe_model_states
@@ -147,11 +148,16 @@ def _build(t: _Trial, config, cfg: dict, res: RankResult) -> None:
 
 
 def _warm_up(t: _Trial, res: RankResult) -> None:
-    """Warmup steps; model states are probed in the last one (never in the window)."""
+    """Warmup steps (never in the window): the first one's last micro-batch counts the
+    activations saved for backward, the last one probes the model states."""
     t0 = time.perf_counter()
     for i in range(t.spec.warmup_steps):
-        last = i == t.spec.warmup_steps - 1
-        probe = (lambda run: setattr(res, "model_state", asdict(probe_model_states(t.engine, run)))) if last else None
+        if i == t.spec.warmup_steps - 1:
+            probe = lambda run: setattr(res, "model_state", asdict(probe_model_states(t.engine, run)))  # noqa: E731
+        elif i == 0 and not t.spec.compile:  # compiled graphs save what the compiler chose: not eager's
+            probe = lambda run: setattr(res, "activations", probe_activations(t.engine.module, run))  # noqa: E731
+        else:
+            probe = None
         warm_loss = t.step(i, probe)
     sync(t.accelerator)
     res.warmup_s = time.perf_counter() - t0

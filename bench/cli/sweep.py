@@ -38,7 +38,7 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
            cpu: bool = False, hostfile: Optional[str] = None, include: Optional[str] = None,
            num_nodes: Optional[int] = None, master_addr: Optional[str] = None, base_config: Optional[Path] = None,
            resume: Optional[str] = None, warm_pool: bool = True, source_label: Optional[str] = None,
-           profile: bool = False) -> None:
+           profile: bool = False, memory_budget: Optional[str] = None, prune: bool = True) -> None:
     from ..engine import axes_from_base_config, load_base_config
     from ..env import detect_hardware
     from ..launch import LaunchOptions, hostfile_slots
@@ -56,9 +56,17 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
             defaults.update(axes_from_base_config(base))
         if hostfile:
             defaults["world_size"] = hostfile_slots(hostfile)
+        from ..plan.devices import parse_bytes
+        from ..plan.prune import default_budget
         from ..precision import resolve
 
-        plan = make_plan(expand(suite, source, defaults, overrides, lambda p: resolve(p, hw.caps)), hw, base)
+        try:
+            budget_bytes = parse_bytes(memory_budget) if memory_budget else None
+        except ValueError as e:
+            raise SpecError(f"--memory-budget: {e}") from None
+        budget = default_budget(hw, budget_bytes) if prune else None
+        plan = make_plan(expand(suite, source, defaults, overrides, lambda p: resolve(p, hw.caps)), hw, base, budget,
+                         warm_pool=warm_pool)
         if resume:
             from ..store import Store
 
@@ -86,7 +94,8 @@ def _print_plan(plan, hw) -> None:
         prec = s.precision if s.requested_precision in (None, s.precision) else f"{s.precision} ({s.requested_precision})"
         t.add_row(p.trial_id, s.model, f"{p.stats.n_params:,}", prec, str(s.zero_stage),
                   str(s.micro_batch), str(s.grad_accum), str(s.global_batch), str(s.world_size), str(s.seq_len),
-                  f"skipped: {p.skip}" if p.skip else f"unsupported: {p.unsupported}" if p.unsupported else "")
+                  f"skipped: {p.skip}" if p.skip else f"unsupported: {p.unsupported}" if p.unsupported else
+                  f"pruned: {p.pruned}" if p.pruned else "")
     console.print(t)
 
 
@@ -172,12 +181,16 @@ def sweep(
                                help="After each window, record 2 steps of collectives: calls, bytes, algbw and busbw per kind (synchronising; never in the window)."),
     profile: bool = typer.Option(False, "--profile",
                                  help="Record a torch.profiler trace of 2 steps per rank (after the timed window) under OUT/traces/RUN/ (open in Perfetto)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget",
+                                                help="Prune trials whose predicted own peak per rank exceeds this (e.g. 2GiB) by more than 10%; default: the device's memory."),
+    no_prune: bool = typer.Option(False, "--no-prune", help="Launch every trial, even those predicted not to fit."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
     _sweep(suite, set_ + (["comms_steps=2"] if comms else []), label, db, out, dry_run, cpu, hostfile, include,
-           num_nodes, master_addr, base_config, resume, not fresh_launch, profile=profile)
+           num_nodes, master_addr, base_config, resume, not fresh_launch, profile=profile,
+           memory_budget=memory_budget, prune=not no_prune)
 
 
 @app.command()
@@ -203,4 +216,5 @@ def run(
     fixed = {k: v for k, v in given.items() if v is not None}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump({"name": "run", "fixed": fixed, "grid": {}}, f)
-    _sweep(f.name, set_, label, db, out, cpu=cpu, base_config=base_config, source_label="llmbench run")
+    # one trial asked for by name is launched even if predicted not to fit (its record keeps the prediction)
+    _sweep(f.name, set_, label, db, out, cpu=cpu, base_config=base_config, source_label="llmbench run", prune=False)

@@ -117,6 +117,9 @@ def model_state_bytes(engine) -> ModelStateBytes:
         ds = getattr(p, "ds_tensor", None)
         if ds is not None:
             ledger.add("params", "module.ds_tensor", ds, host(ds, "param"))
+            secondary = getattr(p, "ds_secondary_tensor", None)  # ZeRO++ hpZ: the node-local secondary partition
+            if isinstance(secondary, torch.Tensor):
+                ledger.add("params", "module.ds_secondary_tensor", secondary)
             persistent = getattr(p, "ds_persist", False)
             ledger.add("params" if persistent else "buffers", "module.param" if persistent else "module.gathered", p.data)
         else:

@@ -26,7 +26,8 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None, k
            kernels_run: str | None = None) -> str:
     env = Environment(loader=PackageLoader("llmbench.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
     env.filters["fmt"] = _fmt
-    env.filters["mib"] = lambda b: "–" if b is None else f"{b / MiB:,.2f}"
+    env.filters["mib"] = lambda b: f"{b / MiB:,.2f}" if isinstance(b, (int, float)) else "–"
+    env.filters["pct"] = lambda x: f"{x:+.1%}" if isinstance(x, (int, float)) else "–"
     all_records = records
     records, inference = split(all_records)  # training figures and recommendations: training records only
     df = trials_frame(records)

@@ -48,6 +48,24 @@ for line in open(sys.argv[1]):
     check(f"{t} global steps", r["ds_global_steps"] == r["warmup_steps"] + r["steps"] + r["breakdown_steps"] + r["comms_steps"],
           f"{r['ds_global_steps']} (fp32 matmul precision {r['fp32_matmul_precision']}, peak {r['peak_tflops']})")
 PY
+# The memory model on CUDA (#16): each record's prediction against the allocator's peak, and the
+# three CUDA constants the planner assumes (context + NCCL = NVML's used memory beyond the
+# allocator's reserved peak; reserved-but-unallocated slack), measured instead of assumed.
+python3 - "$dest/results.jsonl" <<'PY' | tee -a "$dest/checks.txt"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["status"] != "ok" or r.get("predicted_peak_bytes") is None:
+        continue
+    e = r.get("prediction_error") or {}
+    m = r["memory_per_rank"][0]
+    used = max((x.get("mem_used_bytes_max") or 0) for x in r["telemetry_per_rank"]) if r["telemetry_per_rank"] else 0
+    alloc, reserved = m.get("cuda_peak_allocated_bytes") or 0, m.get("cuda_peak_reserved_bytes") or 0
+    print(f"CHECK {r['trial_id']} activations predicted: {'PASS' if abs(e.get('activations', 1)) <= 0.10 else 'FAIL'} {e.get('activations')}")
+    print(f"CHECK {r['trial_id']} own peak predicted within 20%: {'PASS' if abs(e.get('peak', 1)) <= 0.20 else 'FAIL'} "
+          f"{e.get('peak')} (phase {r['predicted_memory']['phase']}); slack reserved/allocated {reserved / max(alloc, 1) - 1:+.1%}; "
+          f"context+NCCL (NVML used - reserved) {(used - reserved) / 2**20:.0f} MiB vs assumed 1112 MiB")
+PY
 # ZeRO-Offload's split on CUDA (#15): ZeRO-2 with and without offload=optimizer (torch's AdamW on
 # the host partitions, so no DeepSpeedCPUAdam build): the host part is the tensors on the CPU, the
 # device part must fit in the allocator's peak above the trial's start and shrink with offload.

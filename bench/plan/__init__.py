@@ -1,0 +1,1 @@
+"""Predict before launching: memory per rank (memory.py, activations.py), the devices it must fit (devices.py)."""

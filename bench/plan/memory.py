@@ -1,0 +1,290 @@
+"""Memory per rank, predicted before launch: model states, DeepSpeed's buffers, activations, fixed costs.
+
+Every term follows DeepSpeed 0.19's real layout (file:line below are in the installed
+`deepspeed/` package: s12 = runtime/zero/stage_1_and_2.py, s3 = runtime/zero/stage3.py,
+eng = runtime/engine.py) and the activation derivation of plan/activations.py. Ψ parameters,
+N data-parallel ranks, p bytes per 16/32-bit parameter (2 in bf16/fp16, 4 in fp32), B =
+reduce_bucket_size, S = Ψ/N (one rank's partition).
+
+Model states (the ZeRO paper's, Rajbhandari et al. 2020 §3, as DeepSpeed holds them):
+- stage 0: p·Ψ parameters; p·Ψ gradients (alive from backward to the step); Adam: 8Ψ, plus a
+  4Ψ fp32 master in mixed precision (FP16_UnfusedOptimizer / FP16_Optimizer clone it,
+  eng:2362-2409; fp32 runs the plain optimizer on the parameters themselves, eng:2366);
+- stage 1/2: the module's parameters become views of one flat p·Ψ buffer (s12:505-534, no
+  copy); fp32 master 4S (a clone, s12:560) and Adam 8S; stage 1 keeps full p·Ψ gradients until
+  the boundary reduce (s12:971), stage 2 a p·S partition buffer (s12:2185);
+- stage 3: p·S partitions (+ p·n for the n elements under `stage3_param_persistence_threshold`,
+  whole on every rank), a p·S gradient partition buffer allocated at init (s3:791), fp32 master
+  4S and Adam 8S per sub-group (s3:1168);
+- ZeRO-Offload (optimizer): the fp32 master, Adam and an fp32 gradient partition (4S) live on
+  the host (s12:1036, s3:1337; what collect/memory.offloaded measures); at ZeRO-1/2 two p-byte
+  staging buffers of the largest parameter stay on the device (s12:653-660), at ZeRO-3 the
+  gradient-partition buffer follows the optimizer to the host (s3:333); offload_param moves the
+  p·S parameter partitions too. On the CPU accelerator the host is the device: nothing is saved;
+- ZeRO++ hpZ: a secondary partition of p·Ψ/(ranks per node) per rank (partition_parameters.py:1912).
+
+DeepSpeed's buffers: the reduce (ipg) bucket of B elements in the model dtype, doubled by
+overlap_comm at stage 1/2 (s12:3256-3280; allocated at the first gradient hook, freed after
+backward), one bucket at stage 3 kept for the whole run (s3:780, overlap_comm only picks a
+stream); ZeRO-3's gathered parameters: the module in use plus the prefetch bucket
+(`stage3_prefetch_bucket_size`, bounded by `stage3_max_live_parameters`), gathered twice over
+during the coalesced all-gather (partition_parameters.py:1343, 795). A CUDA allocator reserves
+a bucket whole; on a CPU only the pages written count in RSS, so a bucket costs what the
+gradients fill of it (at most Ψ elements).
+
+Temporaries, by phase (the peak is the largest phase):
+- build: the Hugging Face model is built in fp32 (4Ψ) before DeepSpeed casts it (CPU: in the
+  process's RSS; on a GPU the cast happens on the host);
+- backward: activations (plan/activations.py) + the loss's logits (forward: the p-byte logits
+  and their fp32 copy; backward: two fp32 gradients of bsV) + one layer's activations
+  recomputed under checkpointing + buckets + ZeRO-3's gathered parameters; at its end stage 0/1
+  hold every p·Ψ gradient;
+- step: stage 0 mixed precision: fp32 copies of every gradient (4Ψ; FusedAdam's FP16_Optimizer
+  also flattens them: 8Ψ, fused_optimizer.py:283-291); stage 1/2: the partition flattened in p
+  bytes and cast to fp32 (6S, s12:3117); stage 3: a sub-group's the same (s3:2683);
+  torch's single-tensor AdamW (`torch_adam`, the CPU path: torch/optim/adam.py
+  `_single_tensor_adam`, `denom = (exp_avg_sq.sqrt() / c).add_(e)`) holds two fp32 temporaries
+  as large as the tensor it updates (the flat partition at ZeRO-1/2); DeepSpeed's CPU Adam and
+  FusedAdam update in place.
+
+Fixed: on the CPU accelerator, what a trial's process adds beyond these (allocator slack,
+DeepSpeed's and gloo's own objects): a constant calibrated on the set stated in docs/plan.md;
+on CUDA the allocator's peak is the trial's own, and fitting the device adds the CUDA context,
+NCCL's buffers and the caching allocator's reserved-but-unallocated slack (stated constants,
+unmeasured here: tests/gpu/gpu_check.sh measures them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..models import ModelStats
+from .activations import Activations, activation_bytes, shape_of
+
+GiB = 1024**3
+MiB = 1024**2
+
+# CPU accelerator: a trial's own RSS peak beyond the modelled terms, calibrated (docs/plan.md:
+# the median residual of the calibration set, `python -m llmbench.plan.accuracy`); and what a rank's
+# process holds before any trial (torch, DeepSpeed, transformers imported, gloo up), the
+# baseline the own peak sits on.
+CPU_FIXED_BYTES = 26 * MiB  # the median residual of `llmbench sweep zero` (docs/plan.md), 2026-11-30
+CPU_PROCESS_BASELINE_BYTES = 700 * MiB
+# The first trial a rank process runs also pays its one-time costs inside its window (the
+# model's modeling module imported, DeepSpeed's and gloo's first allocations): the first
+# trial's residual less the median residual, on the same calibration set.
+CPU_FIRST_TRIAL_BYTES = 98 * MiB
+# CUDA: outside the allocator's peak (assumptions until tests/gpu/gpu_check.sh measures them):
+# the context with lazy module loading (CUDA_MODULE_LOADING=LAZY, the default since CUDA 11.7)
+# and NCCL's channel buffers (NCCL_BUFFSIZE 4 MiB per channel and peer); the caching allocator
+# reserves about this much more than it allocates.
+CUDA_CONTEXT_BYTES = 600 * MiB
+CUDA_NCCL_BYTES = 512 * MiB
+CUDA_RESERVED_SLACK = 0.10
+
+
+@dataclass
+class MemoryPrediction:
+    """Predicted bytes per rank, by term; `peak` is what the record's trial_peak_mem_bytes measures."""
+
+    states_device: float
+    states_host: float
+    params: float
+    grads: float
+    optimizer: float
+    buffers: float
+    activations: float
+    transient: float  # the peak phase's temporaries beyond states, activations and buffers
+    fixed: float
+    peak: float  # the trial's own peak on the device (CPU: its RSS above the process baseline)
+    device_total: float  # what must fit a device: baseline/context + peak (+ allocator slack on CUDA)
+    host_total: float  # per rank on the host: offloaded states (+ the whole process on a CPU)
+    phase: str  # which phase sets the peak: build, backward or step
+    phases: dict = field(default_factory=dict)  # each phase's own bytes (resident states included)
+    peak_terms: dict = field(default_factory=dict)  # the peak phase's parts: states, buffers, activations, temporaries, fixed (sum: peak)
+    activation_terms: dict = field(default_factory=dict)
+    deepspeed_estimate: float | None = None  # DeepSpeed's own model-state estimator, device bytes
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def zero_knobs(ds_config: dict | None, stage: int) -> dict:
+    """The ZeRO settings the engine will run with: the config's, else DeepSpeed's defaults
+    (its own config class, deepspeed/runtime/zero/config.py, so a default change follows)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = dict((ds_config or {}).get("zero_optimization") or {"stage": stage})
+    z = DeepSpeedZeroConfig(**zero)
+    return dict(reduce_bucket_size=int(z.reduce_bucket_size), overlap_comm=bool(z.overlap_comm),
+                contiguous_gradients=bool(z.contiguous_gradients), sub_group_size=int(z.sub_group_size),
+                prefetch_bucket_size=int(z.prefetch_bucket_size), max_live_parameters=int(z.max_live_parameters),
+                persistence_threshold=int(z.param_persistence_threshold),
+                offload_optimizer=z.offload_optimizer is not None and str(getattr(z.offload_optimizer.device, "value",
+                                                                                   z.offload_optimizer.device)) != "none",
+                offload_param=z.offload_param is not None and str(getattr(z.offload_param.device, "value",
+                                                                           z.offload_param.device)) != "none")
+
+
+def _optimizer_type(ds_config: dict | None) -> tuple[str, bool]:
+    opt = (ds_config or {}).get("optimizer") or {}
+    return str(opt.get("type", "adamw")).lower(), bool((opt.get("params") or {}).get("torch_adam"))
+
+
+def deepspeed_estimate(stats: ModelStats, stage: int, world_size: int, ranks_per_node: int, offload: str) -> float | None:
+    """DeepSpeed's own per-GPU model-state estimate (deepspeed.runtime.zero.stage_1_and_2 /
+    stage3 `estimate_zero{2,3}_model_states_mem_needs`, additional_buffer_factor 1.5 is for the
+    CPU side only); None for stages 0-1, which it does not estimate."""
+    nodes = max(1, world_size // ranks_per_node)
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        _, gpu = estimate_zero2_model_states_mem_needs(stats.n_params, ranks_per_node, nodes, offload != "none")
+        return float(gpu)
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        largest = stats.param_numels[0] if stats.param_numels else 0
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(stats.n_params, largest, ranks_per_node, nodes,
+                                                          offload != "none", offload == "optimizer+params")
+        return float(gpu)
+    return None
+
+
+def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dict | None = None,
+            ranks_per_node: int | None = None, first_in_process: bool = False) -> MemoryPrediction:
+    """Predicted memory per rank of a training trial (TrialSpec) on `device` ("cpu" or "cuda");
+    `first_in_process`: the first trial its rank processes run (a fresh pool)."""
+    psi, n = float(stats.n_params), max(1, spec.world_size)
+    ranks_per_node = ranks_per_node or n
+    p = 4 if spec.precision == "fp32" else 2
+    mixed = spec.precision != "fp32"
+    stage = spec.zero_stage
+    knobs = zero_knobs(ds_config, stage)
+    opt_type, torch_adam = _optimizer_type(ds_config)
+    cpu = device == "cpu"
+    numels = stats.param_numels or (int(psi),)
+    largest = float(numels[0])
+    notes: list[str] = []
+    off_opt = spec.offload != "none" and stage >= 1
+    off_par = spec.offload == "optimizer+params" and stage == 3
+    fused_adam = not cpu and not torch_adam and opt_type in ("adam", "adamw")
+
+    s = math.ceil(psi / n)  # one rank's partition (DeepSpeed pads to 2N; negligible)
+    persist = float(sum(x for x in numels if x <= knobs["persistence_threshold"])) if stage == 3 else 0.0
+    # -- model states -------------------------------------------------------------------------
+    if stage == 0:
+        params, grads = p * psi, p * psi
+        optimizer = (8 + (4 if mixed else 0)) * psi
+        resident_grads = 0.0  # set to None after every step
+    elif stage in (1, 2):
+        params = p * psi
+        grads = p * psi if stage == 1 else p * s
+        optimizer = 12.0 * s
+        resident_grads = 0.0 if stage == 1 else p * s
+    else:
+        params = p * s + p * persist
+        grads = p * s
+        optimizer = 12.0 * s
+        resident_grads = p * s
+    host = 0.0
+    extra_device = 0.0  # DeepSpeed's own tensors that live as long as the engine
+    if off_opt:
+        host += optimizer + 4.0 * s  # fp32 master + Adam + the fp32 gradient partition (s12:1036, s3:1337)
+        if stage in (1, 2):
+            extra_device += 2 * p * largest  # temp_grad_buffer_for_{cpu,gpu}_offload (s12:653-660)
+        else:
+            host += grads  # ZeRO-3's gradient-partition buffer follows the optimizer's device (s3:333, 791)
+    if off_par:
+        host += p * s
+    hpz = 0.0
+    if stage == 3 and spec.quant in ("zeropp-hpz", "zeropp"):
+        hpz = p * psi / max(1, min(ranks_per_node, n))  # hpZ's secondary partition within a node (partition_parameters.py:1912)
+        notes.append("ZeRO++ hpZ: its secondary partition (p·Ψ/ranks per node) is counted in the model states")
+    if spec.quant in ("zeropp-qw", "zeropp-qg", "zeropp"):
+        notes.append(f"quant={spec.quant}: ZeRO++'s quantization buffers are not modelled")
+    opt_dev = 0.0 if off_opt else optimizer
+    par_dev = params - (p * s if off_par else 0.0)
+    grads_dev = grads - (grads if off_opt and stage == 3 else 0.0)
+    states_device = par_dev + grads_dev + opt_dev + hpz + extra_device
+    # -- DeepSpeed's buffers -------------------------------------------------------------------
+    b = float(knobs["reduce_bucket_size"])
+    if stage == 0 or not knobs["contiguous_gradients"]:
+        buckets = 0.0
+    elif stage in (1, 2):
+        if cpu:  # pages written: bucket 0 fills with up to B gradient elements, bucket 1 with the next B
+            buckets = p * (min(b, psi) + (min(b, max(0.0, psi - b)) if knobs["overlap_comm"] else 0.0))
+        else:
+            buckets = p * b * (2 if knobs["overlap_comm"] else 1)
+    else:
+        buckets = p * (min(b, psi) if cpu else b)
+    gathered = 0.0
+    if stage == 3:
+        ahead = min(float(knobs["prefetch_bucket_size"]), float(knobs["max_live_parameters"]))
+        gathered = p * min(psi - persist, 2 * largest + ahead)
+    # -- activations and the phases ---------------------------------------------------------------
+    acts: Activations = activation_bytes(shape_of(config), spec.micro_batch, spec.seq_len, p,
+                                         spec.attn_implementation, spec.activation_checkpointing, device)
+    notes += acts.notes
+    if spec.quant == "fp8":
+        notes.append("quant=fp8: torchao's float8 casts are not modelled (activations at the trial's precision)")
+    if spec.compile:
+        notes.append("compile: the activations predicted are eager's; torch.compile's saved tensors may differ")
+    recompute = acts.per_layer if spec.activation_checkpointing else 0.0
+    # a layer's backward holds the gradients of its saved tensors beside them: one layer's worth
+    working = acts.per_layer
+    # states held from step to step (on the CPU accelerator the offloaded ones sit in the same process)
+    resident = par_dev + opt_dev + (resident_grads - (grads if off_opt and stage == 3 else 0.0)) + hpz + extra_device \
+        + (host if cpu else 0.0)
+    kept_buffers = buckets if stage == 3 else 0.0  # ZeRO-3 keeps its bucket; ZeRO-1/2 allocate theirs per backward
+    bwd_buckets = buckets if stage in (1, 2) else 0.0
+    held = grads if stage in (0, 1) else 0.0  # stage 0/1 gradients: complete at the end of backward, gone after the step
+    act_branch = acts.total + max(acts.logits_transient, working) + recompute + gathered
+    grad_branch = held + (p * min(5e8, psi) if stage == 0 else 0.0)  # stage 0's all-reduce flattens up to 5e8 elements
+    if act_branch >= grad_branch:
+        backward = {"states": resident, "buffers": kept_buffers + bwd_buckets, "activations": acts.total,
+                    "temporaries": act_branch - acts.total}
+    else:
+        backward = {"states": resident + held, "buffers": kept_buffers + bwd_buckets, "activations": 0.0,
+                    "temporaries": grad_branch - held}
+    # the optimizer step's temporaries; Adam's: torch's single-tensor AdamW (CPU tensors) two fp32
+    # copies of the tensor it updates, its foreach path (CUDA) one of all it updates, FusedAdam
+    # and DeepSpeed's CPU Adam none (in place)
+    def adam_tmp(largest_tensor: float, all_elements: float, on_host: bool) -> float:
+        if (not on_host and fused_adam) or (on_host and not torch_adam and off_opt):
+            return 0.0
+        return 8.0 * largest_tensor if (cpu or on_host) else 4.0 * all_elements
+    if stage == 0:
+        step_tmp = ((8.0 if fused_adam else 4.0) * psi) if mixed else 0.0  # fp32 gradient copies (flattened by FusedAdam's wrapper)
+        step_tmp += adam_tmp(largest, psi, False)
+    elif stage in (1, 2):
+        step_tmp = ((p + 4.0) * s if not off_opt else 0.0) + adam_tmp(s, s, off_opt)
+    else:
+        sub = min(float(knobs["sub_group_size"]), float(s))
+        step_tmp = ((p + 4.0) * sub if not off_opt else 0.0) + adam_tmp(sub, sub, off_opt)
+    step = {"states": resident + held, "buffers": kept_buffers + (buckets if stage == 1 else 0.0),
+            "activations": 0.0, "temporaries": step_tmp}
+    build = {"states": 0.0, "buffers": 0.0, "activations": 0.0, "temporaries": 4.0 * psi if (cpu and stage < 3) else 0.0}
+    phases = {"build": build, "backward": backward, "step": step}
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    phase = max(totals, key=totals.get)
+    own = totals[phase]
+    if cpu:
+        fixed = CPU_FIXED_BYTES + (CPU_FIRST_TRIAL_BYTES if first_in_process else 0)
+        own_peak = own + fixed
+        device_total = CPU_PROCESS_BASELINE_BYTES + own_peak
+        host_total = device_total  # the CPU accelerator's device is the host
+    else:
+        fixed = CUDA_CONTEXT_BYTES + CUDA_NCCL_BYTES  # outside the allocator: not in the own peak
+        own_peak = own
+        device_total = own * (1 + CUDA_RESERVED_SLACK) + fixed
+        host_total = host
+    peak_terms = dict(phases[phase], fixed=fixed if cpu else 0.0)
+    return MemoryPrediction(
+        states_device=states_device, states_host=host, params=params, grads=grads, optimizer=optimizer,
+        buffers=buckets, activations=acts.total, transient=peak_terms["temporaries"], fixed=fixed, peak=own_peak,
+        device_total=device_total, host_total=host_total, phase=phase, phases=totals, peak_terms=peak_terms,
+        activation_terms={k: v for k, v in asdict(acts).items() if k != "notes"},
+        deepspeed_estimate=deepspeed_estimate(stats, stage, n, ranks_per_node, spec.offload), notes=notes)

@@ -1,0 +1,65 @@
+"""Which trials a plan does not launch: predicted not to fit their device or the memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .memory import MemoryPrediction, predict
+
+# A trial is pruned only when its prediction exceeds the budget by more than this: the peak
+# prediction's accuracy target (docs/plan.md), so a trial that may fit is run, not guessed.
+PRUNE_MARGIN = 0.10
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes per rank a trial may use. `what`: "device" (the prediction's device_total against
+    the device's memory; on a CPU the host's memory shared by its ranks) or "budget" (the
+    trial's own peak against --memory-budget, as trial_peak_mem_bytes measures it)."""
+
+    bytes_per_rank: float
+    what: str = "device"
+    margin: float = PRUNE_MARGIN
+    label: str = ""
+    shared: bool = False  # the bytes are a CPU host's, shared by the trial's ranks on it
+
+    def per_rank(self, ranks_on_node: int) -> float:
+        return self.bytes_per_rank / max(1, ranks_on_node) if self.shared else self.bytes_per_rank
+
+
+def default_budget(hw, memory_budget: float | None = None) -> Budget:
+    """--memory-budget (the trial's own peak per rank), else the device: a GPU's memory, or on
+    the CPU accelerator the host's memory shared by the ranks."""
+    if memory_budget is not None:
+        return Budget(float(memory_budget), "budget", label="--memory-budget")
+    if hw.accelerator == "cpu":
+        return Budget(float(hw.device_memory_bytes), "device", label="host memory shared by the ranks", shared=True)
+    return Budget(float(hw.device_memory_bytes), "device", label=f"{hw.device_name} memory")
+
+
+def predict_trial(spec, stats, model_config: dict | None, accelerator: str, ds_config: dict | None,
+                  ranks_per_node: int | None = None, first_in_process: bool = False) -> MemoryPrediction | None:
+    """The memory prediction of a planned training trial (None for inference, which runs no DeepSpeed)."""
+    if spec.scenario != "train" or stats is None or model_config is None:
+        return None
+    from ..models import config_from_dict
+
+    return predict(spec, stats, config_from_dict(model_config), accelerator, ds_config, ranks_per_node, first_in_process)
+
+
+def predicted_bytes(pred: MemoryPrediction, budget: Budget) -> float:
+    return pred.peak if budget.what == "budget" else pred.device_total
+
+
+def prune_reason(pred: MemoryPrediction | None, budget: Budget, ranks_on_node: int = 1) -> str | None:
+    """Why the trial is not launched, or None when it is predicted to fit (within the margin)."""
+    if pred is None:
+        return None
+    need, have = predicted_bytes(pred, budget), budget.per_rank(ranks_on_node)
+    if need <= have * (1 + budget.margin):
+        return None
+    term = "own peak" if budget.what == "budget" else "memory"
+    return (f"predicted {term} {need / 2**30:.2f} GiB per rank exceeds the {budget.label or budget.what} "
+            f"{have / 2**30:.2f} GiB by more than {budget.margin:.0%} "
+            f"(states {pred.states_device / 2**30:.2f}, activations {pred.activations / 2**30:.2f} GiB; "
+            f"peak in {pred.phase}); --no-prune runs it")
