@@ -149,7 +149,7 @@ def test_sweep_prunes_what_cannot_fit_and_records_it(tmp_path):
     db = tmp_path / "p.db"
     p = llmbench("sweep", "zero", "--set", "micro_batch=4", "--set", "zero_stage=0,3", "--memory-budget", "1MiB",
                  "--db", str(db), "--out", str(tmp_path), check=False)
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == 1 and "launched nothing" in p.stderr, p.stderr
     recs = [json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     assert [r["status"] for r in recs] == ["pruned", "pruned"]
     for r in recs:
@@ -157,6 +157,11 @@ def test_sweep_prunes_what_cannot_fit_and_records_it(tmp_path):
         assert r["window_s"] is None and r["activation_bytes"] is None  # nothing ran
     dry = llmbench("sweep", "zero", "--memory-budget", "1MiB", "--dry-run")
     assert dry.stdout.count("pruned") == 8
+    # a budget between micro-batch 4 and 32 prunes the 32s only: the first trial's one-time costs
+    # are not held against it (or pruning it would make the next trial first, and so on)
+    dry = llmbench("sweep", "zero", "--set", "micro_batch=4,32", "--memory-budget", "140MiB", "--dry-run").stdout
+    pruned = [line.split("│")[1].strip() for line in dry.splitlines() if "pruned" in line and "│" in line]
+    assert sorted(pruned) == ["z0-mb32", "z1-mb32", "z2-mb32", "z3-mb32"], dry
     bad = llmbench("sweep", "zero", "--memory-budget", "big", "--dry-run", check=False)
     assert bad.returncode == 2 and "--memory-budget" in bad.stderr
     # resumed without pruning, the pruned trials run (and only they: nothing else was stored)

@@ -44,7 +44,8 @@ def _hardware(device: Optional[str], gpu_memory: Optional[str], gpus_per_node: O
         raise SpecError(f"--gpu-memory: {e}") from None
     ranks = (gpus_per_node or 8) * nodes
     caps = Capabilities("cuda", cuda_capability=(9, 0) if named is None or "a100" not in named.name else (8, 0))
-    return Hardware("cuda", "nccl", ranks, named.name if named else f"GPU with {gpu_memory}", memory, usable_cores(), caps), named
+    name = f"{named.name} with {gpu_memory}" if named and gpu_memory else named.name if named else f"GPU with {gpu_memory}"
+    return Hardware("cuda", "nccl", ranks, name, memory, usable_cores(), caps), named
 
 
 def _gib(x: float | None) -> str:
@@ -57,7 +58,7 @@ def plan(
     set_: list[str] = typer.Option([], "--set", help="Override an axis: axis=v1,v2 (repeatable)."),
     device: Optional[str] = typer.Option(None, "--device", help="A named GPU to plan for: a100-40g, a100-80g, h100-sxm, h100-pcie, h100-nvl, h200."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory to plan for (e.g. 80GiB), instead of a named device."),
-    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1, help="GPUs (ranks) per node [default: 8 for a described GPU, else the local ranks]."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1, help="GPUs (ranks) per node \\[default: 8 for a described GPU, else the local ranks]."),
     nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes; world size = GPUs per node × nodes."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Judge each trial's own peak per rank against this (e.g. 2GiB) instead of the device's memory."),
     base_config: Optional[Path] = typer.Option(None, "--base-config", help="Your DeepSpeed config JSON as every trial's starting point."),

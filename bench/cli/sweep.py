@@ -151,6 +151,9 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     path = write_report(run, records, out, None, *kernels_for(store, run))
     console.print(f"report: {path}")
     if not any(r["status"] == "ok" for r in records):
+        if all(r["status"] in ("pruned", "skipped", "unsupported") for r in records):
+            fail(f"run {result.run_id} launched nothing: every trial was pruned, skipped or unsupported (the reasons "
+                 f"are in its records: llmbench results {result.run_id}); --no-prune runs the pruned ones", code=1)
         fail(f"no trial of run {result.run_id} succeeded; see the errors above and the logs in {Path(out) / 'logs'}", code=1)
 
 

@@ -33,7 +33,7 @@ def rows(records: list[dict]) -> list[dict]:
         p = repredict(r)
         out.append(dict(trial=r["trial_id"], act_m=r["activation_bytes"], act_p=p.activations,
                         states_m=r["model_state_bytes"], states_p=p.states_device + p.states_host,
-                        peak_m=r["trial_peak_mem_bytes"], peak_p=p.peak, phase=p.phase, ds=p.deepspeed_estimate,
+                        peak_m=r["trial_peak_mem_bytes"], peak_p=p.peak, one_time=p.one_time, phase=p.phase, ds=p.deepspeed_estimate,
                         residual=r["trial_peak_mem_bytes"] - (p.peak - p.fixed)))
     return out
 
@@ -66,7 +66,7 @@ def pruning(table: list[dict], margin: float | None = None) -> str:
 
     margin = PRUNE_MARGIN if margin is None else margin
     budget = statistics.median(r["peak_m"] for r in table)
-    pruned = [r for r in table if r["peak_p"] > budget * (1 + margin)]
+    pruned = [r for r in table if r["peak_p"] - r["one_time"] > budget * (1 + margin)]  # as prune.predicted_bytes
     admitted = [r for r in table if r not in pruned]
     right = sum(r["peak_m"] > budget for r in pruned)
     wrong_in = sum(r["peak_m"] > budget for r in admitted)

@@ -98,6 +98,7 @@ class MemoryPrediction:
     transient: float  # the peak phase's temporaries beyond states, activations and buffers
     fixed: float
     peak: float  # the trial's own peak on the device (CPU: its RSS above the process baseline)
+    one_time: float  # of fixed: the processes' one-time costs a pool's first trial pays (not held against a budget)
     device_total: float  # what must fit a device: baseline/context + peak (+ allocator slack on CUDA)
     host_total: float  # per rank on the host: offloaded states (+ the whole process on a CPU)
     phase: str  # which phase sets the peak: build, backward or step
@@ -285,6 +286,7 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     return MemoryPrediction(
         states_device=states_device, states_host=host, params=params, grads=grads, optimizer=optimizer,
         buffers=buckets, activations=acts.total, transient=peak_terms["temporaries"], fixed=fixed, peak=own_peak,
+        one_time=CPU_FIRST_TRIAL_BYTES if (cpu and first_in_process) else 0.0,
         device_total=device_total, host_total=host_total, phase=phase, phases=totals, peak_terms=peak_terms,
         activation_terms={k: v for k, v in asdict(acts).items() if k != "notes"},
         deepspeed_estimate=deepspeed_estimate(stats, stage, n, ranks_per_node, spec.offload), notes=notes)

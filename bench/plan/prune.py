@@ -48,7 +48,10 @@ def predict_trial(spec, stats, model_config: dict | None, accelerator: str, ds_c
 
 
 def predicted_bytes(pred: MemoryPrediction, budget: Budget) -> float:
-    return pred.peak if budget.what == "budget" else pred.device_total
+    """What is held against the budget: the own peak (--memory-budget) or what the device needs,
+    less a pool's one-time costs: every configuration pays them, whichever runs first, so they
+    must not decide which one is pruned (else pruning the first trial makes the next one first)."""
+    return (pred.peak if budget.what == "budget" else pred.device_total) - pred.one_time
 
 
 def prune_reason(pred: MemoryPrediction | None, budget: Budget, ranks_on_node: int = 1) -> str | None:
@@ -59,7 +62,12 @@ def prune_reason(pred: MemoryPrediction | None, budget: Budget, ranks_on_node: i
     if need <= have * (1 + budget.margin):
         return None
     term = "own peak" if budget.what == "budget" else "memory"
-    return (f"predicted {term} {need / 2**30:.2f} GiB per rank exceeds the {budget.label or budget.what} "
-            f"{have / 2**30:.2f} GiB by more than {budget.margin:.0%} "
-            f"(states {pred.states_device / 2**30:.2f}, activations {pred.activations / 2**30:.2f} GiB; "
+    return (f"predicted {term} {size(need)} per rank exceeds the {budget.label or budget.what} "
+            f"{size(have)} by more than {budget.margin:.0%} "
+            f"(states {size(pred.states_device)}, activations {size(pred.activations)}; "
             f"peak in {pred.phase}); --no-prune runs it")
+
+
+def size(b: float) -> str:
+    """Bytes as GiB, or MiB below 1 GiB."""
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
