@@ -75,14 +75,22 @@ def test_gate_fails_a_real_slowdown_confined_to_two_trials(gate_db, tmp_path):
     p = llmbench("gate", a, c, "--db", str(db), "--json", str(out), check=False)
     assert p.returncode == 1, p.stdout + p.stderr
     verdict = json.loads(out.read_text())
-    assert set(verdict["regressions"]) == {*SLOWED, "(all trials)"}, p.stdout
+    # Only slowed trials are named, and at least one of them. Not always both: at 3 rounds with
+    # this VM's per-round noise (8.5%, docs/gates.md) the confined test's one-sided α/n = 0.00125
+    # missed one of the two (z1-mb4: +63% against the reference, p = 0.0044) in 1 of 3 full runs
+    # on 2026-11-30; asserting both would assert more power than the method has.
+    named = set(verdict["regressions"]) - {"(all trials)"}
+    assert "(all trials)" in verdict["regressions"] and named and named <= set(SLOWED), p.stdout
     run_row = next(v for v in verdict["verdicts"] if v["trial_id"] == "(all trials)")
     # the confined rule names them (the uniform rule may fire too: two trials 2× slower lift
     # the geometric mean over 8 trials by 19%)
-    assert f"confined to {', '.join(SLOWED)}" in run_row["why"], run_row
+    assert f"confined to {', '.join(t for t in SLOWED if t in named)}" in run_row["why"], run_row
     for v in verdict["verdicts"]:
         if v["trial_id"] in SLOWED and v["metric"] == "step ÷ reference":
-            assert v["outcome"] == "regression" and v["change"] > 0.5 and v["why"].startswith("confined"), v
+            # every slowed trial is measured slower, significantly so even when the confined test misses it
+            assert v["change"] > 0.3 and v["p_value"] < 0.05, v
+            if v["trial_id"] in named:
+                assert v["outcome"] == "regression" and v["why"].startswith("confined"), v
 
 
 def test_a_run_of_rounds_holds_every_round(gate_db):
