@@ -14,8 +14,8 @@ from .failures import prelaunch_unsupported
 from .launch import LaunchOptions, RankPool
 from .engine import ds_config
 from .models import ModelNotFound, ModelStats, build_config, config_to_dict, model_stats
-from .plan.memory import MemoryPrediction
-from .plan.prune import Budget, predict_trial, prune_reason
+from .plan.memory import MemoryPrediction, predict
+from .plan.prune import Budget, prune_reason
 from .rank_result import InferenceResult, RankResult
 from .record import aggregate, aggregate_inference, base_record, combine_rounds, failed_record, prediction_fields
 from .spec import SpecError, TrialSpec
@@ -57,7 +57,7 @@ def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, b
     The first trial a pool of ranks runs (every trial without `warm_pool`) is predicted with its
     processes' one-time costs (plan/memory.py); a pool restarted after a failure or a resume is
     not foreseen."""
-    cache: dict[tuple, tuple[ModelStats, dict]] = {}
+    cache: dict[tuple, tuple[ModelStats, dict, object]] = {}
     trials = []
     launched: set[int] = set()  # world sizes whose pool has a trial to run before this one
     for trial_id, spec, skip in sorted(expanded, key=lambda t: t[1].world_size):
@@ -67,17 +67,17 @@ def make_plan(expanded: list[tuple[str, TrialSpec, str | None]], hw: Hardware, b
                 config = build_config(spec.model, spec.family, spec.seq_len, spec.attn_implementation)
             except ModelNotFound as e:
                 raise SpecError(f"model: {e}") from None
-            cache[key] = (model_stats(config), config_to_dict(config))
-        stats, model_config = cache[key]
+            cache[key] = (model_stats(config), config_to_dict(config), config)
+        stats, model_config, config = cache[key]
         if hw.accelerator == "cpu" and spec.world_size > 2 * hw.cpu_cores:
             raise SpecError(f"world_size={spec.world_size}: more than twice the {hw.cpu_cores} CPU cores; timings would be noise")
         refused = prelaunch_unsupported(spec.precision, hw.accelerator) if spec.scenario == "train" and not skip else None
         planned_ds = _planned_ds_config(spec, hw, stats, base_config, ranks_per_node)
         first = not warm_pool or spec.world_size not in launched
         memory, note = None, None
-        if not skip:
+        if not skip and spec.scenario == "train":  # inference runs no DeepSpeed: nothing to predict
             try:
-                memory = predict_trial(spec, stats, model_config, hw.accelerator, planned_ds, ranks_per_node, first)
+                memory = predict(spec, stats, config, hw.accelerator, planned_ds, ranks_per_node, first)
             except Exception as e:  # noqa: BLE001  a prediction is advice: the trial is still planned
                 note = f"no memory prediction: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         on_node = min(spec.world_size, ranks_per_node or spec.world_size)

@@ -67,7 +67,6 @@ def plan(
 ) -> None:
     """Predict memory per rank for a suite's trials (states, buffers, activations, fixed), and which would not fit; launches nothing."""
     from ..engine import axes_from_base_config, load_base_config
-    from ..plan.devices import parse_bytes
     from ..plan.prune import default_budget, predicted_bytes
     from ..precision import resolve
     from ..spec import expand, load_suite
@@ -80,10 +79,7 @@ def plan(
         base = load_base_config(base_config) if base_config else None
         if base:
             defaults.update(axes_from_base_config(base))
-        try:
-            budget = default_budget(hw, parse_bytes(memory_budget) if memory_budget else None)
-        except ValueError as e:
-            raise SpecError(f"--memory-budget: {e}") from None
+        budget = default_budget(hw, memory_budget)
         per_node = gpus_per_node or (hw.world_size // nodes if hw.accelerator == "cuda" else None)
         the_plan = make_plan(expand(s, source, defaults, set_, lambda p: resolve(p, hw.caps)), hw, base, budget,
                              ranks_per_node=per_node)

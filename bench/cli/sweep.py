@@ -56,15 +56,10 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
             defaults.update(axes_from_base_config(base))
         if hostfile:
             defaults["world_size"] = hostfile_slots(hostfile)
-        from ..plan.devices import parse_bytes
         from ..plan.prune import default_budget
         from ..precision import resolve
 
-        try:
-            budget_bytes = parse_bytes(memory_budget) if memory_budget else None
-        except ValueError as e:
-            raise SpecError(f"--memory-budget: {e}") from None
-        budget = default_budget(hw, budget_bytes) if prune else None
+        budget = default_budget(hw, memory_budget) if prune else None
         plan = make_plan(expand(suite, source, defaults, overrides, lambda p: resolve(p, hw.caps)), hw, base, budget,
                          warm_pool=warm_pool)
         if resume:

@@ -56,9 +56,9 @@ unmeasured here: tests/gpu/gpu_check.sh measures them).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
+from ..collect.memory import deepspeed_model_state_bytes
 from ..models import ModelStats
 from .activations import Activations, activation_bytes, shape_of
 
@@ -95,7 +95,6 @@ class MemoryPrediction:
     optimizer: float
     buffers: float
     activations: float
-    transient: float  # the peak phase's temporaries beyond states, activations and buffers
     fixed: float
     peak: float  # the trial's own peak on the device (CPU: its RSS above the process baseline)
     one_time: float  # of fixed: the processes' one-time costs a pool's first trial pays (not held against a budget)
@@ -173,23 +172,15 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     off_par = spec.offload == "optimizer+params" and stage == 3
     fused_adam = not cpu and not torch_adam and opt_type in ("adam", "adamw")
 
-    s = math.ceil(psi / n)  # one rank's partition (DeepSpeed pads to 2N; negligible)
+    s = psi / n  # one rank's partition (DeepSpeed pads to 2N; negligible)
     persist = float(sum(x for x in numels if x <= knobs["persistence_threshold"])) if stage == 3 else 0.0
-    # -- model states -------------------------------------------------------------------------
-    if stage == 0:
-        params, grads = p * psi, p * psi
-        optimizer = (8 + (4 if mixed else 0)) * psi
-        resident_grads = 0.0  # set to None after every step
-    elif stage in (1, 2):
-        params = p * psi
-        grads = p * psi if stage == 1 else p * s
-        optimizer = 12.0 * s
-        resident_grads = 0.0 if stage == 1 else p * s
-    else:
-        params = p * s + p * persist
-        grads = p * s
-        optimizer = 12.0 * s
-        resident_grads = p * s
+    # -- model states: the total is DeepSpeed's layout (collect/memory.deepspeed_model_state_bytes,
+    # cross-checked against the engine's tensors); here it is split into its three states
+    total = deepspeed_model_state_bytes(int(psi), stage, n, spec.precision, int(persist))
+    params = p * psi if stage < 3 else p * s + p * persist
+    grads = p * psi if stage < 2 else p * s  # stage 0/1: full gradients until the step / boundary reduce
+    optimizer = total - params - grads  # Adam's moments, and the fp32 master where DeepSpeed keeps one
+    resident_grads = 0.0 if stage < 2 else grads  # stage 0/1 gradients do not outlive the step
     host = 0.0
     extra_device = 0.0  # DeepSpeed's own tensors that live as long as the engine
     if off_opt:
@@ -285,7 +276,7 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     peak_terms = dict(phases[phase], fixed=fixed if cpu else 0.0)
     return MemoryPrediction(
         states_device=states_device, states_host=host, params=params, grads=grads, optimizer=optimizer,
-        buffers=buckets, activations=acts.total, transient=peak_terms["temporaries"], fixed=fixed, peak=own_peak,
+        buffers=buckets, activations=acts.total, fixed=fixed, peak=own_peak,
         one_time=CPU_FIRST_TRIAL_BYTES if (cpu and first_in_process) else 0.0,
         device_total=device_total, host_total=host_total, phase=phase, phases=totals, peak_terms=peak_terms,
         activation_terms={k: v for k, v in asdict(acts).items() if k != "notes"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import MemoryPrediction, predict
+from .memory import MemoryPrediction
 
 # A trial is pruned only when its prediction exceeds the budget by more than this: the peak
 # prediction's accuracy target (docs/plan.md), so a trial that may fit is run, not guessed.
@@ -27,24 +27,21 @@ class Budget:
         return self.bytes_per_rank / max(1, ranks_on_node) if self.shared else self.bytes_per_rank
 
 
-def default_budget(hw, memory_budget: float | None = None) -> Budget:
-    """--memory-budget (the trial's own peak per rank), else the device: a GPU's memory, or on
-    the CPU accelerator the host's memory shared by the ranks."""
-    if memory_budget is not None:
-        return Budget(float(memory_budget), "budget", label="--memory-budget")
+def default_budget(hw, memory_budget: str | None = None) -> Budget:
+    """--memory-budget (a size such as 2GiB: the trial's own peak per rank), else the device: a
+    GPU's memory, or on the CPU accelerator the host's memory shared by the ranks. A malformed
+    size is bad input (SpecError)."""
+    if memory_budget:
+        from ..spec import SpecError
+        from .devices import parse_bytes
+
+        try:
+            return Budget(float(parse_bytes(memory_budget)), "budget", label="--memory-budget")
+        except ValueError as e:
+            raise SpecError(f"--memory-budget: {e}") from None
     if hw.accelerator == "cpu":
         return Budget(float(hw.device_memory_bytes), "device", label="host memory shared by the ranks", shared=True)
     return Budget(float(hw.device_memory_bytes), "device", label=f"{hw.device_name} memory")
-
-
-def predict_trial(spec, stats, model_config: dict | None, accelerator: str, ds_config: dict | None,
-                  ranks_per_node: int | None = None, first_in_process: bool = False) -> MemoryPrediction | None:
-    """The memory prediction of a planned training trial (None for inference, which runs no DeepSpeed)."""
-    if spec.scenario != "train" or stats is None or model_config is None:
-        return None
-    from ..models import config_from_dict
-
-    return predict(spec, stats, config_from_dict(model_config), accelerator, ds_config, ranks_per_node, first_in_process)
 
 
 def predicted_bytes(pred: MemoryPrediction, budget: Budget) -> float:
