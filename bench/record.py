@@ -17,7 +17,7 @@ from .schema import TrialRecord
 from .spec import TrialSpec
 
 # pruned: predicted not to fit its device or --memory-budget (plan/memory.py), not launched
-STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "pruned", "interrupted")
+STATUSES = ("ok", "oom", "unsupported", "timeout", "failed", "diverged", "skipped", "pruned", "stopped", "interrupted")
 
 
 def base_record(run_id: str, trial_id: str, spec: TrialSpec, stats: ModelStats | None, env: dict,

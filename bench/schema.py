@@ -11,7 +11,8 @@ was asked for: the TrialSpec, one definition shared with suites and `--set`), `m
 of the model built), `measurements` (what was seen), `provenance` (configs and environment).
 
 Versions: 1 = records stored before the schema existed (no `schema_version` field); 2 = the
-schema without `config_hash`; 3 = without `rounds`; 4 = without the memory prediction; 5 = this. `migrate` brings an older record to the current
+schema without `config_hash`; 3 = without `rounds`; 4 = without the memory prediction; 5 = without the
+throughput prediction and the search's decision; 6 = this. `migrate` brings an older record to the current
 version; stores and exports of versions 1 to 3 load through it.
 """
 
@@ -25,7 +26,7 @@ from pydantic import ConfigDict, Field, create_model
 
 from .spec import TrialSpec
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def F(default: Any = None, unit: str = "", definition: str = "", part: str = "measurements"):  # noqa: N802
@@ -99,7 +100,7 @@ class TrialRecord(_Settings):
     trial_id: str = F("", "", "readable id from the swept axes' values (resolved precision)", _ID)
     config_hash: Optional[str] = F(None, "", "SHA-256 (16 hex) of every setting that can change a figure: resolved settings, "
                                    "model config, DeepSpeed config (identity.py); gate, compare and --resume match on it", _ID)
-    status: str = F("ok", "", "ok, oom, unsupported, timeout, failed, diverged, skipped, pruned (predicted not to fit: not launched) or interrupted", _OUT)
+    status: str = F("ok", "", "ok, oom, unsupported, timeout, failed, diverged, skipped, pruned (predicted not to fit: not launched), stopped (`sweep --search` did not run it, or stopped it after a short window; `search` says why) or interrupted", _OUT)
     error: Optional[str] = F(None, "", "why the trial did not succeed (first line: the cause)", _OUT)
     notes: list = F([], "", "caveats about this trial's figures (unsteady window, emulated bf16, ...)", _OUT)
     # -- settings beyond TrialSpec ----------------------------------------------------------------
@@ -186,6 +187,10 @@ class TrialRecord(_Settings):
     predicted_host_bytes: Optional[float] = F(None, "bytes", "predicted host memory per rank: ZeRO-Offload's states (the whole process on a CPU)")
     predicted_memory: Optional[dict] = F(None, "bytes", "every term of the prediction (plan/memory.MemoryPrediction), the phase that sets the peak, DeepSpeed's own estimate")
     prediction_error: Optional[dict] = F(None, "", "predicted / measured − 1 per term: activations, model_states, peak")
+    # -- the throughput prediction and the guided search (plan/throughput.py, search.py) ----------------
+    predicted_step_s: Optional[float] = F(None, "s", "the throughput model's step time (`sweep --search`: from its last calibration)")
+    predicted_tokens_per_s: Optional[float] = F(None, "tokens/s", "the throughput model's tokens/s, all ranks")
+    search: Optional[dict] = F(None, "", "`sweep --search`'s decision for this trial: phase (anchor, explore, final, not run), the order it ran in, why it was stopped or promoted")
     # -- training dynamics -----------------------------------------------------------------------------
     losses: list = F([], "nats", "loss per timed step, averaged over ranks")
     grad_norms: list = F([], "", "global gradient norm per step (rank 0; None where DeepSpeed exposes none)")
@@ -274,7 +279,8 @@ def migrate(record: dict) -> dict:
     named it explicitly then), and the measured-peak provenance fields did not exist.
     Versions 1-2: no `config_hash`; it is computed from the record's own settings, model and
     DeepSpeed configs (a setting the record predates ran at its default). Versions 1-3: one
-    round (`rounds`, `rounds_done`); versions 1-4: no memory prediction."""
+    round (`rounds`, `rounds_done`); versions 1-4: no memory prediction; versions 1-5: no
+    throughput prediction nor search decision."""
     version = record.get("schema_version", 1)
     if version >= SCHEMA_VERSION:
         return record
@@ -292,7 +298,7 @@ def migrate(record: dict) -> dict:
         out["config_hash"] = config_hash(out)
     if version <= 3:
         out["rounds_done"] = 1 if out.get("status") == "ok" else 0
-    # version 4 had no memory prediction: its fields keep their defaults (None)
+    # version 4 had no memory prediction, version 5 no throughput prediction: their fields keep their defaults (None)
     out["schema_version"] = SCHEMA_VERSION
     return out
 

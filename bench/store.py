@@ -79,6 +79,10 @@ class Store:
             self.db.execute("UPDATE runs SET status=?, finished_at=?, meta_json=? WHERE run_id=?",
                             (status, time.time(), json.dumps(meta), run_id))
 
+    def set_meta(self, run_id: str, meta: dict) -> None:
+        """Replace a run's meta (what `llmbench project` adds), leaving its status as it is."""
+        self.db.execute("UPDATE runs SET meta_json=? WHERE run_id=?", (json.dumps(meta), run_id))
+
     def runs(self) -> list[dict]:
         cur = self.db.execute("SELECT run_id, created_at, finished_at, suite, label, status, env_json, meta_json,"
                               " (SELECT COUNT(*) FROM trials t WHERE t.run_id = r.run_id) FROM runs r ORDER BY created_at")
@@ -144,14 +148,18 @@ class Store:
         cur = self.db.execute("SELECT record_json FROM kernels WHERE run_id=? ORDER BY seq", (run_id,))
         return [json.loads(r[0]) for r in cur]
 
-    def latest_kernels_run(self, device_name: str | None = None) -> str | None:
-        """The newest run holding kernel results (on this device, if named)."""
+    def kernels_runs(self, device_name: str | None = None):
+        """`llmbench kernels` runs holding results (on this device, if named), newest first; a
+        search's own collective probe (stored with its sweep run) is not one of them."""
         for r in reversed(self.runs()):
-            if device_name and r["env"].get("device_name") != device_name:
+            if r["suite"] != "kernels" or (device_name and r["env"].get("device_name") != device_name):
                 continue
             if self.db.execute("SELECT 1 FROM kernels WHERE run_id=? LIMIT 1", (r["run_id"],)).fetchone():
-                return r["run_id"]
-        return None
+                yield r["run_id"]
+
+    def latest_kernels_run(self, device_name: str | None = None) -> str | None:
+        """The newest `llmbench kernels` run holding results (on this device, if named)."""
+        return next(self.kernels_runs(device_name), None)
 
     def steps(self, run_id: str) -> list[tuple]:
         return list(self.db.execute("SELECT trial_id, step, step_time_s, loss FROM steps WHERE run_id=? ORDER BY trial_id, step",

@@ -51,6 +51,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.accelerator == "cuda":
         torch.cuda.set_device(local_rank)
+    else:  # a trial's speed must not depend on what the process ran before (collect/memory.STEADY_MALLOC)
+        from .collect.memory import STEADY_MALLOC, set_malloc
+
+        set_malloc(STEADY_MALLOC)
     import deepspeed
 
     from .spec import TrialSpec

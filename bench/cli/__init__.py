@@ -7,7 +7,7 @@ among a choice's) into the same one-line error and exit code 2 as every other ba
 
 from __future__ import annotations
 
-from . import gate, info, kernels, plan, results, sweep  # noqa: F401  (each module registers its commands)
+from . import gate, info, kernels, plan, project, results, sweep  # noqa: F401  (each module registers its commands)
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -82,7 +82,11 @@ def print_table(records: list[dict], title: str) -> None:
     train = [r for r in records if r.get("scenario", "train") == "train"]
     for r in train:
         ok = r["status"] == "ok"
-        t.add_row(r["trial_id"], r["status"] if ok else f"[red]{r['status']}[/]", r["precision"], str(r["zero_stage"]),
+        # a trial the search stopped after its short window keeps that window's measurement
+        ok = ok or (r["status"] == "stopped" and r.get("step_time_s") is not None)
+        status = r["status"] if r["status"] == "ok" else f"[yellow]{r['status']}[/]" if r["status"] == "stopped" \
+            else f"[red]{r['status']}[/]"
+        t.add_row(r["trial_id"], status, r["precision"], str(r["zero_stage"]),
                   str(r["micro_batch"]), str(r["grad_accum"]),
                   f"{r['step_time_s']:.4f}" if ok else "–", f"{r['tokens_per_s']:,.0f}" if ok else "–",
                   f"{r['model_state_bytes'] / 2**20:.2f}" if ok else "–",

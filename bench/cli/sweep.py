@@ -38,7 +38,7 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
            cpu: bool = False, hostfile: Optional[str] = None, include: Optional[str] = None,
            num_nodes: Optional[int] = None, master_addr: Optional[str] = None, base_config: Optional[Path] = None,
            resume: Optional[str] = None, warm_pool: bool = True, source_label: Optional[str] = None,
-           profile: bool = False, memory_budget: Optional[str] = None, prune: bool = True) -> None:
+           profile: bool = False, memory_budget: Optional[str] = None, prune: bool = True, search: bool = False) -> None:
     from ..engine import axes_from_base_config, load_base_config
     from ..env import detect_hardware
     from ..launch import LaunchOptions, hostfile_slots
@@ -62,6 +62,14 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
         budget = default_budget(hw, memory_budget) if prune else None
         plan = make_plan(expand(suite, source, defaults, overrides, lambda p: resolve(p, hw.caps)), hw, base, budget,
                          warm_pool=warm_pool)
+        if search:
+            from ..search import check_searchable
+
+            if resume:
+                raise SpecError("--search cannot --resume a run; run the search again (its trials are in the store)")
+            if not warm_pool:
+                raise SpecError("--search runs on one warm pool; drop --fresh-launch")
+            check_searchable(plan)
         if resume:
             from ..store import Store
 
@@ -75,7 +83,7 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
     if dry_run:
         _print_plan(plan, hw)
         return
-    _run_plan(plan, hw, suite.name, label, db, out, options, resume, warm_pool, profile)
+    _run_plan(plan, hw, suite.name, label, db, out, options, resume, warm_pool, profile, search)
 
 
 def _print_plan(plan, hw) -> None:
@@ -94,7 +102,8 @@ def _print_plan(plan, hw) -> None:
     console.print(t)
 
 
-def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_pool=True, profile=False) -> None:
+def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_pool=True, profile=False,
+              search=False) -> None:
     from ..report.html import write_report
     from ..store import Store
     from ..sweep import run_sweep
@@ -107,7 +116,8 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
                         console=console, transient=False)
     from ..sweep import rounds_of
 
-    task = progress.add_task("starting", total=sum(rounds_of(t) for t in plan.trials))  # every round of every trial
+    # every round of every trial; a search decides as it goes how many it runs
+    task = progress.add_task("starting", total=None if search else sum(rounds_of(t) for t in plan.trials))
 
     def started(seq, planned):
         progress.update(task, description=planned.trial_id)
@@ -131,18 +141,26 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     signal.signal(signal.SIGTERM, terminate)
     try:
         with progress:
-            result = run_sweep(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
-                               options=options, resume=resume, warm_pool=warm_pool, profile=profile,
-                               on_trial_start=started, on_trial_end=ended)
+            if search:
+                from ..search import run_search
+
+                result = run_search(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
+                                    options=options, on_trial_start=started, on_trial_end=ended)
+            else:
+                result = run_sweep(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
+                                   options=options, resume=resume, warm_pool=warm_pool, profile=profile,
+                                   on_trial_start=started, on_trial_end=ended)
     except KeyboardInterrupt:
         run = store.run()
         kept = [r for r in store.trials(run["run_id"]) if r["status"] != "interrupted"]
-        console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {len(kept)} finished trials in {db}; "
-                      f"continue with --resume {run['run_id']}")
+        again = "run the search again (a search is not resumed)" if search else f"continue with --resume {run['run_id']}"
+        console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {len(kept)} finished trials in {db}; {again}")
         raise typer.Exit(130)
     run = store.run(result.run_id)
     records = store.trials(result.run_id)  # a resumed run reports all its trials
     print_table(records, f"run {result.run_id} ({result.wall_s:.0f} s)")
+    if search:
+        _print_search(run["meta"].get("search") or {})
     path = write_report(run, records, out, None, *kernels_for(store, run))
     console.print(f"report: {path}")
     if not any(r["status"] == "ok" for r in records):
@@ -150,6 +168,17 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
             fail(f"run {result.run_id} launched nothing: every trial was pruned, skipped or unsupported (the reasons "
                  f"are in its records: llmbench results {result.run_id}); --no-prune runs the pruned ones", code=1)
         fail(f"no trial of run {result.run_id} succeeded; see the errors above and the logs in {Path(out) / 'logs'}", code=1)
+
+
+def _print_search(s: dict) -> None:
+    """The search's outcome in a few lines (the report has the whole of it)."""
+    if not s.get("order"):
+        return
+    console.print(f"search: launched {s['launched']} of the grid's {s['grid']} trials ({s['runnable']} runnable after "
+                  f"pruning), {s['rounds_run']} windows in {s['wall_s']:.0f} s; finalists {', '.join(s['finalists']) or 'none'}")
+    if s.get("winner"):
+        tied = f", tied with {', '.join(s['tied'])}" if s.get("tied") else ""
+        console.print(f"search: winner [bold]{s['winner']}[/]{tied} ({s['reason']})")
 
 
 class Precision(str, Enum):
@@ -182,13 +211,15 @@ def sweep(
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget",
                                                 help="Prune trials whose predicted own peak per rank exceeds this (e.g. 2GiB) by more than 10%; default: the device's memory."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Launch every trial, even those predicted not to fit."),
+    search: bool = typer.Option(False, "--search",
+                                help="Guided search instead of the whole grid: prune by memory, rank by the calibrated throughput model, short windows, finalists in interleaved rounds (docs/search.md)."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
     _sweep(suite, set_ + (["comms_steps=2"] if comms else []), label, db, out, dry_run, cpu, hostfile, include,
            num_nodes, master_addr, base_config, resume, not fresh_launch, profile=profile,
-           memory_budget=memory_budget, prune=not no_prune)
+           memory_budget=memory_budget, prune=not no_prune, search=search)
 
 
 @app.command()

@@ -204,6 +204,41 @@ def deepspeed_model_state_bytes(n_params: int, stage: int, dp: int, precision: s
     return (p + p + opt) * psi / n + p * n_persistent
 
 
+# glibc's mallopt(3) parameters (malloc.h). glibc serves a block above M_MMAP_THRESHOLD with its
+# own mmap and unmaps it when freed, so every such allocation faults its pages in again. By
+# default the threshold is dynamic: 128 KiB in a fresh process, rising to each freed mmapped
+# block's size up to 32 MiB (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), trim threshold twice it.
+# So a CPU trial ran slower as the first of a pool than later in it (a 32-sample micro-batch of
+# the tiny Llama: 0.37 vs 0.352 s a step, docs/search.md). CPU ranks fix both at the values
+# the dynamic rule ends at, from their start (worker.py), so a trial's speed does not depend
+# on what ran before it. A user's MALLOC_* / GLIBC_TUNABLES environment wins.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+STEADY_MALLOC = {M_MMAP_THRESHOLD: 32 * _KB * _KB, M_TRIM_THRESHOLD: 64 * _KB * _KB}
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+malloc_setting: str | None = None  # what set_malloc did in this process (each record's memory readings carry it)
+
+
+def set_malloc(settings: dict[int, int]) -> str:
+    """Apply glibc mallopt settings to this process; returns (and remembers) what was done."""
+    import os
+
+    global malloc_setting
+    users = [k for k in MALLOC_ENV if os.environ.get(k)]
+    if users:
+        malloc_setting = "the user's: " + ", ".join(f"{k}={os.environ[k]}" for k in users)
+        return malloc_setting
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        done = all(mallopt(k, v) == 1 for k, v in settings.items())
+    except (OSError, AttributeError):
+        done = False
+    malloc_setting = (f"glibc mmap threshold {settings[M_MMAP_THRESHOLD] // _KB // _KB} MiB, trim threshold "
+                      f"{settings[M_TRIM_THRESHOLD] // _KB // _KB} MiB (fixed)") if done else "the allocator's defaults"
+    return malloc_setting
+
+
 class PeakMemory(Base):
     """Each trial's own peak, a collector (collector.py) over the span it watches: the process
     RSS high-water mark (the peak on a CPU); `CudaPeakMemory` adds the allocator's peaks.
@@ -245,7 +280,7 @@ class PeakMemory(Base):
         rss = self.rss_peak_bytes()
         return {"memory": {"rss_peak_bytes": rss, "rss_peak_reset": self.hwm_reset,
                            "rss_at_start_bytes": self.rss_at_reset, "peak_mem_bytes": rss,
-                           "baseline_bytes": self.rss_at_reset}}
+                           "baseline_bytes": self.rss_at_reset, "malloc": malloc_setting}}
 
 
 class CudaPeakMemory(PeakMemory):

@@ -152,7 +152,7 @@ def pareto(df: pd.DataFrame) -> str:
 def failures(df: pd.DataFrame) -> str:
     """Every trial's status at a glance."""
     colours = {"ok": "#5ec962", "skipped": "#cccccc", "unsupported": "#fde725", "oom": "#b42318", "timeout": "#f08c00",
-               "failed": "#7f1d1d", "diverged": "#9d4edd", "interrupted": "#888888", "pruned": "#9ecae1"}
+               "failed": "#7f1d1d", "diverged": "#9d4edd", "interrupted": "#888888", "pruned": "#9ecae1", "stopped": "#c6dbef"}
     fig, ax = plt.subplots(figsize=(6.4, max(2.0, 0.28 * len(df) + 0.8)))
     ax.barh(df["trial_id"], 1, color=[colours.get(s, "#000") for s in df["status"]])
     for i, s in enumerate(df["status"]):
