@@ -124,3 +124,8 @@ PY
 python3 -m llmbench.cli kernels --db "$dest/gpu.db" --out "$dest" --label gpu-kernels 2>&1 | tee "$dest/kernels.log"
 run=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"select run_id from runs where suite='gpu' order by created_at\").fetchone()[0])" "$dest/gpu.db")
 python3 -m llmbench.cli gate "$run" "$run" --db "$dest/gpu.db" 2>&1 | tee "$dest/gate.log"
+# The throughput model on CUDA (#17): its calibration on the gpu suite (one GPU: no collectives, so
+# a + b·F; the achieved TFLOP/s it fits beside the datasheet's), and a guided search over the
+# suite at two micro-batches, which must finish with a winner (docs/search.md).
+python3 -m llmbench.plan.throughput_accuracy "$dest/gpu.db" "$run" 2>&1 | tee "$dest/throughput.txt"
+python3 -m llmbench.cli sweep gpu --set micro_batch=4,8 --search --db "$dest/search.db" --out "$dest" 2>&1 | tee "$dest/search.log"
