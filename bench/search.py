@@ -37,6 +37,7 @@ from typing import Callable
 from .env import Hardware, environment
 from .launch import LaunchOptions, RankPool
 from .plan.throughput import KINDS, LinkFit, calibrate, fit_collectives, predict_step, step_flops
+from .plan.throughput_accuracy import collective_links
 from .record import combine_rounds, failed_record
 from .spec import SpecError
 from .store import Store
@@ -80,15 +81,6 @@ def short(t: PlannedTrial, rounds: int) -> PlannedTrial:
                                      "breakdown_steps": 0})
     return PlannedTrial(t.trial_id, spec, t.skip, t.stats, t.unsupported, t.model_config, t.ds_config, t.memory,
                         t.pruned, t.plan_note)
-
-
-def stored_links(store: Store, hw: Hardware, world_size: int) -> tuple[dict[str, LinkFit], str | None]:
-    """α and β from the newest `llmbench kernels` run on this device with collectives at this world size."""
-    for run_id in store.kernels_runs(hw.device_name):
-        rows = [r for r in store.kernels(run_id) if r.get("bench") == "collective" and r.get("world_size") == world_size]
-        if rows:
-            return fit_collectives(rows, world_size, f"kernels run {run_id}"), run_id
-    return {}, None
 
 
 def probe_links(d: _Driver, world_size: int, params: SearchParams) -> tuple[dict[str, LinkFit], str]:
@@ -144,6 +136,7 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
     status = "finished"
     by_id = {t.trial_id: t for t in plan.trials}
     cand = [t for t in plan.trials if runnable(t)]
+    shorts = {t.trial_id: short(t, params.rounds) for t in cand}  # each trial as the search runs it
     world_size = cand[0].spec.world_size
     summary: dict = {"params": asdict(params), "grid": len(plan.trials), "runnable": len(cand)}
 
@@ -154,7 +147,7 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
         return records[t.trial_id]
 
     def launch(t: PlannedTrial, phase: str, why: str, round_no: int = 0) -> dict:
-        s = short(t, params.rounds)
+        s = shorts[t.trial_id]
         if on_trial_start:
             on_trial_start(state["seq"], s)
         state["current"] = (s, round_no)
@@ -180,7 +173,7 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
                 rec = d.run_round(t, 0)
                 rec["search"] = {"phase": "not run", "why": rec["error"]}
                 store_rec(t, rec, replace=False)
-        links, source = stored_links(store, hw, world_size)
+        links, source = collective_links(store, hw.device_name, world_size)
         if not links:
             links, source = probe_links(d, world_size, params)
         summary["collectives"] = {"source": source, **{k: asdict(v) for k, v in links.items()}}
@@ -190,9 +183,9 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
             launch(t, "anchor", f"anchor of the model: the {'most' if t is at[-1] else 'fewest'} FLOPs per step at ZeRO-{lowest}")
         cap = max(3, math.ceil(params.max_fraction * len(cand)))
         while True:
-            fit = _fit(measured_ok(), by_id, links, params)
+            fit = _fit(measured_ok(), shorts, links)
             best = max((r["tokens_per_s"] for r in measured_ok()), default=0.0)
-            preds = {t.trial_id: predict_step(short(t, params.rounds).spec, t.stats, t.ds_config, links, fit, hw.accelerator)
+            preds = {t.trial_id: predict_step(shorts[t.trial_id].spec, t.stats, t.ds_config, links, fit, hw.accelerator)
                      for t in cand}
             todo = [t for t in cand if t.trial_id not in rounds
                     and preds[t.trial_id].tokens_per_s >= (1 - params.explore_margin) * best]
@@ -210,13 +203,14 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
                 if records[tid]["status"] == "ok":
                     launch(by_id[tid], "final", f"finalist: its short window within {params.final_margin:.0%} of the best",
                            round_no)
-        fit = _fit(measured_ok(), by_id, links, params)
+        fit = _fit(measured_ok(), shorts, links)
         best = ok[0]["tokens_per_s"] if ok else 0.0
         for t in cand:  # every record: the last calibration's prediction; the stopped ones say why
-            p = predict_step(short(t, params.rounds).spec, t.stats, t.ds_config, links, fit, hw.accelerator)
+            s = shorts[t.trial_id]
+            p = predict_step(s.spec, t.stats, t.ds_config, links, fit, hw.accelerator)
             rec = records.get(t.trial_id)
             if rec is None:
-                rec = d.record(short(t, params.rounds))
+                rec = d.record(s)
                 failed_record(rec, "stopped", f"search: not run; the model predicted {p.tokens_per_s:,.0f} tokens/s, "
                                               f"{p.tokens_per_s / best - 1:+.1%} against the best measured ({best:,.0f}), "
                                               f"beyond the {params.explore_margin:.0%} margin" if best else
@@ -231,7 +225,7 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
                                                   f"against the best; not a finalist (within {params.final_margin:.0%}, "
                                                   f"at most {params.finalists})")
             rec.update(predicted_step_s=p.step_s, predicted_tokens_per_s=p.tokens_per_s)
-            store_rec(short(t, params.rounds), rec, replace=replace)
+            store_rec(s, rec, replace=replace)
         win = recommend([records[f] for f in finalists], "throughput")
         summary.update(order=order, finalists=finalists, launched=len(rounds), rounds_run=len(order),
                        fit=asdict(fit), winner=win.winner["trial_id"] if win.winner else None,
@@ -263,7 +257,8 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
                        len(d.start_times), d.start_times)
 
 
-def _fit(ok: list[dict], by_id: dict[str, PlannedTrial], links: dict[str, LinkFit], params: SearchParams):
-    samples = [(r["trial_id"], short(by_id[r["trial_id"]], params.rounds).spec, by_id[r["trial_id"]].stats,
-                by_id[r["trial_id"]].ds_config, float(r["step_time_s"])) for r in ok if r.get("step_time_s")]
+def _fit(ok: list[dict], shorts: dict[str, PlannedTrial], links: dict[str, LinkFit]):
+    """The model calibrated on the short windows measured so far."""
+    samples = [(r["trial_id"], shorts[r["trial_id"]].spec, shorts[r["trial_id"]].stats, shorts[r["trial_id"]].ds_config,
+                float(r["step_time_s"])) for r in ok if r.get("step_time_s")]
     return calibrate(samples, links)

@@ -174,11 +174,11 @@ def test_comms_pass_volumes_match_zero(tmp_path):
     # output, so within 1%), and the same calls at stages 0-2 (ZeRO-3's coordinator coalesces
     # a later micro-step's fetches: docs/search.md)
     from llmbench.models import config_from_dict, model_stats
+    from llmbench.plan.accuracy import spec_of
     from llmbench.plan.throughput import comm_pattern
-    from llmbench.spec import TrialSpec
 
     for stage, r in recs.items():
-        spec = TrialSpec(**{k: r[k] for k in TrialSpec.model_fields if k in r})
+        spec = spec_of(r)
         predicted: dict[str, list[float]] = {}
         for c in comm_pattern(spec, model_stats(config_from_dict(r["model_config"])), r["ds_config"]):
             predicted.setdefault(c.kind, [0.0, 0.0])

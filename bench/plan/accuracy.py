@@ -17,8 +17,13 @@ from .memory import predict
 MiB = 2**20
 
 
+def spec_of(rec: dict) -> TrialSpec:
+    """The TrialSpec a stored record was run with (its settings part)."""
+    return TrialSpec(**{k: rec[k] for k in TrialSpec.model_fields if k in rec})
+
+
 def repredict(rec: dict):
-    spec = TrialSpec(**{k: rec[k] for k in TrialSpec.model_fields if k in rec})
+    spec = spec_of(rec)
     config = config_from_dict(rec["model_config"])
     device = "cpu" if str((rec.get("devices") or ["cpu"])[0]).startswith("cpu") else "cuda"
     return predict(spec, model_stats(config), config, device, rec.get("ds_config"),

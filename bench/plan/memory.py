@@ -122,6 +122,7 @@ def zero_knobs(ds_config: dict | None, stage: int) -> dict:
                 contiguous_gradients=bool(z.contiguous_gradients), sub_group_size=int(z.sub_group_size),
                 prefetch_bucket_size=int(z.prefetch_bucket_size), max_live_parameters=int(z.max_live_parameters),
                 persistence_threshold=int(z.param_persistence_threshold),
+                allgather_bucket_size=int(z.allgather_bucket_size), max_reuse_distance=int(z.max_reuse_distance),
                 offload_optimizer=z.offload_optimizer is not None and str(getattr(z.offload_optimizer.device, "value",
                                                                                    z.offload_optimizer.device)) != "none",
                 offload_param=z.offload_param is not None and str(getattr(z.offload_param.device, "value",

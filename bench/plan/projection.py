@@ -128,9 +128,9 @@ class Projection:
 def compute_time(rec: dict, stats, links: dict[str, LinkFit]) -> tuple[float, str]:
     """The trial's measured compute per step (module docstring) and how it was obtained."""
     from .throughput import comm_seconds
-    from .throughput_accuracy import _spec
+    from .accuracy import spec_of
 
-    spec = _spec(rec)
+    spec = spec_of(rec)
     pattern = comm_pattern(spec, stats, rec.get("ds_config"))
     step = float(rec["step_time_s"])
     if rec.get("comm_s") is not None:
@@ -148,9 +148,9 @@ def compute_time(rec: dict, stats, links: dict[str, LinkFit]) -> tuple[float, st
 def project(rec: dict, stats, compute_s: float, compute_source: str, nodes: list[int], gpus_per_node: int,
             intra: Link, inter: Link | None, overlap: float = 0.0, scalings: tuple[str, ...] = ("weak", "strong")) -> Projection:
     """Project a measured training record (module docstring)."""
-    from .throughput_accuracy import _spec
+    from .accuracy import spec_of
 
-    spec = _spec(rec)
+    spec = spec_of(rec)
     n0 = spec.world_size
     global_samples = spec.micro_batch * spec.grad_accum * n0
     out = Projection(rec["trial_id"], float(rec["tokens_per_s"]), n0, compute_s, compute_source, overlap,

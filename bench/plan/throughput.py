@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..collect.comms import bus_factor
 from ..collect.flops import hfu_flops_per_token
 from ..models import ModelStats
 from .memory import zero_knobs
@@ -54,17 +55,14 @@ class Collective:
 
 
 def ring_factors(kind: str, n: int) -> tuple[float, float]:
-    """(latency hops, bandwidth factor) of the ring algorithm over n ranks: the α multiplier
-    and the multiplier of S/β (the second is nccl-tests' bus factor)."""
+    """(latency hops, bandwidth factor) of the ring algorithm over n ranks: the α multiplier,
+    2(n−1) for an all-reduce and n−1 for the others, and the multiplier of S/β, nccl-tests'
+    bus factor (collect/comms.bus_factor)."""
     if n <= 1:
         return 0.0, 0.0
-    if kind == "all_reduce":
-        return 2.0 * (n - 1), 2.0 * (n - 1) / n
-    if kind in ("all_gather", "reduce_scatter"):
-        return float(n - 1), (n - 1) / n
-    if kind == "broadcast":
-        return float(n - 1), 1.0
-    raise ValueError(f"unknown collective {kind!r}")
+    if kind not in KINDS + ("broadcast",):
+        raise ValueError(f"unknown collective {kind!r}")
+    return (2.0 if kind == "all_reduce" else 1.0) * (n - 1), bus_factor(kind, n)
 
 
 def ring_time(kind: str, n: int, size_bytes: float, alpha_s: float, beta_Bps: float) -> float:
@@ -111,11 +109,6 @@ def fit_collectives(rows: list[dict], world_size: int, source: str) -> dict[str,
             inv_beta = max(t - hops * alpha, 1e-12) / (factor * s)
         out[kind] = LinkFit(alpha, 1.0 / inv_beta, world_size, source, len(pts))
     return out
-
-
-def links_from_busbw(busbw_GBps: float, alpha_us: float, world_size: int, source: str) -> dict[str, LinkFit]:
-    """Supplied figures (a cluster's nccl-tests busbw at large messages and its latency)."""
-    return {k: LinkFit(alpha_us * 1e-6, busbw_GBps * 1e9, world_size, source) for k in KINDS}
 
 
 def zero3_fetches(stats: ModelStats) -> int:
@@ -165,8 +158,6 @@ def comm_pattern(spec, stats: ModelStats, ds_config: dict | None) -> list[Collec
     at DeepSpeed's default buckets and come within one of the recorder's at small ones; at
     accumulation 2 ZeRO-3's coordinator coalesces the later micro-steps' fetches (11 calls
     recorded where 20 are counted here; the bytes agree) (docs/search.md)."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
     n = max(1, spec.world_size)
     if n == 1:
         return []
@@ -183,8 +174,7 @@ def comm_pattern(spec, stats: ModelStats, ds_config: dict | None) -> list[Collec
         return [Collective("all_reduce", calls, p * psi / calls, "gradients, at the accumulation boundary")]
     small = Collective("all_reduce", 1, 8.0, "overflow / gradient-norm check")
     if stage in (1, 2):
-        zero = DeepSpeedZeroConfig(**(cfg.get("zero_optimization") or {"stage": stage}))
-        ag_bucket = float(zero.allgather_bucket_size)
+        ag_bucket = float(knobs["allgather_bucket_size"])
         per_reduce = 1 if stage == 1 else ga
         calls = per_reduce * bucket_count(stats.param_numels, b, psi) + n - 1
         reduce = Collective("all_reduce", calls, per_reduce * p * psi / calls,
@@ -192,11 +182,10 @@ def comm_pattern(spec, stats: ModelStats, ds_config: dict | None) -> list[Collec
         ag_calls = math.ceil(psi / ag_bucket)
         gather = Collective("all_gather", ag_calls, p * psi / ag_calls, "updated parameter partitions")
         return [reduce, gather, small]
-    zero = DeepSpeedZeroConfig(**(cfg.get("zero_optimization") or {"stage": 3}))
     fetches = zero3_fetches(stats)
     persist = float(sum(x for x in stats.param_numels if x <= knobs["persistence_threshold"]))
     gathered = psi - persist
-    regather = 2 if psi > float(zero.max_reuse_distance) else 1
+    regather = 2 if psi > float(knobs["max_reuse_distance"]) else 1
     buckets = bucket_count(stats.param_numels, b, psi)
     return [Collective("all_gather", ga * regather * fetches, p * gathered / fetches, "module parameters (forward"
                        + (" and backward)" if regather == 2 else "; kept for backward)")),

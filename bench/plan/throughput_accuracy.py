@@ -1,12 +1,12 @@
 """The throughput model against a stored run: `python -m llmbench.plan.throughput_accuracy DB [RUN]
 [--calibrate TRIAL,...] [--kernels-db DB]` prints, per trial, the predicted and measured step
 time, the rank correlation within each micro-batch and the error on the trials the model was
-not calibrated on (docs/plan.md's throughput tables).
+not calibrated on (docs/search.md's throughput tables).
 
 The calibration set, unless named: the corners of the grid, the lowest and highest ZeRO stage
 at the smallest and largest FLOPs per step (4 trials); every other trial is held out. The
-collectives are the run's own `llmbench kernels` rows, or the newest kernels run on the same
-device (as the report finds them).
+collectives are the run's own (a search's probe), or the newest `llmbench kernels` run on the
+same device with collectives at the run's world size (`collective_links`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ import sys
 from pathlib import Path
 
 from ..models import config_from_dict, model_stats
-from ..spec import TrialSpec
+from .accuracy import spec_of
 from .throughput import ComputeFit, LinkFit, calibrate, fit_collectives, predict_step, spearman, step_flops
-
-
-def _spec(rec: dict) -> TrialSpec:
-    return TrialSpec(**{k: rec[k] for k in TrialSpec.model_fields if k in rec})
 
 
 def corners(samples: list[tuple]) -> list[str]:
@@ -42,7 +38,7 @@ def evaluate(records: list[dict], links: dict[str, LinkFit], calibration: list[s
     for r in records:
         if r["status"] != "ok" or r["scenario"] != "train" or not r.get("step_time_s"):
             continue
-        samples.append((r["trial_id"], _spec(r), model_stats(config_from_dict(r["model_config"])), r.get("ds_config"),
+        samples.append((r["trial_id"], spec_of(r), model_stats(config_from_dict(r["model_config"])), r.get("ds_config"),
                         float(r["step_time_s"])))
     if not samples:
         return {"rows": [], "fit": ComputeFit(), "by_micro_batch": {}, "held_out_errors": []}
@@ -75,7 +71,7 @@ def stage_deltas(result: dict, records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in result["rows"]:
         rec = by_id[row["trial"]]
-        groups.setdefault(tuple(json_key(rec.get(k)) for k in keys), []).append(row)
+        groups.setdefault(tuple(repr(rec.get(k)) for k in keys), []).append(row)
     out = []
     for rows in groups.values():
         base = min(rows, key=lambda r: r["stage"])
@@ -84,10 +80,6 @@ def stage_deltas(result: dict, records: list[dict]) -> list[dict]:
                 out.append(dict(trial=r["trial"], base=base["trial"], measured=r["measured_s"] - base["measured_s"],
                                 predicted=r["predicted_s"] - base["predicted_s"]))
     return out
-
-
-def json_key(v):
-    return repr(v)
 
 
 def markdown(result: dict) -> str:
@@ -112,19 +104,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collective_links(store, device_name: str | None, world_size: int) -> tuple[dict[str, LinkFit], str | None]:
+    """α and β from the newest `llmbench kernels` run on this device with collectives at this world size."""
+    for run_id in store.kernels_runs(device_name):
+        rows = [r for r in store.kernels(run_id) if r.get("bench") == "collective" and r.get("world_size") == world_size]
+        if rows:
+            return fit_collectives(rows, world_size, f"kernels run {run_id}"), run_id
+    return {}, None
+
+
 def links_for(store, run: dict, kernels_db: Path | None = None) -> tuple[dict[str, LinkFit], str | None]:
-    from ..cli.results import kernels_for
+    """A run's collectives: its own (a search's probe), else `collective_links` at the run's
+    world size, in this store or `kernels_db`."""
+    from ..store import Store
 
-    if kernels_db is not None:
-        from ..store import Store
-
-        other = Store(kernels_db)
-        kid = other.latest_kernels_run(run["env"].get("device_name"))
-        rows = other.kernels(kid) if kid else []
-    else:
-        rows, kid = kernels_for(store, run)
-    n = max((r.get("extra", {}) or {}).get("world_size") or r.get("world_size") or 2 for r in rows) if rows else 2
-    return fit_collectives(rows, n, f"kernels run {kid}") if rows else {}, kid
+    own = [r for r in store.kernels(run["run_id"]) if r.get("bench") == "collective"] if kernels_db is None else []
+    if own:
+        return fit_collectives(own, own[0]["world_size"], f"kernels run {run['run_id']}"), run["run_id"]
+    n = max((r.get("world_size") or 0 for r in store.trials(run["run_id"])), default=0) or 2
+    return collective_links(Store(kernels_db) if kernels_db else store, run["env"].get("device_name"), n)
 
 
 def main(argv: list[str]) -> None:
