@@ -25,7 +25,11 @@ class _Result(BaseModel):
     rank: int = 0
     status: str = "ok"
     error: Optional[str] = None
-    host: str = ""
+    host: str = ""  # the physical host (its hostname)
+    node: str = ""  # the launcher's name for its node (hostfile entry, SLURM node name)
+    node_rank: int = 0
+    local_rank: int = 0  # the rank's index on its node (its device index on a GPU node)
+    threads: int = 0  # torch's intra-op threads in this rank
     device: str = ""
     setup_s: float = 0.0
     teardown_s: float = 0.0

@@ -77,6 +77,8 @@ def _common(ranks: list[RankResult]) -> dict:
         entropy_floor=first.entropy_floor,
         hosts=sorted({r.host for r in ranks}),
         devices=[r.device for r in ranks],
+        nodes=[{"rank": r.rank, "node": r.node or r.host, "node_rank": r.node_rank, "local_rank": r.local_rank,
+                "host": r.host, "threads": r.threads} for r in ranks],
         setup_s=max(r.setup_s for r in ranks),
         teardown_s=max(r.teardown_s for r in ranks),
         warmup_s=max(r.warmup_s for r in ranks),

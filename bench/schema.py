@@ -12,7 +12,7 @@ of the model built), `measurements` (what was seen), `provenance` (configs and e
 
 Versions: 1 = records stored before the schema existed (no `schema_version` field); 2 = the
 schema without `config_hash`; 3 = without `rounds`; 4 = without the memory prediction; 5 = without the
-throughput prediction and the search's decision; 6 = this. `migrate` brings an older record to the current
+throughput prediction and the search's decision; 6 = without `nodes`; 7 = this. `migrate` brings an older record to the current
 version; stores and exports of versions 1 to 3 load through it.
 """
 
@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field, create_model
 
 from .spec import TrialSpec
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def F(default: Any = None, unit: str = "", definition: str = "", part: str = "measurements"):  # noqa: N802
@@ -235,6 +235,7 @@ class TrialRecord(_Settings):
                                                 json_schema_extra={"unit": "", "part": _PROV})
     ds_config: Optional[dict] = F(None, "", "the DeepSpeed config the engine ran with", _PROV)
     hosts: list = F([], "", "hosts the ranks ran on", _PROV)
+    nodes: list = F([], "", "each rank's placement: {rank, node (the launcher's name: hostfile entry, SLURM node), node_rank, local_rank (device index on a GPU node), host (its hostname), threads (torch's threads in the rank)}", _PROV)
     devices: list = F([], "", "each rank's device", _PROV)
     env: dict = F({}, "", "versions (Python, torch, DeepSpeed, transformers, CUDA, NCCL), devices, git commit, CPU capability", _PROV)
 
@@ -280,7 +281,7 @@ def migrate(record: dict) -> dict:
     Versions 1-2: no `config_hash`; it is computed from the record's own settings, model and
     DeepSpeed configs (a setting the record predates ran at its default). Versions 1-3: one
     round (`rounds`, `rounds_done`); versions 1-4: no memory prediction; versions 1-5: no
-    throughput prediction nor search decision."""
+    throughput prediction nor search decision; versions 1-6: no `nodes` (empty)."""
     version = record.get("schema_version", 1)
     if version >= SCHEMA_VERSION:
         return record
@@ -298,7 +299,7 @@ def migrate(record: dict) -> dict:
         out["config_hash"] = config_hash(out)
     if version <= 3:
         out["rounds_done"] = 1 if out.get("status") == "ok" else 0
-    # version 4 had no memory prediction, version 5 no throughput prediction: their fields keep their defaults (None)
+    # version 4 had no memory prediction, version 5 no throughput prediction, version 6 no nodes: their fields keep their defaults
     out["schema_version"] = SCHEMA_VERSION
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class PlannedTrial:
     memory: MemoryPrediction | None = None  # predicted memory per rank (plan/memory.py; training trials)
     pruned: str | None = None  # why the plan does not launch it: predicted not to fit (plan/prune.py)
     plan_note: str | None = None  # why it has no memory prediction (the prediction failed)
+    seq: int | None = None  # its place in the whole plan when this driver runs a shard of it (shard_plan)
 
 
 @dataclass
@@ -98,6 +100,20 @@ def _planned_ds_config(spec: TrialSpec, hw: Hardware, stats: ModelStats, base_co
         return ds_config(spec, hw.accelerator, stats.hidden_size, base_config, ranks_per_node)
     except (ValueError, SpecError):
         return None
+
+
+def shard_plan(plan: Plan, index: int, count: int, world_size: int | None = None,
+               only: list[str] | None = None) -> Plan:
+    """Shard `index` of `count`: every count-th trial of the plan (of its trials of `world_size`,
+    if given; of those named in `only`, if given), each keeping its place in the whole plan
+    (`seq`), so that shards run anywhere merge into one run in the plan's order."""
+    chosen = [t for t in plan.trials if (world_size is None or t.spec.world_size == world_size)
+              and (only is None or t.trial_id in only)]
+    seq = {t.trial_id: i for i, t in enumerate(plan.trials)}
+    mine = [t for i, t in enumerate(chosen) if i % count == index]
+    for t in mine:
+        t.seq = seq[t.trial_id]
+    return Plan(mine, plan.base_config)
 
 
 def check_resume(store: Store, run_id: str, plan: Plan) -> str:
@@ -210,6 +226,7 @@ class _Driver:
     trace_dir: Path | None
     pool: RankPool | None = None
     start_times: list = field(default_factory=list)
+    refused: list = field(default_factory=list)  # strangers turned away by the pools' control channels
 
     def record(self, t: PlannedTrial) -> dict:
         rec = base_record(self.run_id, t.trial_id, t.spec, t.stats, self.env, self.label, t.model_config, t.ds_config)
@@ -232,8 +249,10 @@ class _Driver:
             if self.pool is None or self.pool.world_size != t.spec.world_size:
                 if self.pool is not None:
                     self.pool.stop()  # one pool alive at a time
-                self.pool = RankPool(self.hw, t.spec.world_size, self.log_dir / f"{self.run_id}-ws{t.spec.world_size}.log",
-                                     self.options)
+                    self.refused += self.pool.refused
+                shard = getattr(self.store, "shard", None)  # shards of one run may share a log folder
+                name = f"{self.run_id}-ws{t.spec.world_size}" + (f"-{shard}-{socket.gethostname()}" if shard else "")
+                self.pool = RankPool(self.hw, t.spec.world_size, self.log_dir / f"{name}.log", self.options)
             starts_before = self.pool.starts
             # the extra passes (breakdown, comms, profile) run in the first round only
             run = t if round_no == 0 else PlannedTrial(t.trial_id, t.spec.model_copy(update={"breakdown_steps": 0, "comms_steps": 0}),
@@ -270,7 +289,7 @@ def _store_trial(store: Store, rec: dict, seq: int, fallback: Callable[[], dict]
 
 def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, label: str | None,
               log_dir: Path, options: LaunchOptions | None = None, resume: str | None = None,
-              warm_pool: bool = True, profile: bool = False,
+              warm_pool: bool = True, profile: bool = False, run_id: str | None = None,
               on_trial_start: Callable[[int, PlannedTrial], None] | None = None,
               on_trial_end: Callable[[int, dict], None] | None = None) -> SweepResult:
     """Run every planned trial; a failing trial is recorded and the sweep goes on.
@@ -282,7 +301,9 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
     `resume` continues a stored run: finished trials are kept, an `interrupted` one or one
     with fewer rounds than asked is run again whole (and replaces its record).
     `warm_pool=False` starts a fresh DeepSpeed launch for every round (to measure what the pool saves).
-    `on_trial_start` and `on_trial_end` are called for every round.
+    `run_id`: the id of a new run (a shard joins its run: the run is created by whichever shard
+    comes first; a trial with a `seq` keeps it). `on_trial_start` and `on_trial_end` are called
+    for every round.
     """
     t0 = time.perf_counter()
     env = environment(hw)
@@ -290,7 +311,8 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
     if resume:
         run_id = resume
         label = store.run(run_id)["label"]
-        existing = store.trials(run_id)
+        mine = {t.trial_id for t in plan.trials}  # (a shard leaves the other shards' trials alone)
+        existing = [r for r in store.trials(run_id) if r["trial_id"] in mine]
         pruned_now = {t.trial_id for t in plan.trials if t.pruned}
         # a trial pruned before and not by this plan (--no-prune, another budget) runs now
         done = {r["trial_id"] for r in existing if r["status"] != "interrupted"
@@ -302,8 +324,9 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         store.set_run_status(run_id, "running")
         seq = store.next_seq(run_id)
     else:
-        run_id = new_run_id()
-        store.create_run(run_id, suite, label, env, meta={"n_trials": len(plan.trials), "base_config": plan.base_config})
+        run_id = run_id or new_run_id()
+        if store.run(run_id) is None or store.run(run_id)["run_id"] != run_id:
+            store.create_run(run_id, suite, label, env, meta={"n_trials": len(plan.trials), "base_config": plan.base_config})
         seq = 0
     todo = [t for t in plan.trials if t.trial_id not in done]
     d = _Driver(plan, hw, store, run_id, env, label, log_dir, options, warm_pool,
@@ -327,7 +350,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
                     rec = combine_rounds(so_far, t.stats)
                     rec["trial_wall_s"] = sum(r["trial_wall_s"] for r in so_far)
                     if round_no == 0:
-                        seqs[t.trial_id], seq = seq, seq + 1
+                        seqs[t.trial_id], seq = (t.seq, seq) if t.seq is not None else (seq, seq + 1)
                     records[t.trial_id] = d.store_trial(t, rec, seqs[t.trial_id], replace=round_no > 0)
                     current = None
                     if on_trial_end:
@@ -342,17 +365,24 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         if current is not None and current[1] == 0:  # a later round's trial keeps its rounds so far
             t = current[0]
             rec = failed_record(d.record(t), "interrupted", "the sweep was interrupted (Ctrl-C) during this trial")
-            store.add_trial(rec, seq)
+            store.add_trial(rec, t.seq if t.seq is not None else seq)
             records[t.trial_id] = rec
         raise
     finally:
         if d.pool is not None:
             d.pool.stop()
         wall = time.perf_counter() - t0
-        meta = store.run(run_id)["meta"]
-        meta.update(n_trials=len(plan.trials), wall_s=meta.get("wall_s", 0) + wall,
-                    pool_starts=meta.get("pool_starts", 0) + len(d.start_times),
-                    pool_start_s=meta.get("pool_start_s", []) + d.start_times, warm_pool=warm_pool)
+        refused = d.refused + (d.pool.refused if d.pool is not None else [])
+        if getattr(store, "shard", None):  # a shard reports only its own part (resultsdir.run_status adds them up)
+            meta = dict(n_trials=len(plan.trials), wall_s=wall, pool_starts=len(d.start_times),
+                        pool_start_s=d.start_times, warm_pool=warm_pool)
+        else:
+            meta = store.run(run_id)["meta"]
+            meta.update(n_trials=len(plan.trials), wall_s=meta.get("wall_s", 0) + wall,
+                        pool_starts=meta.get("pool_starts", 0) + len(d.start_times),
+                        pool_start_s=meta.get("pool_start_s", []) + d.start_times, warm_pool=warm_pool)
+        if refused:
+            meta["control_refused"] = meta.get("control_refused", []) + refused
         store.finish_run(run_id, status, meta=meta)
     ordered = [records[t.trial_id] for t in todo if t.trial_id in records]
     return SweepResult(run_id, status, ordered, wall, len(d.start_times), d.start_times)

@@ -233,11 +233,12 @@ def injected_slowdown(trial_id: str, value: str | None) -> float:
 
 def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,
               base_config: dict | None = None, ranks_per_node: int | None = None,
-              trace_path: str | None = None, slowdown: float = 0.0) -> RankResult:
+              trace_path: str | None = None, slowdown: float = 0.0, placement: dict | None = None) -> RankResult:
     """One trial on this rank, as nanoGPT's bench loop reads: prepare, build, warm up, time the
     window, extra passes, tear down. Every failure is recorded in the result, never raised.
-    `slowdown` > 0 (tests only: injected_slowdown) makes every step that fraction slower."""
-    res = RankResult(rank=rank, host=host, device=device)
+    `slowdown` > 0 (tests only: injected_slowdown) makes every step that fraction slower.
+    `placement`: the rank's node, node rank and local rank (worker._placement)."""
+    res = RankResult(rank=rank, host=host, device=device, **(placement or {}))
     memory = peak_memory(accelerator)
     t = _Trial(spec, accelerator, rank_device(accelerator), slowdown=slowdown)
     if slowdown:

@@ -30,25 +30,75 @@ def release_own_shm() -> None:
                 pass
 
 
+def _placement(nodes: str, local_rank: int, host: str) -> dict:
+    """Where this rank runs, as the launcher sees it: its node's name and rank (DeepSpeed:
+    `--nodes` in node-rank order and CROSS_RANK; srun: SLURMD_NODENAME and SLURM_NODEID) and
+    its local rank (the device index on a GPU node)."""
+    node_rank = int(os.environ.get("CROSS_RANK") or os.environ.get("LLMBENCH_NODE_RANK") or 0)
+    names = [n for n in nodes.split(",") if n]
+    node = os.environ.get("LLMBENCH_NODE") or (names[node_rank] if node_rank < len(names) else host)
+    return {"node": node, "node_rank": node_rank, "local_rank": local_rank}
+
+
+def _per_host_extensions_dir(host: str) -> None:
+    """One JIT-build cache per physical host (~/.cache/torch_extensions/HOST): nodes sharing a
+    home directory would otherwise share, fight over, or load another machine's build of
+    DeepSpeed's compiled ops. A TORCH_EXTENSIONS_DIR the user set is theirs and is kept."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    from .launch.process import extensions_dir
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir() / host)
+
+
+def _ranks_on_this_host(host: str, world: int) -> int:
+    """How many ranks of the process group run on this physical host (all ranks' host names, gathered)."""
+    import torch.distributed as dist
+
+    names: list = [None] * world
+    dist.all_gather_object(names, host)
+    return sum(1 for n in names if n == host)
+
+
+def _threads_on_host(on_host: int) -> int:
+    """This rank's share of its physical host's cores: SLURM's --cpus-per-task where srun set
+    it (its binding already made the share), else the usable cores over the ranks on this host."""
+    from .env import usable_cores
+
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    return max(1, usable_cores() // max(1, on_host))
+
+
 def main() -> None:
     t_start = time.time()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--control", required=True, help="driver's host:port")
+    parser.add_argument("--key", required=True, help="the pool's key file (0600): proves this rank to the driver")
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="threads per rank; 0: share the physical host's cores")
+    parser.add_argument("--nodes", default="", help="the launcher's node names in node-rank order (DeepSpeed's hostfile)")
     args, _ = parser.parse_known_args()
 
+    from .launch.slurm import torch_env_from_slurm
+
+    os.environ.update(torch_env_from_slurm())  # a task srun started: SLURM's names for rank and world
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    host = socket.gethostname()
+    placement = _placement(args.nodes, local_rank, host)
+    if args.threads == 0:
+        _per_host_extensions_dir(host)
     from .launch.control import RankChannel
 
-    ctl = RankChannel(args.control, on_driver_gone=release_own_shm, exit_code=EXIT_DRIVER_GONE)
-    ctl.send({"type": "hello", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
+    ctl = RankChannel(args.control, args.key, {"rank": rank, "pid": os.getpid(), "host": host, **placement},
+                      on_driver_gone=release_own_shm, exit_code=EXIT_DRIVER_GONE)
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.accelerator == "cuda":
         torch.cuda.set_device(local_rank)
     else:  # a trial's speed must not depend on what the process ran before (collect/memory.STEADY_MALLOC)
@@ -64,8 +114,11 @@ def main() -> None:
     world = torch.distributed.get_world_size()
     from .env import cpu_model_name
 
+    if args.threads == 0:  # several nodes may share one physical host: divide its cores, never oversubscribe
+        torch.set_num_threads(_threads_on_host(_ranks_on_this_host(host, world)))
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    placement["threads"] = torch.get_num_threads()
     device = torch.cuda.get_device_name(local_rank) if args.accelerator == "cuda" else f"cpu ({cpu_model_name()})"
-    host = socket.gethostname()
     ctl.send({"type": "ready", "rank": rank, "world_size": world, "device": device,
               "startup_s": time.time() - t_start, "threads": torch.get_num_threads()})
     while True:
@@ -77,7 +130,7 @@ def main() -> None:
             ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
             trace = f"{msg['trace_dir']}/{msg['trial_id']}-rank{rank}.json" if msg.get("trace_dir") else None
             res = run_trial(spec, rank, world, args.accelerator, host, device, msg.get("base_config"), ranks_per_node,
-                            trace, injected_slowdown(msg["trial_id"], os.environ.get(SLOWDOWN_ENV)))
+                            trace, injected_slowdown(msg["trial_id"], os.environ.get(SLOWDOWN_ENV)), placement)
             ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.message()})
         if msg["type"] == "inference":  # single-process inference scenario (world size 1)
             from .inference import run_inference

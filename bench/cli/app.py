@@ -26,6 +26,28 @@ HostfileOpt = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for mult
 IncludeOpt = typer.Option(None, "--include", help="DeepSpeed --include (e.g. 'worker-0:0,1').")
 NumNodesOpt = typer.Option(None, "--num-nodes", help="DeepSpeed --num_nodes.")
 MasterAddrOpt = typer.Option(None, "--master-addr", help="DeepSpeed --master_addr.")
+ExcludeOpt = typer.Option(None, "--exclude", help="DeepSpeed --exclude (e.g. 'worker-1:0').")
+SshPortOpt = typer.Option(None, "--ssh-port", help="DeepSpeed --ssh_port: the SSH port of the hostfile's hosts.")
+ControlAddrOpt = typer.Option(None, "--control-addr",
+                              help="Address of this host the ranks reach llmbench's control socket on (default: loopback on one node, this host's name on several).")
+LauncherOpt = typer.Option("auto", "--launcher",
+                           help="auto (srun inside a SLURM allocation without a hostfile, else DeepSpeed's), deepspeed or srun.")
+
+
+def launch_options(hostfile, include, exclude, num_nodes, master_addr, ssh_port, control_addr, launcher="auto"):
+    """The launcher options from the command line (SpecError on a bad --launcher)."""
+    from ..launch import LaunchOptions
+    from ..launch.slurm import in_allocation
+    from ..spec import SpecError
+
+    if launcher not in ("auto", "deepspeed", "srun"):
+        raise SpecError(f"--launcher {launcher}: choose auto, deepspeed or srun")
+    if launcher == "auto":
+        launcher = "srun" if in_allocation() and not (hostfile or include or exclude or num_nodes) else "deepspeed"
+    if launcher == "srun" and not in_allocation():
+        raise SpecError("--launcher srun: not inside a SLURM allocation (no SLURM_JOB_ID); use salloc or sbatch, or --slurm")
+    return LaunchOptions(hostfile=hostfile, include=include, exclude=exclude, num_nodes=num_nodes,
+                         master_addr=master_addr, ssh_port=ssh_port, control_addr=control_addr, launcher=launcher)
 
 
 def error_line(msg: str) -> None:

@@ -50,7 +50,8 @@ def kernels(
 
     from ..env import detect_hardware
     from ..kernels.plan import KernelPlan
-    from ..launch import LaunchOptions, hostfile_slots
+    from ..launch import launch_world_size
+    from .app import launch_options
     from ..microbench import run_kernels_on_pool
     from ..models import CATALOG, ModelNotFound, build_config
     from ..report.html import write_report
@@ -60,7 +61,8 @@ def kernels(
     os.environ.setdefault("DS_ACCELERATOR", hw.accelerator)  # the driver's DeepSpeed agrees with its ranks, quietly
     cuda = hw.accelerator == "cuda"
     try:
-        ranks = world_size or (hostfile_slots(hostfile) if hostfile else hw.world_size)
+        options = launch_options(hostfile, include, None, num_nodes, master_addr, None, None)
+        ranks = world_size or launch_world_size(options) or hw.world_size
     except SpecError as e:
         fail(str(e))
     fields: dict = dict(model=model or hw.default_model, family=family.value, seq_len=seq_len, micro_batch=micro_batch,
@@ -95,7 +97,6 @@ def kernels(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    options = LaunchOptions(hostfile=hostfile, include=include, num_nodes=num_nodes, master_addr=master_addr)
     run_id, records, wall = run_kernels_on_pool(plan, hw, store, label=label, log_dir=Path(out) / "logs", options=options)
     run = store.run(run_id)
     if run["status"] == "interrupted":

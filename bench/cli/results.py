@@ -148,3 +148,32 @@ def runs(db: Path = DbOpt) -> None:
     for r in Store(db).runs():
         t.add_row(r["run_id"], r["suite"] or "", r["label"] or "", r["status"], str(r["n_trials"]))
     console.print(t)
+
+
+@app.command()
+def merge(
+    folders: list[Path] = typer.Argument(..., help="Results folders: a run's folder (RESULTS/RUN_ID) or a folder of runs."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write each merged run's HTML report."),
+    db: Path = DbOpt,
+    out: Path = OutOpt,
+) -> None:
+    """Merge per-trial result files (shards, SLURM array tasks) into the SQLite store, idempotently."""
+    from ..report.html import write_report
+    from ..resultsdir import run_folders
+    from ..store import Store
+
+    found = run_folders(folders)
+    if not found:
+        fail(f"no run folder (one holding run.json) under {', '.join(map(str, folders))}")
+    store = Store(db)
+    try:
+        counts = store.merge(found)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"merge: a result file could not be read: {type(e).__name__}: {e}")
+    console.print(f"merged {counts['runs']} run{'s' if counts['runs'] != 1 else ''} into {db}: {counts['added']} added, "
+                  f"{counts['replaced']} replaced, {counts['unchanged']} unchanged")
+    for folder in found:
+        run = store.run(folder.name)
+        console.print(f"  {run['run_id']}: {run['status']}, {run['n_trials']} trials")
+        if report:
+            console.print(f"  report: {write_report(run, store.trials(run['run_id']), out, None, *kernels_for(store, run))}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -13,8 +14,40 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..spec import SpecError
-from .app import DbOpt, HostfileOpt, IncludeOpt, MasterAddrOpt, NumNodesOpt, OutOpt, app, console, error_summary, fail, ok_summary, print_table
+from .app import (ControlAddrOpt, DbOpt, ExcludeOpt, HostfileOpt, IncludeOpt, LauncherOpt, MasterAddrOpt, NumNodesOpt, OutOpt,
+                  SshPortOpt, app, console, error_summary, fail, launch_options, ok_summary, print_table)
 from .results import kernels_for
+
+
+@dataclass
+class Placement:
+    """Where this sweep's trials go and where its results land (several machines: docs/cluster.md).
+
+    `shard` (i, n): run every n-th trial of the plan (of `world_size`'s, if given; of `only`'s, if
+    given); `run_id`: the run the shards share; `results`: the folder of per-trial files;
+    `merge`: merge them into the SQLite store at the end (not on a compute node of a cluster)."""
+
+    shard: tuple[int, int] | None = None
+    run_id: str | None = None
+    results: Path | None = None
+    merge: bool = True
+    world_size: int | None = None
+    only: list[str] | None = None
+
+    def key(self) -> str | None:
+        from ..resultsdir import shard_key
+
+        return shard_key(*self.shard, self.world_size) if self.shard else None
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """`i/n` with 0 <= i < n, or SpecError."""
+    if value is None:
+        return None
+    i, sep, n = value.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
+        raise SpecError(f"--shard {value}: expected i/n with 0 <= i < n (e.g. 0/2)")
+    return int(i), int(n)
 
 
 def _check_slowdown(plan) -> None:
@@ -35,16 +68,18 @@ def _check_slowdown(plan) -> None:
 
 
 def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path, out: Path, dry_run: bool = False,
-           cpu: bool = False, hostfile: Optional[str] = None, include: Optional[str] = None,
-           num_nodes: Optional[int] = None, master_addr: Optional[str] = None, base_config: Optional[Path] = None,
+           cpu: bool = False, options=None, base_config: Optional[Path] = None,
            resume: Optional[str] = None, warm_pool: bool = True, source_label: Optional[str] = None,
-           profile: bool = False, memory_budget: Optional[str] = None, prune: bool = True, search: bool = False) -> None:
+           profile: bool = False, memory_budget: Optional[str] = None, prune: bool = True, search: bool = False,
+           place: Placement | None = None, slurm=None) -> None:
     from ..engine import axes_from_base_config, load_base_config
     from ..env import detect_hardware
-    from ..launch import LaunchOptions, hostfile_slots
+    from ..launch import LaunchOptions, launch_world_size
     from ..spec import expand, load_suite
-    from ..sweep import check_resume, make_plan
+    from ..sweep import check_resume, make_plan, shard_plan
 
+    options = options or LaunchOptions()
+    place = place or Placement()
     try:
         hw = detect_hardware(force_cpu=cpu)
         os.environ.setdefault("DS_ACCELERATOR", hw.accelerator)  # the driver's DeepSpeed agrees with its ranks, quietly
@@ -54,14 +89,47 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
         base = load_base_config(base_config) if base_config else None
         if base:
             defaults.update(axes_from_base_config(base))
-        if hostfile:
-            defaults["world_size"] = hostfile_slots(hostfile)
+        fixed_ws = launch_world_size(options)  # the ranks DeepSpeed's launcher will start, if its options say
+        if fixed_ws:
+            defaults["world_size"] = fixed_ws
+        allocated = None
+        if options.launcher == "srun":
+            from ..launch.slurm import allocation_ranks
+
+            allocated = allocation_ranks()
+            if allocated:
+                defaults["world_size"] = allocated
         from ..plan.prune import default_budget
         from ..precision import resolve
 
         budget = default_budget(hw, memory_budget) if prune else None
-        plan = make_plan(expand(suite, source, defaults, overrides, lambda p: resolve(p, hw.caps)), hw, base, budget,
-                         warm_pool=warm_pool)
+        expanded = expand(suite, source, defaults, overrides, lambda p: resolve(p, hw.caps))
+        if fixed_ws and not any(o.replace(" ", "").startswith("world_size=") for o in overrides) \
+                and all(spec.scenario == "train" for _, spec, _ in expanded):
+            # the ranks the launcher starts rule over a suite's own world_size (an inference
+            # trial runs one process, whatever the launcher options)
+            expanded = expand(suite, source, defaults, list(overrides) + [f"world_size={fixed_ws}"],
+                              lambda p: resolve(p, hw.caps))
+        plan = make_plan(expanded, hw, base, budget, warm_pool=warm_pool)
+        if place.only:
+            unknown = set(place.only) - {t.trial_id for t in plan.trials}
+            if unknown:
+                raise SpecError(f"--only: no such trial in this plan: {', '.join(sorted(unknown))}")
+        if place.run_id and resume and place.run_id != resume:
+            raise SpecError(f"--run-id {place.run_id} and --resume {resume} name two runs; pass one")
+        if place.run_id and search:
+            raise SpecError("--search names its own run; drop --run-id")
+        if place.run_id and not resume and not place.shard and slurm is None and db.exists():
+            from ..store import Store
+
+            if Store(db).run(place.run_id) is not None and Store(db).run(place.run_id)["run_id"] == place.run_id:
+                raise SpecError(f"--run-id {place.run_id}: {db} holds that run already; continue it with --resume")
+        if (place.shard or slurm) and (search or not warm_pool):
+            raise SpecError("--shard and --slurm run the plan's grid on warm pools; drop --search and --fresh-launch")
+        if resume and place.shard:
+            place.run_id = place.run_id or resume
+        if place.shard and not place.run_id:
+            raise SpecError("--shard needs --run-id NAME: the shards of one plan join one run by its id")
         if search:
             from ..search import check_searchable
 
@@ -70,20 +138,52 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
             if not warm_pool:
                 raise SpecError("--search runs on one warm pool; drop --fresh-launch")
             check_searchable(plan)
+        place.results = place.results or Path(out) / "results"
         if resume:
             from ..store import Store
 
-            if not db.exists():
-                raise SpecError(f"--resume {resume}: no such run in {db}")
-            resume = check_resume(Store(db), resume, plan)
+            if place.shard:  # a shard's trials are files: those written are done
+                from ..resultsdir import FolderStore
+
+                resume = check_resume(FolderStore(place.results), resume, plan)
+            else:
+                if not db.exists():
+                    raise SpecError(f"--resume {resume}: no such run in {db}")
+                resume = check_resume(Store(db), resume, plan)
         _check_slowdown(plan)
+        if slurm is not None:
+            from ..slurm_sweep import check_submittable
+
+            check_submittable(plan, slurm)
+        full = plan
+        if place.shard or place.only or place.world_size:
+            plan = shard_plan(plan, *(place.shard or (0, 1)), place.world_size, place.only)
+        # (a shard of one world size, or the finalists, run in an allocation sized for them alone)
+        _check_world_sizes(full if slurm is not None else plan, options, fixed_ws, allocated)
     except SpecError as e:
         fail(str(e))
-    options = LaunchOptions(hostfile=hostfile, include=include, num_nodes=num_nodes, master_addr=master_addr)
     if dry_run:
         _print_plan(plan, hw)
         return
-    _run_plan(plan, hw, suite.name, label, db, out, options, resume, warm_pool, profile, search)
+    if slurm is not None:
+        from ..slurm_sweep import submit_and_wait
+
+        submit_and_wait(plan, hw, suite_name, overrides, label, db, out, place, slurm, base_config, memory_budget, prune)
+        return
+    _run_plan(plan, hw, suite.name, label, db, out, options, resume, warm_pool, profile, search, place)
+
+
+def _check_world_sizes(plan, options, fixed: int | None, allocated: int | None) -> None:
+    """Every trial starts the ranks the launcher starts: DeepSpeed's options fix one world size
+    (hostfile, --include/--exclude, --num-nodes), a SLURM allocation an upper bound."""
+    sizes = sorted({t.spec.world_size for t in plan.trials if t.spec.scenario == "train"})
+    if not sizes:
+        return
+    if fixed and sizes != [fixed]:
+        raise SpecError(f"world_size={'/'.join(map(str, sizes))}: the launcher options start {fixed} ranks "
+                        f"(DeepSpeed's reading of --hostfile/--include/--exclude/--num-nodes); drop the world_size override")
+    if allocated and sizes[-1] > allocated:
+        raise SpecError(f"world_size={sizes[-1]}: this SLURM allocation has {allocated} tasks (SLURM_NTASKS)")
 
 
 def _print_plan(plan, hw) -> None:
@@ -103,15 +203,29 @@ def _print_plan(plan, hw) -> None:
 
 
 def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_pool=True, profile=False,
-              search=False) -> None:
+              search=False, place: Placement | None = None) -> None:
     from ..report.html import write_report
+    from ..resultsdir import FolderStore
     from ..store import Store
     from ..sweep import run_sweep
 
-    store = Store(db)
+    place = place or Placement(results=Path(out) / "results")
+    if place.shard:  # files only: SQLite is for one writer on a local disk
+        store = FolderStore(place.results, shard=place.key())
+        from ..resultsdir import shard_key
+
+        from ..env import environment
+
+        store.create_run(place.run_id, suite_name, label, environment(hw), {"n_trials": None},
+                         shards=[shard_key(i, place.shard[1], place.world_size) for i in range(place.shard[1])])
+        db_shown = place.results / place.run_id
+    else:
+        store = Store(db, mirror=FolderStore(place.results))
+        db_shown = db
     sizes = "/".join(str(n) for n in sorted({t.spec.world_size for t in plan.trials}))
     console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {sizes} "
-                  f"({hw.comm_backend}); store {db}" + (f"; resuming {resume}" if resume else ""))
+                  f"({hw.comm_backend}); store {db_shown}" + (f"; resuming {resume}" if resume else "")
+                  + (f"; shard {place.shard[0]}/{place.shard[1]} of run {place.run_id}" if place.shard else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
     from ..sweep import rounds_of
@@ -149,13 +263,23 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
             else:
                 result = run_sweep(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
                                    options=options, resume=resume, warm_pool=warm_pool, profile=profile,
-                                   on_trial_start=started, on_trial_end=ended)
+                                   run_id=place.run_id, on_trial_start=started, on_trial_end=ended)
     except KeyboardInterrupt:
-        run = store.run()
+        run = store.run(place.run_id or resume) if (place.run_id or resume) else store.run()
         kept = [r for r in store.trials(run["run_id"]) if r["status"] != "interrupted"]
         again = "run the search again (a search is not resumed)" if search else f"continue with --resume {run['run_id']}"
         console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {len(kept)} finished trials in {db}; {again}")
         raise typer.Exit(130)
+    if place.shard:
+        done = store.trials(result.run_id)
+        if not place.merge:
+            console.print(f"shard {place.key()} of run {result.run_id}: {len(done)} trial files in "
+                          f"{place.results / result.run_id}; merge them with `llmbench merge {place.results / result.run_id}`")
+            return
+        store = Store(db)
+        counts = store.merge([place.results / result.run_id])
+        console.print(f"merged {place.results / result.run_id} into {db}: {counts['added']} added, "
+                      f"{counts['replaced']} replaced, {counts['unchanged']} unchanged")
     run = store.run(result.run_id)
     records = store.trials(result.run_id)  # a resumed run reports all its trials
     print_table(records, f"run {result.run_id} ({result.wall_s:.0f} s)")
@@ -197,8 +321,12 @@ def sweep(
     cpu: bool = typer.Option(False, "--cpu", help="Use DeepSpeed's CPU accelerator and gloo even if GPUs are visible."),
     hostfile: Optional[str] = HostfileOpt,
     include: Optional[str] = IncludeOpt,
+    exclude: Optional[str] = ExcludeOpt,
     num_nodes: Optional[int] = NumNodesOpt,
     master_addr: Optional[str] = MasterAddrOpt,
+    ssh_port: Optional[int] = SshPortOpt,
+    control_addr: Optional[str] = ControlAddrOpt,
+    launcher: str = LauncherOpt,
     base_config: Optional[Path] = typer.Option(None, "--base-config",
                                                help="Your DeepSpeed config JSON: the starting point of every trial; swept axes override only what they define."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a stored run: run only its unfinished trials."),
@@ -213,13 +341,42 @@ def sweep(
     no_prune: bool = typer.Option(False, "--no-prune", help="Launch every trial, even those predicted not to fit."),
     search: bool = typer.Option(False, "--search",
                                 help="Guided search instead of the whole grid: prune by memory, rank by the calibrated throughput model, short windows, finalists in interleaved rounds (docs/search.md)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: run every n-th trial of the plan, from the i-th (0-based); shards share one run (--run-id), write trial files and merge at the end."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="The run's id (shards of one plan pass the same)."),
+    results: Optional[Path] = typer.Option(None, "--results", help="Folder of per-trial result files (default OUT/results); on a cluster, a shared one."),
+    no_merge: bool = typer.Option(False, "--no-merge", help="A shard leaves its files unmerged (SQLite on a shared filesystem is unsafe); `llmbench merge` later."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated trial ids: run only these of the plan."),
+    only_world_size: Optional[int] = typer.Option(None, "--only-world-size", help="Run only the plan's trials of this world size (a SLURM array per world size)."),
+    slurm: bool = typer.Option(False, "--slurm", help="From a login node: submit the sweep as SLURM job arrays, wait, merge, re-measure the finalists together (docs/cluster.md)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="--slurm: the partition."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="--slurm: nodes per task (default: what the world size needs)."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="--slurm: GPUs per node (one rank each); none: CPU tasks."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="--slurm: each task's time limit (SLURM's format, e.g. 1:00:00)."),
+    array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", help="--slurm: array tasks running at once (%N)."),
+    shards: Optional[int] = typer.Option(None, "--shards", help="--slurm: array tasks per world size (default: one per trial, at most 16)."),
+    finalists: int = typer.Option(3, "--finalists", help="--slurm: the best trials re-measured together in one allocation (0: none)."),
+    sbatch_arg: list[str] = typer.Option([], "--sbatch-arg", help="--slurm: one more sbatch option, passed as given (repeatable)."),
+    detach: bool = typer.Option(False, "--detach", help="--slurm: return once submitted; merge later with `llmbench merge`."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
-    _sweep(suite, set_ + (["comms_steps=2"] if comms else []), label, db, out, dry_run, cpu, hostfile, include,
-           num_nodes, master_addr, base_config, resume, not fresh_launch, profile=profile,
-           memory_budget=memory_budget, prune=not no_prune, search=search)
+    try:
+        options = launch_options(hostfile, include, exclude, num_nodes, master_addr, ssh_port, control_addr, launcher)
+        place = Placement(parse_shard(shard), run_id, results, not no_merge, only_world_size,
+                          [t for t in only.split(",") if t] if only else None)
+        spec = None
+        if slurm:
+            from ..slurm_sweep import SlurmSpec
+
+            spec = SlurmSpec(partition=partition, nodes=nodes, gpus_per_node=gpus_per_node, time=time_limit,
+                             array_parallelism=array_parallelism, shards=shards, finalists=finalists,
+                             sbatch_args=sbatch_arg, detach=detach, cpu=cpu, control_addr=control_addr)
+    except SpecError as e:
+        fail(str(e))
+    _sweep(suite, set_ + (["comms_steps=2"] if comms else []), label, db, out, dry_run, cpu, options, base_config,
+           resume, not fresh_launch, profile=profile, memory_budget=memory_budget, prune=not no_prune, search=search,
+           place=place, slurm=spec)
 
 
 @app.command()

@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 from ..env import Hardware
-from .control import DriverChannel
+from .control import DriverChannel, write_key
 from .process import LauncherProcess, LaunchOptions, clear_stale_extension_locks, extensions_dir
+
+
+def key_dir() -> Path:
+    """Where a pool's control key file goes: LLMBENCH_KEY_DIR, else ~/.cache/llmbench/keys
+    (on a cluster the home directory is the one place every node reads, like the code)."""
+    import os
+
+    return Path(os.environ.get("LLMBENCH_KEY_DIR") or Path.home() / ".cache" / "llmbench" / "keys")
 
 
 @dataclass
@@ -47,6 +55,8 @@ class RankPool:
         self.launcher: LauncherProcess | None = None
         self.channel: DriverChannel | None = None
         self.ready: dict[int, dict] = {}
+        self.key_path: Path | None = None
+        self.refused: list[str] = []  # strangers the control channel turned away, over the pool's life
         self.start_s = 0.0
         self.starts = 0
         self.cleared_locks: list[Path] = []
@@ -66,9 +76,15 @@ class RankPool:
         t0 = time.perf_counter()
         self.cleared_locks = clear_stale_extension_locks()
         self.ready = {}
-        self.channel = DriverChannel(self.options.multi_node)
-        self.launcher = LauncherProcess(self.hw, self.world_size, self.options, self.log_path)
-        self.launcher.start(self.channel.address)
+        try:
+            self.key_path = write_key(key_dir())
+            bind, advertise = self.options.control_endpoint()
+            self.channel = DriverChannel(self.key_path.read_bytes().strip(), bind, advertise, on_refused=self._log_refused)
+            self.launcher = LauncherProcess(self.hw, self.world_size, self.options, self.log_path)
+            self.launcher.start(self.channel.address, self.key_path)
+        except Exception as e:  # noqa: BLE001  (a bad --control-addr, no srun, scontrol failing, ...)
+            self.kill()
+            return PoolRun("failed", error=f"the ranks could not be launched: {type(e).__name__}: {e}")
         self.starts += 1
         deadline = time.monotonic() + self.startup_timeout_s
         next_lock_check = time.monotonic() + 10
@@ -84,9 +100,9 @@ class RankPool:
                     return PoolRun("failed", error=f"the DeepSpeed launcher exited with code {code} before all "
                                                    f"ranks were ready:\n{self.launcher.log_tail()}")
                 if time.monotonic() > deadline:
+                    why = self._missing()
                     self.kill()
-                    return PoolRun("timeout", error=f"ranks not ready after {self.startup_timeout_s:.0f}s (a rank waiting "
-                                                    f"on a JIT-build lock under {extensions_dir()} looks like this):\n"
+                    return PoolRun("timeout", error=f"ranks not ready after {self.startup_timeout_s:.0f}s: {why}:\n"
                                                     f"{self.launcher.log_tail()}")
                 continue
             rank, msg = event
@@ -94,6 +110,29 @@ class RankPool:
                 self.ready[rank] = msg
         self.start_s = time.perf_counter() - t0
         return None
+
+    def _missing(self) -> str:
+        """Which ranks the pool is still waiting for, and what that usually means."""
+        connected = set(self.channel.pids) if self.channel else set()
+        absent = [r for r in range(self.world_size) if r not in connected]
+        joining = [r for r in sorted(connected) if r not in self.ready]
+        parts = []
+        if absent:
+            parts.append(f"rank(s) {', '.join(map(str, absent))} of {self.world_size} never reached the control "
+                         f"channel at {self.channel.address if self.channel else '?'} (not started by the launcher, "
+                         f"or unable to reach this address)")
+        if joining:
+            parts.append(f"rank(s) {', '.join(map(str, joining))} connected but never joined the process group "
+                         f"(waiting for absent peers, the rendezvous, or a JIT-build lock under {extensions_dir()})")
+        return "; ".join(parts) or "no rank reported"
+
+    def _log_refused(self, line: str) -> None:
+        self.refused.append(line)
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(f"llmbench control: {line}\n")
+        except OSError:
+            pass
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the ranks to leave cleanly (they leave the process group and say bye), then
@@ -121,6 +160,9 @@ class RankPool:
             self.launcher.kill()
         if self.channel is not None:
             self.channel.close()
+        if self.key_path is not None:
+            self.key_path.unlink(missing_ok=True)
+            self.key_path = None
         self.ready = {}
 
     def log_tail(self, n: int = 30) -> str:

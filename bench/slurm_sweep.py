@@ -1,0 +1,263 @@
+"""`llmbench sweep SUITE --slurm`: a sweep submitted from a login node as SLURM job arrays.
+
+One array per world size; each array task is a shard of that world size's trials
+(`llmbench sweep ... --shard i/n --only-world-size W --resume RUN --no-merge`) on its own
+allocation, where the pool starts its ranks with srun (launch/slurm.py). Tasks write one
+file per trial into the run's results folder (resultsdir.py: a filesystem the nodes share)
+and never touch SQLite; `--resume` makes a requeued task skip the trials whose files exist.
+The submitter waits (a progress bar over the trial files; `--detach` returns at once), then
+merges the folder into the store. Shards ran on different nodes at different times, so
+before the report names a winner, the best trials (`--finalists`, default 3) are
+re-measured together, interleaved, in one allocation, as a run of their own
+(RUN-finalists); the winner is chosen among them by the report's tie rule (guidance.recommend).
+Plain `sbatch --array` is used: submitit would add a pickled-callable layer for what is a
+command line here, and a dependency.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .spec import SpecError
+
+
+@dataclass
+class SlurmSpec:
+    """How the sweep's tasks are submitted (the CLI's --slurm options)."""
+
+    partition: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    time: str | None = None
+    array_parallelism: int | None = None
+    shards: int | None = None
+    finalists: int = 3
+    sbatch_args: list[str] = field(default_factory=list)
+    detach: bool = False
+    cpu: bool = False
+    control_addr: str | None = None  # passed on to every task's `--control-addr`
+    poll_s: float = 2.0
+
+
+def check_submittable(plan, spec: SlurmSpec) -> None:
+    """Bad --slurm input, refused before anything is submitted."""
+    import shutil
+
+    for tool in ("sbatch", "squeue"):
+        if shutil.which(tool) is None:
+            raise SpecError(f"--slurm: `{tool}` is not on PATH (run from a SLURM login node)")
+    if spec.shards is not None and spec.shards < 1:
+        raise SpecError(f"--shards {spec.shards}: at least 1")
+    if spec.gpus_per_node is not None and spec.gpus_per_node < 1:
+        raise SpecError(f"--gpus-per-node {spec.gpus_per_node}: at least 1 (leave it out for CPU tasks)")
+    if not plan.trials:
+        raise SpecError("--slurm: the plan has no trial")
+
+
+def resources(world_size: int, spec: SlurmSpec) -> list[str]:
+    """sbatch options for one task of `world_size` ranks: one task per GPU (nodes enough to
+    hold them), or `--ntasks` CPU tasks."""
+    out = [f"--ntasks={world_size}"]
+    if spec.gpus_per_node:
+        nodes = spec.nodes or math.ceil(world_size / spec.gpus_per_node)
+        out += [f"--nodes={nodes}", f"--ntasks-per-node={min(world_size, spec.gpus_per_node)}",
+                f"--gpus-per-node={spec.gpus_per_node}"]
+    elif spec.nodes:
+        out.append(f"--nodes={spec.nodes}")
+    if spec.partition:
+        out.append(f"--partition={spec.partition}")
+    if spec.time:
+        out.append(f"--time={spec.time}")
+    return out + list(spec.sbatch_args)
+
+
+def task_command(suite: str, overrides: list[str], label, out: Path, results: Path, run_id: str, spec: SlurmSpec,
+                 base_config, memory_budget, prune: bool, shard: str | None = None, world_size: int | None = None,
+                 only: list[str] | None = None) -> str:
+    """The command one task runs: a shard of the sweep that writes files and merges nothing."""
+    cmd = [sys.executable, "-m", "llmbench.cli", "sweep", suite, "--run-id", run_id, "--resume", run_id,
+           "--results", str(results), "--out", str(out), "--no-merge"]
+    for o in overrides:
+        cmd += ["--set", o]
+    if label:
+        cmd += ["--label", label]
+    if spec.cpu:
+        cmd.append("--cpu")
+    if spec.control_addr:
+        cmd += ["--control-addr", spec.control_addr]
+    if base_config:
+        cmd += ["--base-config", str(Path(base_config).resolve())]
+    if memory_budget:
+        cmd += ["--memory-budget", memory_budget]
+    if not prune:
+        cmd.append("--no-prune")
+    if world_size:
+        cmd += ["--only-world-size", str(world_size)]
+    if only:
+        cmd += ["--only", ",".join(only)]
+    line = " ".join(shlex.quote(c) for c in cmd)
+    return line + (f" --shard {shard}" if shard else " --shard 0/1")
+
+
+def sbatch(script: Path) -> str:
+    """Submit a batch script; its job id."""
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch {script} failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+def write_script(path: Path, name: str, options: list[str], command: str, array: str | None, log: str) -> Path:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={log}", "#SBATCH --open-mode=append"]
+    if array:
+        lines.append(f"#SBATCH --array={array}")
+    lines += [f"#SBATCH {o}" for o in options]
+    lines += ["set -e", f"cd {shlex.quote(str(Path.cwd()))}", f"exec {command}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pending(job_ids: list[str]) -> int | None:
+    """How many of these jobs' tasks SLURM still holds (pending or running); None when squeue
+    could not answer (a busy controller: ask again later, never take it for "done")."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"], capture_output=True, text=True,
+                             timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        # squeue refuses ids it no longer knows (all ended long ago): that, and only that, is "done"
+        return 0 if "invalid job id" in out.stderr.lower() else None
+    return len([ln for ln in out.stdout.splitlines() if ln.strip()])
+
+
+def wait(job_ids: list[str], results_run: Path, total: int, spec: SlurmSpec, what: str) -> None:
+    """Wait for the jobs, with a progress bar over the trial files they write."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .cli.app import console
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task(what, total=total)
+        unanswered = 0
+        while True:
+            left = pending(job_ids)
+            progress.update(task, completed=len(list((results_run / "trials").glob("*.json"))))
+            if left == 0:
+                return
+            unanswered = unanswered + 1 if left is None else 0
+            if unanswered * spec.poll_s > 600:
+                raise RuntimeError(f"squeue has not answered for 10 minutes about jobs {', '.join(job_ids)}")
+            time.sleep(spec.poll_s)
+
+
+def submit_and_wait(plan, hw, suite: str, overrides: list[str], label, db: Path, out: Path, place, spec: SlurmSpec,
+                    base_config, memory_budget, prune: bool) -> None:
+    """Submit one array per world size, wait, merge, re-measure the finalists, report."""
+    from .cli.app import console, fail
+    from .report.html import write_report
+    from .resultsdir import FolderStore, shard_key
+    from .store import Store
+    from .sweep import new_run_id
+
+    run_id = place.run_id or new_run_id()
+    results = Path(place.results).resolve()
+    out = Path(out).resolve()
+    by_ws: dict[int, list] = {}
+    for t in plan.trials:
+        by_ws.setdefault(t.spec.world_size, []).append(t)
+    arrays = {ws: min(spec.shards or 16, len(ts)) for ws, ts in by_ws.items()}  # tasks per world size
+    keys = [shard_key(i, n, ws) for ws, n in arrays.items() for i in range(n)]
+    folder = FolderStore(results)
+    folder.create_run(run_id, suite, label, {}, {"n_trials": len(plan.trials), "slurm": {}}, shards=keys)
+    jobs: dict[int, str] = {}
+    slurm_dir = results / run_id / "slurm"
+    for ws, n in arrays.items():
+        cmd = task_command(suite, overrides, label, out, results, run_id, spec, base_config, memory_budget, prune,
+                           shard=f"$SLURM_ARRAY_TASK_ID/{n}", world_size=ws)
+        array = f"0-{n - 1}" + (f"%{spec.array_parallelism}" if spec.array_parallelism else "")
+        script = write_script(slurm_dir / f"ws{ws}.sbatch", f"llmbench-{run_id}-ws{ws}", resources(ws, spec), cmd,
+                              array, str(slurm_dir / f"ws{ws}-%a.out"))
+        try:
+            jobs[ws] = sbatch(script)
+        except RuntimeError as e:
+            fail(str(e), code=1)
+        console.print(f"submitted job array {jobs[ws]} ({n} task{'s' if n > 1 else ''} × {ws} ranks): {script}")
+    run = folder.run(run_id)
+    run["meta"]["slurm"] = {str(ws): j for ws, j in jobs.items()}
+    folder.set_meta(run_id, run["meta"])
+    if spec.detach:
+        console.print(f"detached; when the jobs end: llmbench merge {results / run_id} --db {db}")
+        return
+    try:
+        wait(list(jobs.values()), results / run_id, len(plan.trials), spec, f"run {run_id}")
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped waiting[/]: jobs {', '.join(jobs.values())} go on (scancel to end them); "
+                      f"merge later with: llmbench merge {results / run_id} --db {db}")
+        raise SystemExit(130)
+    store = Store(db)
+    counts = store.merge([results / run_id])
+    records = store.trials(run_id)
+    console.print(f"merged {results / run_id}: {counts['added']} added, {counts['replaced']} replaced, "
+                  f"{counts['unchanged']} unchanged; {len(records)} of {len(plan.trials)} trials stored")
+    final_run = _finalists(store, run_id, records, suite, overrides, label, db, out, results, spec, base_config,
+                           memory_budget, prune, slurm_dir)
+    run = store.run(run_id)
+    from .cli.results import kernels_for
+
+    console.print(f"report: {write_report(run, store.trials(run_id), out, None, *kernels_for(store, run))}")
+    if final_run:
+        fr = store.run(final_run)
+        console.print(f"finalists' report: {write_report(fr, store.trials(final_run), out, None, *kernels_for(store, fr))}")
+    if not any(r["status"] == "ok" for r in records):
+        fail(f"no trial of run {run_id} succeeded; see {slurm_dir} and the logs under {out / 'logs'}", code=1)
+
+
+def _finalists(store, run_id, records, suite, overrides, label, db, out, results, spec: SlurmSpec, base_config,
+               memory_budget, prune, slurm_dir) -> str | None:
+    """Re-measure the best trials together in one allocation (a run of their own, interleaved
+    rounds), pick the winner among them with the report's tie rule, and note it on the run."""
+    from .cli.app import console
+    from .report.guidance import recommend
+
+    ok = sorted((r for r in records if r["status"] == "ok" and r.get("scenario", "train") == "train"
+                 and r.get("tokens_per_s")), key=lambda r: -r["tokens_per_s"])
+    chosen = ok[:spec.finalists]
+    if len(chosen) < 2:
+        return None
+    final_id = f"{run_id}-finalists"
+    ws = max(r["world_size"] for r in chosen)
+    rounds = max(2, max(r["rounds"] for r in chosen))
+    cmd = task_command(suite, [o for o in overrides if not o.startswith("rounds=")] + [f"rounds={rounds}"], label,
+                       out, results, final_id, spec, base_config, memory_budget, prune,
+                       only=[r["trial_id"] for r in chosen])
+    from .resultsdir import FolderStore
+
+    FolderStore(results).create_run(final_id, suite, label, {}, {"finalists_of": run_id}, shards=["0-of-1"])
+    script = write_script(slurm_dir / "finalists.sbatch", f"llmbench-{final_id}", resources(ws, spec), cmd, None,
+                          str(slurm_dir / "finalists.out"))
+    job = sbatch(script)
+    console.print(f"re-measuring the finalists {', '.join(r['trial_id'] for r in chosen)} together "
+                  f"({rounds} interleaved rounds) in one allocation: job {job}")
+    wait([job], results / final_id, len(chosen), spec, "finalists")
+    store.merge([results / final_id])
+    again = store.trials(final_id)
+    win = recommend(again, "throughput")
+    run = store.run(run_id)
+    meta = dict(run["meta"])
+    meta["finalists"] = {"run_id": final_id, "trials": [r["trial_id"] for r in chosen], "job": job,
+                         "winner": win.winner["trial_id"] if win.winner else None,
+                         "tied": [r["trial_id"] for r in win.tied], "reason": win.reason}
+    store.set_meta(run_id, meta)
+    if win.winner:
+        tied = f", tied with {', '.join(r['trial_id'] for r in win.tied)}" if win.tied else ""
+        console.print(f"winner (finalists re-measured together): [bold]{win.winner['trial_id']}[/]{tied} ({win.reason})")
+    return final_id
