@@ -94,11 +94,18 @@ class FolderStore:
         return run
 
     def finish_run(self, run_id: str, status: str, meta: dict | None = None) -> None:
-        if self.shard:
-            now = time.time()
-            write_json(self.folder(run_id) / "shards" / f"{self.shard}.json",
-                       dict(status=status, started_at=now - (meta or {}).get("wall_s", 0), finished_at=now,
-                            host=socket.gethostname(), meta=meta or {}))
+        if self.shard:  # a requeued or resumed shard adds its part to what the shard did before
+            now, meta = time.time(), dict(meta or {})
+            path = self.folder(run_id) / "shards" / f"{self.shard}.json"
+            started = now - meta.get("wall_s", 0)
+            if path.exists():
+                was = read_json(path)
+                started = min(started, was.get("started_at") or started)
+                meta.update(wall_s=was["meta"].get("wall_s", 0) + meta.get("wall_s", 0),
+                            pool_starts=was["meta"].get("pool_starts", 0) + meta.get("pool_starts", 0),
+                            pool_start_s=was["meta"].get("pool_start_s", []) + meta.get("pool_start_s", []))
+            write_json(path, dict(status=status, started_at=started, finished_at=now, host=socket.gethostname(),
+                                  meta=meta))
             return
         run = read_json(self.folder(run_id) / "run.json")
         run.update(status=status, finished_at=time.time(), meta=meta if meta is not None else run["meta"])

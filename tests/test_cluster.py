@@ -84,17 +84,23 @@ def test_world_size_is_what_deepspeeds_runner_would_start(tmp_path):
             resolve_resources(bad)
 
 
-def test_include_without_world_size_plans_the_ranks_it_starts(tmp_path):
+def test_include_without_world_size_plans_the_ranks_it_starts(tmp_path, monkeypatch):
     """`--include localhost:0` used to leave the plan at the default 2 ranks (and the pool
     waiting 600 s for a rank never started); it now plans 1, and a contradicting --set is
-    bad input, refused with exit 2 before anything launches."""
-    p = llmbench("sweep", "smoke", "--include", "localhost:0", "--dry-run", "--db", str(tmp_path / "db"))
-    rows = [[c.strip() for c in ln.split("│")][1:-1] for ln in p.stdout.splitlines() if ln.startswith("│ z")]
-    assert len(rows) == 4 and all(r[8] == "1" for r in rows), p.stdout  # the `ranks` column
-    bad = llmbench("sweep", "smoke", "--include", "localhost:0", "--set", "world_size=2", "--dry-run", check=False)
-    assert bad.returncode == 2 and "launcher options start 1 ranks" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    bad = llmbench("sweep", "smoke", "--include", "nohost:0", "--dry-run", check=False)
-    assert bad.returncode == 2 and "nohost" in bad.stderr
+    bad input, refused with exit 2 before anything launches (in-process: the CLI as a user
+    calls it, without a second interpreter's start-up)."""
+    from typer.testing import CliRunner
+
+    from llmbench.cli import app
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    run = CliRunner().invoke
+    p = run(app, ["sweep", "smoke", "--include", "localhost:0", "--dry-run", "--db", str(tmp_path / "db")])
+    assert p.exit_code == 0, p.output
+    rows = [[c.strip() for c in ln.split("│")][1:-1] for ln in p.output.splitlines() if ln.startswith("│ z")]
+    assert len(rows) == 4 and all(r[8] == "1" for r in rows), p.output  # the `ranks` column
+    bad = run(app, ["sweep", "smoke", "--include", "localhost:0", "--set", "world_size=2", "--dry-run"])
+    assert bad.exit_code == 2 and "launcher options start 1 ranks" in bad.output
 
 
 def test_slurm_variables_map_to_torchs():
@@ -311,13 +317,14 @@ def test_slurm_array_shards_merge_into_one_run_and_finalists_decide(slurm, tmp_p
     import yaml
 
     db, out = tmp_path / "db.sqlite", tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "llmbench.cli", "sweep", "smoke", "--slurm", "--cpu", "--shards", "2",
+    p = subprocess.run([sys.executable, "-m", "llmbench.cli", "sweep", "smoke", "--set", "zero_stage=0,3", "--slurm",
+                        "--cpu", "--shards", "2",
                         "--array-parallelism", "2", "--finalists", "2", "--control-addr", "127.0.0.1",
                         "--db", str(db), "--out", str(out)], capture_output=True, text=True, timeout=900, env=slurm,
                        cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     grid = yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())["grid"]["zero_stage"]
-    expected = sorted(f"z{z}" for z in grid)
+    expected = sorted(f"z{z}" for z in grid if z in (0, 3))  # the suite's grid under --set zero_stage=0,3
     from llmbench.store import Store
 
     store = Store(db)
@@ -337,14 +344,24 @@ def test_slurm_array_shards_merge_into_one_run_and_finalists_decide(slurm, tmp_p
     for r in recs + again:
         assert r["nodes"] and all(n["host"] for n in r["nodes"])
     assert (out / f"report-{final['run_id']}.html").exists()
-    # a requeued array task: its trials' files exist, so it runs nothing; merging again stores nothing twice
+    # a requeued array task (its own command line, in-process): its trials' files exist, so it
+    # runs nothing; merging again stores nothing twice
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from llmbench.cli import app
+
     folder = out / "results" / main["run_id"]
     files = {f.name: f.read_bytes() for f in (folder / "trials").glob("*.json")}
     task = (folder / "slurm" / "ws2.sbatch").read_text().splitlines()[-1]
-    cmd = task.removeprefix("exec ").replace("$SLURM_ARRAY_TASK_ID", "0")
-    rq = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=300, env=slurm, cwd=ROOT)
-    assert rq.returncode == 0 and "resuming" in rq.stdout, rq.stdout[-2000:] + rq.stderr[-2000:]
+    argv = shlex.split(task.replace("$SLURM_ARRAY_TASK_ID", "0"))
+    assert argv[:4] == ["exec", sys.executable, "-m", "llmbench.cli"]
+    rq = CliRunner().invoke(app, argv[4:])
+    assert rq.exit_code == 0 and "resuming" in rq.output, rq.output[-2000:]
     assert {f.name: f.read_bytes() for f in (folder / "trials").glob("*.json")} == files  # nothing ran again
-    m = llmbench("merge", str(out / "results"), "--db", str(db), "--no-report")
-    assert f"0 added, 0 replaced, {len(expected) + 2} unchanged" in m.stdout
+    m = CliRunner().invoke(app, ["merge", str(out / "results"), "--db", str(db), "--no-report"])
+    assert f"0 added, 0 replaced, {len(expected) + 2} unchanged" in m.output, m.output
     assert len(store.trials(main["run_id"])) == len(expected)
+    after = Store(db).run(main["run_id"])["meta"]["shards"]["ws2-0-of-2"]  # a requeue adds its part, keeps the first start
+    assert a["wall_s"] <= after["wall_s"] < a["wall_s"] + 5 and after["started_at"] == a["started_at"]
