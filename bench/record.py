@@ -77,8 +77,7 @@ def _common(ranks: list[RankResult]) -> dict:
         entropy_floor=first.entropy_floor,
         hosts=sorted({r.host for r in ranks}),
         devices=[r.device for r in ranks],
-        nodes=[{"rank": r.rank, "node": r.node or r.host, "node_rank": r.node_rank, "local_rank": r.local_rank,
-                "host": r.host, "threads": r.threads} for r in ranks],
+        nodes=[_placement(r) for r in ranks],
         setup_s=max(r.setup_s for r in ranks),
         teardown_s=max(r.teardown_s for r in ranks),
         warmup_s=max(r.warmup_s for r in ranks),
@@ -93,6 +92,12 @@ def _common(ranks: list[RankResult]) -> dict:
         fp32_matmul_precision=first.fp32_matmul_precision,
         ds_global_steps=first.ds_global_steps,
     )
+
+
+def _placement(r) -> dict:
+    """One rank's entry in the record's `nodes`: where the launcher put it."""
+    return {"rank": r.rank, "node": r.node or r.host, "node_rank": r.node_rank, "local_rank": r.local_rank,
+            "host": r.host, "threads": r.threads}
 
 
 def own_peak(memory: dict) -> int:
@@ -334,6 +339,7 @@ def aggregate_inference(rec: dict, ranks: list[InferenceResult], spec: TrialSpec
         entropy_floor_nats=r.entropy_floor,
         hosts=[r.host],
         devices=[r.device],
+        nodes=[_placement(r)],
         setup_s=r.setup_s,
         teardown_s=r.teardown_s,
         notes=list(r.notes),

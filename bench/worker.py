@@ -137,6 +137,7 @@ def main() -> None:
 
             spec = TrialSpec.model_validate(msg["spec"])
             res = run_inference(spec, args.accelerator, host, device)
+            res.fill(placement)
             ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.message()})
         if msg["type"] == "bare":  # the reference loop for the collector-overhead benchmark
             spec = TrialSpec.model_validate(msg["spec"])
