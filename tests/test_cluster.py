@@ -134,8 +134,17 @@ def test_per_host_jit_cache(monkeypatch, tmp_path):
 def test_key_file_is_private_and_a_shared_one_is_refused(tmp_path):
     from llmbench.launch.control import read_key, write_key
 
-    path = write_key(tmp_path / "keys")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    host = socket.gethostname()
+    dead, alive, other = (keys / f"pool-{host}-999999999-aa.key", keys / f"pool-{host}-{os.getpid()}-bb.key",
+                          keys / "pool-another-host-999999999-cc.key")
+    for f in (dead, alive, other):
+        f.write_text("x")
+    path = write_key(keys)
     assert (path.stat().st_mode & 0o777) == 0o600 and len(read_key(path)) == 64
+    # a SIGKILLed driver's key on this host goes; a live driver's, and another host's, stay
+    assert not dead.exists() and alive.exists() and other.exists()
     path.chmod(0o644)
     with pytest.raises(ValueError, match="readable by others"):
         read_key(path)

@@ -162,6 +162,9 @@ def merge(
     from ..resultsdir import run_folders
     from ..store import Store
 
+    missing = [str(f) for f in folders if not Path(f).exists()]
+    if missing:
+        fail(f"no such folder: {', '.join(missing)}")
     found = run_folders(folders)
     if not found:
         fail(f"no run folder (one holding run.json) under {', '.join(map(str, folders))}")

@@ -223,7 +223,15 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
         store = Store(db, mirror=FolderStore(place.results))
         db_shown = db
     sizes = "/".join(str(n) for n in sorted({t.spec.world_size for t in plan.trials}))
-    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {sizes} "
+    where = ""
+    if options.launcher == "srun":
+        where = " (srun, in SLURM allocation " + os.environ.get("SLURM_JOB_ID", "?") + ")"
+    elif options.multi_node:
+        from ..launch import resolve_resources
+
+        nodes = resolve_resources(options)
+        where = f" over {len(nodes)} nodes ({', '.join(nodes)})"
+    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {sizes}{where} "
                   f"({hw.comm_backend}); store {db_shown}" + (f"; resuming {resume}" if resume else "")
                   + (f"; shard {place.shard[0]}/{place.shard[1]} of run {place.run_id}" if place.shard else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -365,6 +373,8 @@ def sweep(
         options = launch_options(hostfile, include, exclude, num_nodes, master_addr, ssh_port, control_addr, launcher)
         place = Placement(parse_shard(shard), run_id, results, not no_merge, only_world_size,
                           [t for t in only.split(",") if t] if only else None)
+        if place.shard and not (run_id or resume):
+            raise SpecError("--shard needs --run-id NAME: the shards of one plan join one run by its id")
         spec = None
         if slurm:
             from ..slurm_sweep import SlurmSpec

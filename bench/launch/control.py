@@ -71,14 +71,30 @@ def write_key(directory: Path) -> Path:
     """A fresh 32-byte secret in a new file under `directory` that only its owner can read
     (created 0600 with O_EXCL: no moment when another user could open it). The ranks must
     reach this path: on several hosts, a directory they share (the home directory on most
-    clusters, as the code and the environment already are)."""
+    clusters, as the code and the environment already are). Files of this host's drivers that
+    died without removing theirs (SIGKILL) go first: the name holds the host and the pid."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / f"pool-{os.getpid()}-{secrets.token_hex(8)}.key"
+    host = socket.gethostname()
+    for old in directory.glob(f"pool-{host}-*.key"):
+        pid = old.name[len(f"pool-{host}-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+    path = directory / f"pool-{host}-{os.getpid()}-{secrets.token_hex(8)}.key"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secrets.token_bytes(32).hex().encode())
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_key(path: str | Path) -> bytes:

@@ -90,7 +90,8 @@ def resolve_resources(o: LaunchOptions) -> dict[str, list[int]]:
         active = parse_inclusion_exclusion(pool, o.include or "", o.exclude or "")
     except ValueError as e:
         which = "--include" if o.include else "--exclude"
-        raise SpecError(f"{which} {o.include or o.exclude}: {e}") from None
+        known = "" if o.hostfile else f" (no --hostfile: DeepSpeed knows only {', '.join(f'{h} ({n} slots)' for h, n in pool.items())})"
+        raise SpecError(f"{which} {o.include or o.exclude}: {e}{known}") from None
     active = apply_num_nodes_and_gpus(active, o.num_nodes if o.num_nodes is not None else -1, -1)
     if not active or not any(active.values()):
         raise SpecError("the launcher options leave no rank to start")
