@@ -168,6 +168,9 @@ def run_status(folder: Path, run: dict) -> tuple[str, dict]:
     meta["wall_s"] = sum(e["meta"].get("wall_s", 0) for e in done)
     meta["pool_starts"] = sum(e["meta"].get("pool_starts", 0) for e in done)
     meta["pool_start_s"] = [s for e in done for s in e["meta"].get("pool_start_s", [])]
+    refused = [r for e in done for r in e["meta"].get("control_refused", [])]
+    if refused:
+        meta["control_refused"] = refused
     statuses = {e["status"] for e in done}
     if "failed" in statuses:
         return "failed", meta

@@ -55,6 +55,11 @@ CREATE TABLE IF NOT EXISTS kernels (
 """
 
 
+def _canon(rec: dict) -> str:
+    """A record as comparable text (NaN losses compare equal as text, not as floats)."""
+    return json.dumps(rec, sort_keys=True)
+
+
 class Store:
     """`mirror`: a results folder (resultsdir.FolderStore) that gets every run and trial this
     store gets, as files another machine's merge can read."""
@@ -191,14 +196,11 @@ class Store:
                 self.db.execute("INSERT INTO runs (run_id, created_at, suite, label, status, env_json, meta_json) "
                                 "VALUES (?,?,?,?,?,?,?)", (run["run_id"], run["created_at"], run["suite"], run["label"],
                                                             "running", json.dumps(env), json.dumps(run["meta"])))
-            def canon(rec: dict) -> str:  # (NaN losses compare equal as text, not as floats)
-                return json.dumps(rec, sort_keys=True)
-
-            held = {tid: canon(migrate(json.loads(rj))) for tid, rj in
+            held = {tid: _canon(migrate(json.loads(rj))) for tid, rj in
                     self.db.execute("SELECT trial_id, record_json FROM trials WHERE run_id=?", (run["run_id"],))}
             for seq, rec in entries:
                 was = held.get(rec["trial_id"])
-                if was == canon(rec):
+                if was == _canon(rec):
                     counts["unchanged"] += 1
                     continue
                 mirror, self.mirror = self.mirror, None  # (the folder is where it came from)

@@ -325,7 +325,8 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         seq = store.next_seq(run_id)
     else:
         run_id = run_id or new_run_id()
-        if store.run(run_id) is None or store.run(run_id)["run_id"] != run_id:
+        held = store.run(run_id)
+        if held is None or held["run_id"] != run_id:
             store.create_run(run_id, suite, label, env, meta={"n_trials": len(plan.trials), "base_config": plan.base_config})
         seq = 0
     todo = [t for t in plan.trials if t.trial_id not in done]

@@ -202,13 +202,15 @@ def test_merging_shard_files_is_idempotent(zero_sweep, tmp_path):
         for seq, rec in enumerate(records):
             if seq % 2 == i:
                 fs.add_trial(dict(rec, run_id="R"), seq)
-        fs.finish_run("R", "finished", {"wall_s": 1.0 + i, "pool_starts": 1, "pool_start_s": [5.0]})
+        fs.finish_run("R", "finished", {"wall_s": 1.0 + i, "pool_starts": 1, "pool_start_s": [5.0],
+                                        **({"control_refused": ["a stranger"]} if i == 0 else {})})
     store = Store(tmp_path / "db.sqlite")
     first = store.merge([results])
     assert first == {"runs": 1, "added": len(records), "replaced": 0, "unchanged": 0}
     assert store.merge([results / "R"]) == {"runs": 1, "added": 0, "replaced": 0, "unchanged": len(records)}
     run = store.run("R")
     assert run["status"] == "finished" and run["meta"]["wall_s"] == 3.0 and run["meta"]["pool_starts"] == 2
+    assert run["meta"]["control_refused"] == ["a stranger"]  # a shard's refusals reach the merged run
     assert [r["trial_id"] for r in store.trials("R")] == [r["trial_id"] for r in records]
     n_steps = sqlite3.connect(tmp_path / "db.sqlite").execute("SELECT COUNT(*) FROM steps WHERE run_id='R'").fetchone()[0]
     assert n_steps == sum(len(r["step_times_s"]) for r in records)

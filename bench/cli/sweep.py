@@ -122,7 +122,8 @@ def _sweep(suite_name: str, overrides: list[str], label: Optional[str], db: Path
         if place.run_id and not resume and not place.shard and slurm is None and db.exists():
             from ..store import Store
 
-            if Store(db).run(place.run_id) is not None and Store(db).run(place.run_id)["run_id"] == place.run_id:
+            held = Store(db).run(place.run_id)
+            if held is not None and held["run_id"] == place.run_id:
                 raise SpecError(f"--run-id {place.run_id}: {db} holds that run already; continue it with --resume")
         if (place.shard or slurm) and (search or not warm_pool):
             raise SpecError("--shard and --slurm run the plan's grid on warm pools; drop --search and --fresh-launch")
@@ -211,11 +212,10 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
 
     place = place or Placement(results=Path(out) / "results")
     if place.shard:  # files only: SQLite is for one writer on a local disk
-        store = FolderStore(place.results, shard=place.key())
+        from ..env import environment
         from ..resultsdir import shard_key
 
-        from ..env import environment
-
+        store = FolderStore(place.results, shard=place.key())
         store.create_run(place.run_id, suite_name, label, environment(hw), {"n_trials": None},
                          shards=[shard_key(i, place.shard[1], place.world_size) for i in range(place.shard[1])])
         db_shown = place.results / place.run_id
@@ -276,7 +276,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
         run = store.run(place.run_id or resume) if (place.run_id or resume) else store.run()
         kept = [r for r in store.trials(run["run_id"]) if r["status"] != "interrupted"]
         again = "run the search again (a search is not resumed)" if search else f"continue with --resume {run['run_id']}"
-        console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {len(kept)} finished trials in {db}; {again}")
+        console.print(f"[yellow]interrupted[/]: run {run['run_id']} keeps its {len(kept)} finished trials in {db_shown}; {again}")
         raise typer.Exit(130)
     if place.shard:
         done = store.trials(result.run_id)

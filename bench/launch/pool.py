@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..env import Hardware
-from .control import DriverChannel, write_key
+from .control import DriverChannel, read_key, write_key
 from .process import LauncherProcess, LaunchOptions, clear_stale_extension_locks, extensions_dir
 
 
@@ -79,7 +79,7 @@ class RankPool:
         try:
             self.key_path = write_key(key_dir())
             bind, advertise = self.options.control_endpoint()
-            self.channel = DriverChannel(self.key_path.read_bytes().strip(), bind, advertise, on_refused=self._log_refused)
+            self.channel = DriverChannel(read_key(self.key_path), bind, advertise, on_refused=self._log_refused)
             self.launcher = LauncherProcess(self.hw, self.world_size, self.options, self.log_path)
             self.launcher.start(self.channel.address, self.key_path)
         except Exception as e:  # noqa: BLE001  (a bad --control-addr, no srun, scontrol failing, ...)
