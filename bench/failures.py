@@ -9,6 +9,7 @@ every pattern against the pinned versions). Never by words in a log.
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from contextlib import contextmanager
@@ -150,6 +151,20 @@ def recorded(res, memory, teardown: Callable[[], None]) -> Iterator[None]:
             if res.status == "ok":
                 res.status, res.error = "failed", f"teardown failed: {type(e).__name__}: {e}"[:2000]
         res.teardown_s = time.perf_counter() - t0
+
+
+def first_divergence(losses: list[float], skipped: list[bool], first_step: int) -> tuple[int, float] | None:
+    """(step, loss) of the first non-finite loss of a run of steps numbered from `first_step`,
+    or None. `skipped` is given for fp16 only: a step whose inf/NaN gradients made dynamic loss
+    scaling halve the scale and skip the update is an overflow, not a divergence, even when its
+    loss is not finite; a loss scale that collapses is (`_fp16_collapse` in trial.py). In bf16
+    and fp32 every non-finite loss counts, even where DeepSpeed's ZeRO optimizer also skipped
+    the update (it checks the gradients for inf/NaN whatever the precision). The losses are
+    read once, after their steps: nothing synchronises per step."""
+    for k, x in enumerate(losses):
+        if not math.isfinite(x) and not (k < len(skipped) and skipped[k]):
+            return first_step + k, x
+    return None
 
 
 def check_runnable(spec, accelerator: str, nodes: int, notes: list[str]) -> None:

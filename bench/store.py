@@ -11,6 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from .phases import pause_point, phase
 from .schema import migrate, validate
 
 SCHEMA = """
@@ -135,7 +136,7 @@ class Store:
         the trial's record so far, a trial's next round). The record is checked against the
         schema first (llmbench.schema): a key it lacks is refused, never stored."""
         validate(record)
-        with self.db:  # BEGIN ... COMMIT
+        with phase("store-commit"), self.db:  # BEGIN ... COMMIT
             self.db.execute("BEGIN")
             if replace:
                 self.db.execute("DELETE FROM steps WHERE run_id=? AND trial_id=?", (record["run_id"], record["trial_id"]))
@@ -148,6 +149,7 @@ class Store:
             rows = [(record["run_id"], record["trial_id"], i, times[i] if i < len(times) else None,
                      losses[i] if i < len(losses) else None) for i in range(max(len(times), len(losses)))]
             self.db.executemany("INSERT INTO steps VALUES (?,?,?,?,?)", rows)
+            pause_point("store-commit")  # tests: killed inside the transaction, before its COMMIT
         self._mirrored("add_trial", record, seq, replace, run_id=record["run_id"])
 
     def delete_trial(self, run_id: str, trial_id: str) -> None:
@@ -178,6 +180,10 @@ class Store:
         folder's keys over the stored ones (what was added here, as a finalists' decision or a
         projection, stays). A run's folder must be named by its run id. Returns counts: runs,
         added, replaced, unchanged."""
+        with phase("merge"):
+            return self._merge(folders)
+
+    def _merge(self, folders: list[str | Path]) -> dict:
         from .resultsdir import FolderStore, run_folders
 
         counts = dict(runs=0, added=0, replaced=0, unchanged=0)
@@ -209,6 +215,7 @@ class Store:
                 finally:
                     self.mirror = mirror
                 counts["replaced" if was is not None else "added"] += 1
+                pause_point("merge")  # tests: killed with the merge half done
             meta = {**(json.loads(known[1]) if known else {}), **run["meta"]}
             ends = [e.get("finished_at") for e in run["meta"].get("shards", {}).values() if e.get("finished_at")]
             finished = run.get("finished_at") or (max(ends) if ends and run["status"] != "running" else None) \

@@ -9,9 +9,9 @@ micro-step: losses stay on the device until the window closes.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -27,7 +27,7 @@ from .collect.timing import step_timer
 from .data import MarkovSource
 from .device import DTYPES, rank_device, release_host_memory, release_memory, sync
 from .engine import ds_config
-from .failures import Diverged, check_runnable, recorded
+from .failures import Diverged, check_runnable, first_divergence, recorded
 from .models import build_config, build_model, config_to_dict, hidden_size, initialize_weights, model_class
 from .rank_result import RankResult
 from .spec import TrialSpec
@@ -49,17 +49,19 @@ def build_trial_model(spec: TrialSpec, config, cfg: dict):
     return model
 
 
-def train_step(engine, micro_batches: list[torch.Tensor], dev: torch.device, probe=None) -> torch.Tensor:
+def train_step(engine, micro_batches: list[torch.Tensor], dev: torch.device, probe=None, poison: bool = False) -> torch.Tensor:
     """One optimizer step: forward and backward of every micro-batch of the accumulation, each
     followed by DeepSpeed's step (which applies the update at the accumulation boundary).
     Returns the mean loss, left on the device (reading it would synchronise). `probe`, if
-    given, runs the last micro-batch's forward+backward itself (model-state probing)."""
+    given, runs the last micro-batch's forward+backward itself (model-state probing).
+    `poison` (tests only: LLMBENCH_TEST_NAN) makes the loss NaN, and its gradients with it."""
     total = torch.zeros((), device=dev)
     for m, x in enumerate(micro_batches):
         loss: list[torch.Tensor] = []
 
         def forward_backward(x: torch.Tensor = x) -> None:
-            loss.append(engine(input_ids=x, labels=x).loss)
+            out = engine(input_ids=x, labels=x).loss
+            loss.append(out * float("nan") if poison else out)
             engine.backward(loss[0])
 
         (probe if probe is not None and m == len(micro_batches) - 1 else lambda f: f())(forward_backward)
@@ -79,17 +81,21 @@ class _Trial:
     engine: object = None
     model: object = None
     slowdown: float = 0.0  # test-only (injected_slowdown): sleep this fraction of each step's time
+    poison_step: int | None = None  # test-only (LLMBENCH_TEST_NAN): the step whose loss is made NaN
+    beat: Callable[[int, bool], None] | None = None  # tells the driver a step ended (launch/watchdog.py)
+    watch: bool = False  # whether the driver's watchdog should expect the next beat within a few steps
 
     def step(self, i: int, probe=None) -> torch.Tensor:
         """Optimizer step i (its micro-batches wrap around after the warmup and window)."""
         ga, n = self.spec.grad_accum, self.spec.warmup_steps + self.spec.steps
-        i %= n
-        if not self.slowdown:
-            return train_step(self.engine, self.batches[i * ga:(i + 1) * ga], self.dev, probe)
+        j = i % n
         t0 = time.perf_counter()
-        loss = train_step(self.engine, self.batches[i * ga:(i + 1) * ga], self.dev, probe)
-        sync(self.accelerator)
-        time.sleep(self.slowdown * (time.perf_counter() - t0))
+        loss = train_step(self.engine, self.batches[j * ga:(j + 1) * ga], self.dev, probe, i == self.poison_step)
+        if self.slowdown:
+            sync(self.accelerator)
+            time.sleep(self.slowdown * (time.perf_counter() - t0))
+        if self.beat is not None:
+            self.beat(i, self.watch)
         return loss
 
     def teardown(self) -> None:
@@ -151,6 +157,8 @@ def _warm_up(t: _Trial, res: RankResult) -> None:
     """Warmup steps (never in the window): the first one's last micro-batch counts the
     activations saved for backward, the last one probes the model states."""
     t0 = time.perf_counter()
+    warm: list[torch.Tensor] = []
+    skipped: list[bool] = []  # fp16: steps DeepSpeed skipped for overflow
     for i in range(t.spec.warmup_steps):
         if i == t.spec.warmup_steps - 1:
             probe = lambda run: setattr(res, "model_state", asdict(probe_model_states(t.engine, run)))  # noqa: E731
@@ -158,27 +166,37 @@ def _warm_up(t: _Trial, res: RankResult) -> None:
             probe = lambda run: setattr(res, "activations", probe_activations(t.engine.module, run))  # noqa: E731
         else:
             probe = None
-        warm_loss = t.step(i, probe)
+        t.watch = True  # from the first step's end on: the watchdog's clock starts at its third beat
+        before = t.engine.skipped_steps
+        warm.append(t.step(i, probe))
+        skipped.append(t.engine.skipped_steps > before)
     sync(t.accelerator)
     res.warmup_s = time.perf_counter() - t0
-    if not math.isfinite(warm_loss.item()):
-        raise Diverged(f"loss {warm_loss.item()} during warmup")
+    first = first_divergence([float(x) for x in torch.stack(warm).float().cpu()], skipped if t.spec.precision == "fp16" else [],
+                             0) if warm else None
+    if first:
+        raise Diverged(f"loss became {first[1]} at step {first[0]} (warm-up step {first[0] + 1} of {t.spec.warmup_steps})")
 
 
 def _timed_window(t: _Trial, res: RankResult) -> None:
     """The timed steps under their collectors (the reference speed brackets the window, the step
     timer is innermost); nothing synchronised inside, the losses read after."""
     spec = t.spec
-    collectors = [ReferenceSpeed(t.accelerator), telemetry_sampler(t.accelerator),
-                  TrainingSignals(t.engine, spec.precision), step_timer(t.accelerator)]
+    signals = TrainingSignals(t.engine, spec.precision)
+    collectors = [ReferenceSpeed(t.accelerator), telemetry_sampler(t.accelerator), signals, step_timer(t.accelerator)]
     losses, fields = observe(collectors, t.step, range(spec.warmup_steps, spec.warmup_steps + spec.steps),
                              lambda: sync(t.accelerator))
+    t.watch = False  # what follows (extra passes, teardown) is covered by the trial's timeout_s
+    if t.beat is not None:
+        t.beat(spec.warmup_steps + spec.steps - 1, False)
     res.fill(fields)
     res.losses = [float(x) for x in torch.stack(losses).float().cpu()]
     res.tokens = spec.steps * spec.grad_accum * spec.micro_batch * spec.seq_len
-    bad = [x for x in res.losses if not math.isfinite(x)]
-    if bad:
-        raise Diverged(f"non-finite loss {bad[0]} in the timed window")
+    first = first_divergence(res.losses, signals.skipped_flags if spec.precision == "fp16" else [], spec.warmup_steps)
+    if first:
+        k = first[0] - spec.warmup_steps
+        raise Diverged(f"loss became {first[1]} at step {first[0]} (the timed window's step {k + 1} of {spec.steps}; "
+                       f"{k} finite before it), read after the window")
 
 
 def _extra_passes(t: _Trial, world_size: int, trace_path: str | None, res: RankResult) -> None:
@@ -220,6 +238,21 @@ def parse_slowdown(value: str) -> tuple[float, set[str]]:
     return f, set(ids.split(",")) - {""}
 
 
+NAN_ENV = "LLMBENCH_TEST_NAN"
+
+
+def injected_nan(trial_id: str, value: str | None) -> int | None:
+    """Tests only: LLMBENCH_TEST_NAN=STEP[:TRIAL_ID,...] makes optimizer step STEP's loss NaN
+    (counted from the first warm-up step, 0) in the named trials (all when none is named)."""
+    if not value:
+        return None
+    step, _, ids = value.partition(":")
+    if not step.isdigit():
+        raise ValueError(f"{NAN_ENV}={value!r}: use STEP or STEP:TRIAL_ID,TRIAL_ID")
+    named = set(ids.split(",")) - {""}
+    return int(step) if not named or trial_id in named else None
+
+
 def injected_slowdown(trial_id: str, value: str | None) -> float:
     """The test-only slowdown for this trial from LLMBENCH_TEST_SLOWDOWN (parse_slowdown): each
     named step then sleeps FRACTION of its own time after it ends (synchronised first), so the
@@ -233,14 +266,17 @@ def injected_slowdown(trial_id: str, value: str | None) -> float:
 
 def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, host: str, device: str,
               base_config: dict | None = None, ranks_per_node: int | None = None,
-              trace_path: str | None = None, slowdown: float = 0.0, placement: dict | None = None) -> RankResult:
+              trace_path: str | None = None, slowdown: float = 0.0, placement: dict | None = None,
+              beat: Callable[[int, bool], None] | None = None, poison_step: int | None = None) -> RankResult:
     """One trial on this rank, as nanoGPT's bench loop reads: prepare, build, warm up, time the
     window, extra passes, tear down. Every failure is recorded in the result, never raised.
     `slowdown` > 0 (tests only: injected_slowdown) makes every step that fraction slower.
-    `placement`: the rank's node, node rank and local rank (worker._placement)."""
+    `placement`: the rank's node, node rank and local rank (worker._placement). `beat(step,
+    watch)` runs after every step (the driver's progress watchdog). `poison_step` (tests only:
+    injected_nan) makes that step's loss NaN."""
     res = RankResult(rank=rank, host=host, device=device, **(placement or {}))
     memory = peak_memory(accelerator)
-    t = _Trial(spec, accelerator, rank_device(accelerator), slowdown=slowdown)
+    t = _Trial(spec, accelerator, rank_device(accelerator), slowdown=slowdown, poison_step=poison_step, beat=beat)
     if slowdown:
         res.notes.append(f"test-only slowdown injected ({SLOWDOWN_ENV}): every step sleeps {slowdown:.0%} of its time")
     with recorded(res, memory, t.teardown):

@@ -70,6 +70,33 @@ def _threads_on_host(on_host: int) -> int:
     return max(1, usable_cores() // max(1, on_host))
 
 
+MEMORY_SHARE = 0.9  # of the host's available memory, split among its ranks
+
+
+def limit_memory(setting: str, ranks_on_host: int) -> int | None:
+    """Confine this rank's memory (CPU ranks): RLIMIT_DATA, which since Linux 4.7 counts every
+    private writable mapping (the heap and glibc's and torch's mmapped blocks), so an allocation
+    beyond it fails in the allocator (torch: "DefaultCPUAllocator: can't allocate memory",
+    classified oom) instead of the host's OOM killer ending a process, or the machine, at
+    random. `auto`: MEMORY_SHARE of the memory available now, divided among the ranks on this
+    host; `off`: none; else a size (`12GiB`). Returns the limit set, or None."""
+    import resource
+
+    import psutil
+
+    from .plan.devices import parse_bytes
+
+    if setting == "off":
+        return None
+    limit = int(psutil.virtual_memory().available * MEMORY_SHARE / max(1, ranks_on_host)) if setting == "auto" \
+        else parse_bytes(setting)
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
+
+
 def main() -> None:
     t_start = time.time()
     parser = argparse.ArgumentParser(description=__doc__)
@@ -79,6 +106,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="threads per rank; 0: share the physical host's cores")
     parser.add_argument("--nodes", default="", help="the launcher's node names in node-rank order (DeepSpeed's hostfile)")
+    parser.add_argument("--memory-limit", default="off", help="CPU ranks: RLIMIT_DATA, auto, off or a size (limit_memory)")
     args, _ = parser.parse_known_args()
 
     from .launch.slurm import torch_env_from_slurm
@@ -108,7 +136,7 @@ def main() -> None:
     import deepspeed
 
     from .spec import TrialSpec
-    from .trial import SLOWDOWN_ENV, bare_loop, injected_slowdown, run_trial
+    from .trial import NAN_ENV, SLOWDOWN_ENV, bare_loop, injected_nan, injected_slowdown, run_trial
 
     deepspeed.init_distributed(dist_backend=args.backend)
     world = torch.distributed.get_world_size()
@@ -118,9 +146,12 @@ def main() -> None:
         torch.set_num_threads(_threads_on_host(_ranks_on_this_host(host, world)))
         os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     placement["threads"] = torch.get_num_threads()
+    on_host = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0) or \
+        (_ranks_on_this_host(host, world) if args.threads == 0 else world)
+    memory_limit = limit_memory(args.memory_limit, on_host) if args.accelerator == "cpu" else None
     device = torch.cuda.get_device_name(local_rank) if args.accelerator == "cuda" else f"cpu ({cpu_model_name()})"
     ctl.send({"type": "ready", "rank": rank, "world_size": world, "device": device,
-              "startup_s": time.time() - t_start, "threads": torch.get_num_threads()})
+              "startup_s": time.time() - t_start, "threads": torch.get_num_threads(), "memory_limit": memory_limit})
     while True:
         msg = ctl.inbox.get()
         if msg["type"] == "stop":
@@ -129,8 +160,15 @@ def main() -> None:
             spec = TrialSpec.model_validate(msg["spec"])
             ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
             trace = f"{msg['trace_dir']}/{msg['trial_id']}-rank{rank}.json" if msg.get("trace_dir") else None
+            def beat(step: int, watch: bool, trial_id=msg["trial_id"]) -> None:  # the driver's watchdog
+                ctl.send({"type": "beat", "trial_id": trial_id, "step": step, "watch": watch})
+
             res = run_trial(spec, rank, world, args.accelerator, host, device, msg.get("base_config"), ranks_per_node,
-                            trace, injected_slowdown(msg["trial_id"], os.environ.get(SLOWDOWN_ENV)), placement)
+                            trace, injected_slowdown(msg["trial_id"], os.environ.get(SLOWDOWN_ENV)), placement,
+                            beat, injected_nan(msg["trial_id"], os.environ.get(NAN_ENV)))
+            if res.status == "oom" and memory_limit:
+                res.error = (f"{res.error}\n(this rank's memory limit: RLIMIT_DATA {memory_limit / 2**30:.2f} GiB, "
+                             f"--rank-memory; an allocation past it fails here instead of the host running out)")
             ctl.send({"type": "result", "trial_id": msg["trial_id"], **res.message()})
         if msg["type"] == "inference":  # single-process inference scenario (world size 1)
             from .inference import run_inference

@@ -3,6 +3,11 @@
 import os
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
 
 
 def llmbench(*args, cwd=None, timeout=900, check=True, env=None):
@@ -17,3 +22,40 @@ def llmbench(*args, cwd=None, timeout=900, check=True, env=None):
 
 # the test-only slowdown of gate_db's third run (conftest.py): every step of these trials twice as long
 SLOWDOWN, SLOWED = 1.0, ("z1-mb4", "z2-mb8")
+
+
+# -- faults injected into a running pool (test_faults.py, test_cluster.py) -------------------------
+def run_with_fault(pool, trial_id, spec, fault, at_step=5, timeout_s=300):
+    """Run a trial on the pool in a thread; once both ranks have reported step `at_step` of the
+    window (their beats), call fault(pool). Returns (PoolRun, seconds from the fault to the
+    outcome, the rank pids, the launch's rendezvous port)."""
+    box = {}
+    pool.progress = None  # the job's own, once it starts
+    th = threading.Thread(target=lambda: box.setdefault("out", pool.run(trial_id, spec, timeout_s)))
+    th.start()
+    deadline = time.monotonic() + 240
+    while True:
+        prog = pool.progress
+        if prog is not None and len(prog.last) == pool.world_size and all(s >= at_step for _, s in prog.last.values()):
+            break
+        assert th.is_alive() and time.monotonic() < deadline, f"the trial never reached step {at_step}: {box}"
+        time.sleep(0.02)
+    pids, port = dict(pool.pids), pool.launcher.master_port
+    t0 = time.monotonic()
+    fault(pool)
+    th.join(timeout_s)
+    return box["out"], time.monotonic() - t0, pids, port
+
+
+def assert_nothing_left(pids, port):
+    """No rank process, no DeepSpeed shared-memory segment of that launch, no JIT-build lock."""
+    alive = [p for p in pids.values() if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [psutil.Process(p).cmdline() for p in alive]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_*_{port}_*"))
+    from llmbench.launch.process import extensions_dir
+
+    ext = extensions_dir()
+    assert not (list(ext.rglob("lock")) if ext.exists() else []), "stale JIT-build lock"
+    assert not psutil.Process().children(recursive=True)
+
+

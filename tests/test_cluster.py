@@ -275,6 +275,45 @@ def test_two_nodes_over_ssh_match_the_one_node_sweep(ssh_nodes, zero_sweep, tmp_
     assert "--hostfile" in log and "--nodes llmbench-node0,llmbench-node1" in log
 
 
+def test_pdsh_killed_under_a_two_node_pool_fails_the_trial_and_leaves_no_rank(ssh_nodes, tmp_path, monkeypatch):
+    """The launch's pdsh (DeepSpeed's PDSH runner: one ssh per node) SIGKILLed mid-window: the
+    trial fails saying the launcher ended, and no rank remains on either "node": the ranks
+    leave when the driver closes their control connections (on a real cluster nothing else
+    reaches them), and this host's pids are checked."""
+    import signal
+
+    from helpers import assert_nothing_left, run_with_fault
+    from llmbench.env import detect_hardware
+    from llmbench.launch import LaunchOptions, RankPool
+    from llmbench.spec import TrialSpec
+
+    for k, v in ssh_nodes["env"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions"))
+    pool = RankPool(detect_hardware(force_cpu=True), 2, tmp_path / "pool.log",
+                    LaunchOptions(hostfile=str(ssh_nodes["hostfile"]), master_addr="127.0.0.1", control_addr="127.0.0.1"),
+                    startup_timeout_s=300)
+
+    def kill_pdsh(p):
+        import psutil
+
+        family = psutil.Process(p.launcher.proc.pid).children(recursive=True)
+        pdsh = [c for c in family if c.cmdline()[:1] == ["pdsh"]]  # (Debian's process is pdsh.bin)
+        assert pdsh, [c.cmdline()[:3] for c in family]
+        for c in pdsh:
+            c.send_signal(signal.SIGKILL)
+
+    spec = TrialSpec(model="tiny", precision="fp32", seq_len=32, micro_batch=2, warmup_steps=2, steps=400,
+                     breakdown_steps=0).model_dump()
+    try:
+        out, detect_s, pids, port = run_with_fault(pool, "pdsh", spec, kill_pdsh)
+    finally:
+        pool.stop()
+    assert out.status == "failed" and "launcher ended" in out.error, out
+    assert_nothing_left(pids, port)
+    print(f"pdsh SIGKILL: outcome {detect_s:.1f}s after the kill")
+
+
 # -- SLURM -----------------------------------------------------------------------------------------------
 
 def test_inside_an_allocation_ranks_start_with_srun_and_strangers_are_refused(slurm, tmp_path):

@@ -347,6 +347,8 @@ def sweep(
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget",
                                                 help="Prune trials whose predicted own peak per rank exceeds this (e.g. 2GiB) by more than 10%; default: the device's memory."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Launch every trial, even those predicted not to fit."),
+    rank_memory: str = typer.Option("auto", "--rank-memory",
+                                    help="CPU ranks' memory limit (RLIMIT_DATA): auto (90% of the host's available memory over its ranks), off, or a size (12GiB). A trial past it is recorded oom; the host survives."),
     search: bool = typer.Option(False, "--search",
                                 help="Guided search instead of the whole grid: prune by memory, rank by the calibrated throughput model, short windows, finalists in interleaved rounds (docs/search.md)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: run every n-th trial of the plan, from the i-th (0-based); shards share one run (--run-id), write trial files and merge at the end."),
@@ -371,6 +373,14 @@ def sweep(
     """Sweep a suite's grid: train each configuration with real DeepSpeed, store every trial, write an HTML report."""
     try:
         options = launch_options(hostfile, include, exclude, num_nodes, master_addr, ssh_port, control_addr, launcher)
+        if rank_memory not in ("auto", "off"):
+            from ..plan.devices import parse_bytes
+
+            try:
+                parse_bytes(rank_memory)
+            except ValueError as e:
+                raise SpecError(f"--rank-memory {rank_memory}: {e}") from None
+        options.rank_memory = rank_memory
         place = Placement(parse_shard(shard), run_id, results, not no_merge, only_world_size,
                           [t for t in only.split(",") if t] if only else None)
         if place.shard and not (run_id or resume):

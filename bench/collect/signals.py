@@ -18,11 +18,15 @@ class TrainingSignals(Base):
         self.norms: list = []
         self.lrs: list[float] = []
         self.scales: list = []
+        self.skipped_flags: list[bool] = []  # per step: DeepSpeed skipped it (an fp16 overflow)
 
     def start(self) -> None:
-        self.skipped_before = self.engine.skipped_steps
+        self.skipped_before = self._last = self.engine.skipped_steps
 
     def end_step(self) -> None:
+        skipped = self.engine.skipped_steps  # a host-side count (DeepSpeed's overflow check already synchronised)
+        self.skipped_flags.append(skipped > self._last)
+        self._last = skipped
         norm = self.engine.get_global_grad_norm()
         self.norms.append(norm.detach().clone() if isinstance(norm, torch.Tensor) else norm)
         self.lrs.append(self.engine.get_lr()[0])

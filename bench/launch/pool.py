@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..env import Hardware
+from ..phases import pause_point, phase
 from .control import DriverChannel, read_key, write_key
+from .exits import describe_exit, kill_left, local_states, signal_of
 from .process import LauncherProcess, LaunchOptions, clear_stale_extension_locks, extensions_dir
+from .watchdog import STALL_FACTOR, STALL_FLOOR_S, Progress
 
 
 def key_dir() -> Path:
@@ -48,8 +51,11 @@ class RankPool:
     """A pool of ranks of one world size, reused across trials until a trial fails."""
 
     def __init__(self, hw: Hardware, world_size: int, log_path: Path, options: LaunchOptions | None = None,
-                 startup_timeout_s: float = 600.0, grace_s: float = 15.0):
+                 startup_timeout_s: float = 600.0, grace_s: float = 15.0,
+                 stall_factor: float = STALL_FACTOR, stall_floor_s: float = STALL_FLOOR_S):
         self.hw, self.world_size, self.log_path = hw, world_size, Path(log_path)
+        self.stall_factor, self.stall_floor_s = stall_factor, stall_floor_s
+        self.progress: Progress | None = None  # the current job's beats (tests watch it to inject faults mid-window)
         self.options = options or LaunchOptions()
         self.startup_timeout_s, self.grace_s = startup_timeout_s, grace_s
         self.launcher: LauncherProcess | None = None
@@ -73,6 +79,10 @@ class RankPool:
 
     def start(self) -> PoolRun | None:
         """Launch the ranks and wait until all are ready; a PoolRun with the cause if they are not."""
+        with phase("pool-start"):
+            return self._start()
+
+    def _start(self) -> PoolRun | None:
         t0 = time.perf_counter()
         self.cleared_locks = clear_stale_extension_locks()
         self.ready = {}
@@ -86,6 +96,7 @@ class RankPool:
             self.kill()
             return PoolRun("failed", error=f"the ranks could not be launched: {type(e).__name__}: {e}")
         self.starts += 1
+        pause_point("pool-start")  # tests: killed with the ranks launched, not yet joined
         deadline = time.monotonic() + self.startup_timeout_s
         next_lock_check = time.monotonic() + 10
         while len(self.ready) < self.world_size:
@@ -154,19 +165,65 @@ class RankPool:
                 pass
         self.kill()
 
-    def kill(self) -> None:
-        """End the launcher and every rank, close the channel."""
+    def kill(self) -> str:
+        """End the launcher and every rank, close the channel. The rank processes of this host
+        still there after the launcher's process group was killed get SIGKILL one by one (one
+        that left the group, a stopped one); returns what is left after that ("" when nothing)."""
+        left: list[int] = []
         if self.launcher is not None:
             self.launcher.kill()
         if self.channel is not None:
+            left = kill_left(self.channel.pids, self.channel.hosts)
             self.channel.close()
         if self.key_path is not None:
             self.key_path.unlink(missing_ok=True)
             self.key_path = None
         self.ready = {}
+        return f"; rank processes still alive after SIGKILL: {left}" if left else ""
 
     def log_tail(self, n: int = 30) -> str:
         return self.launcher.log_tail(n) if self.launcher else ""
+
+    def _launcher_gone(self, trial_id: str, results: dict[int, dict]) -> PoolRun:
+        """The launcher exited during a job. What the ranks said before they went is read first:
+        a rank that died (its connection closed without a result) is the cause, and the
+        launcher's status is then that rank's (_died); else the launcher itself ended (killed,
+        or its node's connection lost) and its ranks are killed."""
+        drain_until = time.monotonic() + 1.0  # what was sent before the end, not a window's worth of beats
+        while time.monotonic() < drain_until and (event := self.channel.next(0.3)) is not None:
+            rank, msg = event
+            if msg["type"] == "result" and msg.get("trial_id") == trial_id:
+                results[rank] = msg
+            elif msg["type"] == "eof" and rank not in results:
+                return self._died(rank, results)
+        if results and any(r["status"] != "ok" for r in results.values()):
+            self.kill()
+            return PoolRun("reported", [results[r] for r in sorted(results)])
+        code = self.launcher.returncode
+        tail = self.launcher.log_tail()
+        left = self.kill()
+        return PoolRun("failed", [results[r] for r in sorted(results)],
+                       error=f"DeepSpeed's launcher ended during the trial ({describe_exit(code)}); its ranks were "
+                             f"killed{left}:\n{tail}")
+
+    def _died(self, rank: int, results: dict[int, dict]) -> PoolRun:
+        """A rank's connection closed before its result: the rank died. DeepSpeed's launcher
+        notices within a second, ends the other ranks and exits with the dead rank's status
+        (exits.py); that status names the signal. The ranks that did report are kept."""
+        pid, host = self.channel.pids.get(rank), self.channel.hosts.get(rank, "")
+        deadline = time.monotonic() + self.grace_s
+        while self.launcher.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        code = self.launcher.returncode
+        tail = self.launcher.log_tail()
+        left = self.kill()
+        who = "srun" if self.options.launcher == "srun" else "DeepSpeed's launcher"
+        cause = f"{describe_exit(code)}, as {who} passed it on" if code is not None else \
+            f"its exit status unknown ({who} was still running {self.grace_s:.0f}s later)"
+        hint = "; SIGKILL is also what the host's OOM killer sends" if signal_of(code) == 9 else ""
+        return PoolRun("failed", [results[r] for r in sorted(results)],
+                       error=f"rank {rank} (pid {pid} on {host or '?'}) died during the trial: {cause}{hint}; "
+                             f"the other ranks were ended{left}:\n{tail}")
 
     # -- jobs ----------------------------------------------------------------------------------
     def run(self, trial_id: str, spec: dict, timeout_s: float, base_config: dict | None = None,
@@ -189,43 +246,43 @@ class RankPool:
         results: dict[int, dict] = {}
         deadline = time.monotonic() + timeout_s
         first_failure = None
+        self.progress = progress = Progress(self.stall_factor, self.stall_floor_s)
 
         def partial() -> PoolRun:  # some rank failed; what the others reported is kept
             self.kill()
             return PoolRun("reported", [results[r] for r in sorted(results)])
 
+        next_check = 0.0
         while len(results) < self.world_size:
             event = self.channel.next(0.2)
             now = time.monotonic()
             if now > deadline:  # checked on every event too: streamed rows cannot postpone it
                 self.kill()
                 return PoolRun("timeout", error=f"trial exceeded its {timeout_s:.0f}s limit; all its processes were killed")
-            if event is None:
+            late = progress.stalled(set(results), now)
+            if late:
+                why = progress.describe(late, local_states(self.channel.pids, self.channel.hosts))
+                left = self.kill()
+                return PoolRun("timeout", [results[r] for r in sorted(results)],
+                               error=f"{why}; every process of the pool was killed (SIGKILL){left}")
+            if event is not None:
+                rank, msg = event
+                if msg["type"] == "beat" and msg.get("trial_id") == trial_id:
+                    progress.beat(rank, msg.get("step"), bool(msg.get("watch")), now)
+                elif msg["type"] == "row" and msg.get("trial_id") == trial_id and on_row is not None:
+                    on_row(rank, msg["row"])
+                elif msg["type"] == "result" and msg.get("trial_id") == trial_id:
+                    results[rank] = msg
+                    if msg["status"] != "ok" and first_failure is None:
+                        first_failure = time.monotonic()
+                elif msg["type"] == "eof" and rank not in results:
+                    return self._died(rank, results)
+            if now >= next_check:  # the launcher, twice a second, whether or not the ranks talk
+                next_check = now + 0.5
                 if not self.launcher.running:
-                    if any(r["status"] != "ok" for r in results.values()):
-                        return partial()
-                    code = self.launcher.returncode
-                    self.kill()
-                    return PoolRun("failed", error=f"ranks exited (launcher code {code}) during the trial:\n"
-                                                   f"{self.launcher.log_tail()}")
-                if first_failure is not None and now > first_failure + self.grace_s:
-                    return partial()
-                continue
-            rank, msg = event
-            if msg["type"] == "row" and msg.get("trial_id") == trial_id and on_row is not None:
-                on_row(rank, msg["row"])
-            elif msg["type"] == "result" and msg.get("trial_id") == trial_id:
-                results[rank] = msg
-                if msg["status"] != "ok" and first_failure is None:
-                    first_failure = time.monotonic()
-            elif msg["type"] == "eof" and rank not in results:
-                time.sleep(0.5)  # let the launcher's exit code settle
-                code = self.launcher.returncode
-                if any(r["status"] != "ok" for r in results.values()):
-                    return partial()
-                self.kill()
-                return PoolRun("failed", error=f"rank {rank} died during the trial (launcher code {code}); a code of -9 "
-                                               f"is often the host's OOM killer:\n{self.launcher.log_tail()}")
+                    return self._launcher_gone(trial_id, results)
+            if first_failure is not None and now > first_failure + self.grace_s:
+                return partial()
         clean = kind == "inference" and all(r["status"] in ("ok", "unsupported") for r in results.values())
         if any(r["status"] != "ok" for r in results.values()) and not clean:
             self.kill()  # the next trial starts on a clean pool

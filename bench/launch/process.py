@@ -44,6 +44,7 @@ class LaunchOptions:
     control_addr: str | None = None
     launcher: str = "deepspeed"
     extra: list[str] = field(default_factory=list)
+    rank_memory: str = "auto"  # CPU ranks' RLIMIT_DATA (worker.limit_memory): auto, off, or a size (12GiB)
 
     @property
     def multi_node(self) -> bool:
@@ -173,6 +174,8 @@ class LauncherProcess:
         threads = 0 if self.options.multi_node else self.hw.threads_per_rank
         args = ["--control", control, "--key", str(key_path), "--backend", self.hw.comm_backend,
                 "--accelerator", self.hw.accelerator, "--threads", str(threads)]
+        if self.hw.accelerator == "cpu":
+            args += ["--memory-limit", self.options.rank_memory]
         if self.options.launcher == "deepspeed" and self.options.multi_node:
             args += ["--nodes", ",".join(resolve_resources(self.options))]
         return args
@@ -247,30 +250,32 @@ class LauncherProcess:
 
     def kill(self) -> None:
         """End the launcher, every rank and anything they started (compilers included), then
-        remove this launch's shared-memory segments."""
-        if self.running:
-            import psutil
+        remove this launch's shared-memory segments. The process group is killed even when
+        the launcher itself is gone (killed, or exited): its ranks may outlive it."""
+        if self.proc is None:
+            return
+        import psutil
 
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True) if self.running else []
+        except psutil.NoSuchProcess:
+            family = []
+        if self.running and self.options.launcher == "srun":  # srun needs a moment to end its step on every node
             try:
-                family = psutil.Process(self.proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                family = []
-            if self.options.launcher == "srun":  # srun needs a moment to end its step on every node
-                try:
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                    self.proc.wait(timeout=10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-            for p in family:  # a child that left the process group is still ours
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # SIGKILL: a stopped rank ignores SIGTERM until continued
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in family:  # a child that left the process group is still ours
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
         release_shm_buffers(self.master_port)
 
     def log_tail(self, n: int = 30) -> str:
