@@ -43,6 +43,7 @@ class SlurmSpec:
     cpu: bool = False
     control_addr: str | None = None  # passed on to every task's `--control-addr`
     poll_s: float = 2.0
+    retries: int = 1  # a task SLURM ended early (time limit, preemption, node failure) or requeued: again at most this often
 
 
 def check_submittable(plan, spec: SlurmSpec) -> None:
@@ -113,15 +114,42 @@ def sbatch(script: Path) -> str:
     return out.stdout.strip().split(";")[0]
 
 
-def write_script(path: Path, name: str, options: list[str], command: str, array: str | None, log: str) -> Path:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={log}", "#SBATCH --open-mode=append"]
+def write_script(path: Path, name: str, options: list[str], command: str, array: str | None, log: str,
+                 retries: int = 1) -> Path:
+    """The batch script: requeue allowed (a preempted task comes back and resumes its shard), at
+    most `retries` times (the task refuses beyond: cli/sweep.MAX_RESTARTS_ENV)."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={log}", "#SBATCH --open-mode=append",
+             "#SBATCH --requeue"]
     if array:
         lines.append(f"#SBATCH --array={array}")
     lines += [f"#SBATCH {o}" for o in options]
-    lines += ["set -e", f"cd {shlex.quote(str(Path.cwd()))}", f"exec {command}"]
+    lines += ["set -e", f"cd {shlex.quote(str(Path.cwd()))}", f"export LLMBENCH_SLURM_MAX_RESTARTS={retries}",
+              f"exec {command}"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# SLURM's job states (squeue(1), JOB STATE CODES) in which a task ended before its shard did,
+# for a reason of the cluster's, not of the trials: worth one more try
+RETRYABLE = ("TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
+def task_states(job_id: str) -> dict[int, dict]:
+    """{array task id: {state, restarts, job}} of an array job, from `scontrol -o show job`
+    (no accounting database needed; slurmctld keeps an ended job for MinJobAge, 300 s by
+    default). Empty when it cannot answer."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states = {}
+    for line in out.stdout.splitlines():
+        kv = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if kv.get("ArrayTaskId", "").isdigit():
+            states[int(kv["ArrayTaskId"])] = {"state": kv.get("JobState", "?"), "restarts": int(kv.get("Restarts", 0) or 0),
+                                              "job": f"{job_id}_{kv['ArrayTaskId']}", "time_limit": kv.get("TimeLimit")}
+    return states
 
 
 def pending(job_ids: list[str]) -> int | None:
@@ -185,7 +213,7 @@ def submit_and_wait(plan, hw, suite: str, overrides: list[str], label, db: Path,
                            shard=f"$SLURM_ARRAY_TASK_ID/{n}", world_size=ws)
         array = f"0-{n - 1}" + (f"%{spec.array_parallelism}" if spec.array_parallelism else "")
         script = write_script(slurm_dir / f"ws{ws}.sbatch", f"llmbench-{run_id}-ws{ws}", resources(ws, spec), cmd,
-                              array, str(slurm_dir / f"ws{ws}-%a.out"))
+                              array, str(slurm_dir / f"ws{ws}-%a.out"), spec.retries)
         try:
             jobs[ws] = sbatch(script)
         except RuntimeError as e:
@@ -198,11 +226,15 @@ def submit_and_wait(plan, hw, suite: str, overrides: list[str], label, db: Path,
         console.print(f"detached; when the jobs end: llmbench merge {results / run_id} --db {db}")
         return
     try:
-        wait(list(jobs.values()), results / run_id, len(plan.trials), spec, f"run {run_id}")
+        tasks = _wait_and_retry(jobs, arrays, slurm_dir, results / run_id, len(plan.trials), spec, run_id)
     except KeyboardInterrupt:
         console.print(f"[yellow]stopped waiting[/]: jobs {', '.join(jobs.values())} go on (scancel to end them); "
                       f"merge later with: llmbench merge {results / run_id} --db {db}")
         raise SystemExit(130)
+    _mark_cut_short(tasks, plan, arrays, results, run_id, spec)
+    run = folder.run(run_id)
+    run["meta"]["slurm_tasks"] = {f"ws{ws}-{i}": attempts for (ws, i), attempts in sorted(tasks.items())}
+    folder.set_meta(run_id, run["meta"])
     store = Store(db)
     counts = store.merge([results / run_id])
     records = store.trials(run_id)
@@ -219,6 +251,68 @@ def submit_and_wait(plan, hw, suite: str, overrides: list[str], label, db: Path,
         console.print(f"finalists' report: {write_report(fr, store.trials(final_run), out, None, *kernels_for(store, fr))}")
     if not any(r["status"] == "ok" for r in records):
         fail(f"no trial of run {run_id} succeeded; see {slurm_dir} and the logs under {out / 'logs'}", code=1)
+
+
+def _wait_and_retry(jobs: dict[int, str], arrays: dict[int, int], slurm_dir: Path, results_run: Path, total: int,
+                    spec: SlurmSpec, run_id: str) -> dict[tuple[int, int], list[dict]]:
+    """Wait for the arrays; a task SLURM ended early (RETRYABLE: a time limit, a preemption
+    without requeue, a node failure) is submitted again, its shard resuming, at most
+    `spec.retries` times. (A requeued task SLURM restarts by itself, counted in its `restarts`.)
+    Returns every attempt's end per (world size, task)."""
+    from .cli.app import console
+
+    tasks: dict[tuple[int, int], list[dict]] = {}
+    current = dict(jobs)
+    for attempt in range(spec.retries + 1):
+        wait(list(current.values()), results_run, total, spec, f"run {run_id}" + (f" (retry {attempt})" if attempt else ""))
+        again: dict[int, list[int]] = {}
+        for ws, job in current.items():
+            for i, st in task_states(job).items():
+                tasks.setdefault((ws, i), []).append(st)
+                if st["state"] in RETRYABLE:
+                    again.setdefault(ws, []).append(i)
+        if not again or attempt == spec.retries:
+            return tasks
+        current = {}
+        for ws, ids in again.items():
+            script = slurm_dir / f"ws{ws}.sbatch"
+            out = subprocess.run(["sbatch", "--parsable", f"--array={','.join(map(str, ids))}", str(script)],
+                                 capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                console.print(f"[red]could not resubmit[/] tasks {ids} of {script}: {out.stderr.strip()}")
+                continue
+            current[ws] = out.stdout.strip().split(";")[0]
+            ended = ", ".join(f"{tasks[(ws, i)][-1]['job']} {tasks[(ws, i)][-1]['state']}" for i in ids)
+            console.print(f"[yellow]SLURM ended[/] {ended}: resubmitted as job {current[ws]} (retry {attempt + 1} of "
+                          f"{spec.retries}; the shards resume)")
+        if not current:
+            return tasks
+    return tasks
+
+
+def _mark_cut_short(tasks: dict[tuple[int, int], list[dict]], plan, arrays: dict[int, int], results: Path, run_id: str,
+                    spec: SlurmSpec) -> None:
+    """After the last attempt: a trial its task's end interrupted carries SLURM's reason. A time
+    limit makes it `timeout`; a preemption or node failure leaves it `interrupted`, named."""
+    from .resultsdir import FolderStore, shard_key
+    from .sweep import shard_plan
+
+    for (ws, i), attempts in tasks.items():
+        last = attempts[-1]
+        if last["state"] not in RETRYABLE and last["restarts"] <= spec.retries:
+            continue
+        fs = FolderStore(results, shard=shard_key(i, arrays[ws], ws))
+        mine = {t.trial_id for t in shard_plan(plan, i, arrays[ws], ws).trials}
+        for seq, rec in fs.entries(run_id):
+            if rec["trial_id"] not in mine or rec["status"] != "interrupted":
+                continue
+            why = (f"SLURM {last['state']}: array task {last['job']} (time limit {last['time_limit']}) ended during this trial"
+                   if last["state"] in RETRYABLE else
+                   f"SLURM requeued array task {last['job']} {last['restarts']} times, past the limit")
+            tries = f"{len(attempts)} submission(s), {sum(a['restarts'] for a in attempts)} requeue(s); --retries {spec.retries}"
+            rec = dict(rec, status="timeout" if last["state"] == "TIMEOUT" else "interrupted",
+                       error=f"{why}; {tries}\n{rec.get('error') or ''}".strip())
+            fs.add_trial(rec, seq, replace=True)
 
 
 def _finalists(store, run_id, records, suite, overrides, label, db, out, results, spec: SlurmSpec, base_config,
@@ -243,7 +337,7 @@ def _finalists(store, run_id, records, suite, overrides, label, db, out, results
 
     FolderStore(results).create_run(final_id, suite, label, {}, {"finalists_of": run_id}, shards=["0-of-1"])
     script = write_script(slurm_dir / "finalists.sbatch", f"llmbench-{final_id}", resources(ws, spec), cmd, None,
-                          str(slurm_dir / "finalists.out"))
+                          str(slurm_dir / "finalists.out"), spec.retries)
     job = sbatch(script)
     console.print(f"re-measuring the finalists {', '.join(r['trial_id'] for r in chosen)} together "
                   f"({rounds} interleaved rounds) in one allocation: job {job}")

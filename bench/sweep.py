@@ -148,6 +148,21 @@ def check_resume(store: Store, run_id: str, plan: Plan) -> str:
     return run_id
 
 
+INTERRUPTED_BY: list[str] = []  # the signal that stopped the driver, when not Ctrl-C (cli/sweep.py's SIGTERM handler)
+
+
+def interrupt_reason() -> str:
+    """Ctrl-C, or SIGTERM and, inside a SLURM job, which one (SLURM sends SIGTERM at the time
+    limit, on preemption and on scancel; which of those, the submitter reads afterwards)."""
+    import os
+
+    if not INTERRUPTED_BY:
+        return "Ctrl-C"
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
+    return INTERRUPTED_BY[0] + (f" to SLURM job {job}: its time limit, a preemption or a requeue, or scancel" if job else "")
+
+
 @dataclass
 class SweepResult:
     run_id: str
@@ -365,7 +380,7 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
             d.pool.kill()
         if current is not None and current[1] == 0:  # a later round's trial keeps its rounds so far
             t = current[0]
-            rec = failed_record(d.record(t), "interrupted", "the sweep was interrupted (Ctrl-C) during this trial")
+            rec = failed_record(d.record(t), "interrupted", f"the sweep was interrupted ({interrupt_reason()}) during this trial")
             store.add_trial(rec, t.seq if t.seq is not None else seq)
             records[t.trial_id] = rec
         raise

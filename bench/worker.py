@@ -21,13 +21,26 @@ def release_own_shm() -> None:
     removes (see launch.release_shm_buffers); peers keep their mappings, so this is safe."""
     port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
     if port and rank:
-        from pathlib import Path
+        _unlink_shm(f"deepspeed_allreduce_buffer_*_{port}_{rank}")
 
-        for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+
+def release_launch_shm() -> None:
+    """When the driver is gone: unlink the segments of every rank of this launch on this host.
+    The first rank to see the driver's socket close does it for all: a peer that DeepSpeed's
+    launch.py SIGTERMs first (it ends the others once one rank exits) cannot do its own."""
+    port = os.environ.get("MASTER_PORT")
+    if port:
+        _unlink_shm(f"deepspeed_allreduce_buffer_*_{port}_*")
+
+
+def _unlink_shm(pattern: str) -> None:
+    from pathlib import Path
+
+    for p in Path("/dev/shm").glob(pattern):
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def _placement(nodes: str, local_rank: int, host: str) -> dict:
@@ -121,8 +134,15 @@ def main() -> None:
     from .launch.control import RankChannel
 
     ctl = RankChannel(args.control, args.key, {"rank": rank, "pid": os.getpid(), "host": host, **placement},
-                      on_driver_gone=release_own_shm, exit_code=EXIT_DRIVER_GONE)
+                      on_driver_gone=release_launch_shm, exit_code=EXIT_DRIVER_GONE)
 
+    import signal
+
+    def terminated(signum, frame):  # DeepSpeed's launch.py SIGTERMs the others when one rank exits
+        release_launch_shm()  # (ran first, or only, when this rank was busy as the driver went away)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     import torch
 
     if args.threads:

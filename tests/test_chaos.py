@@ -3,8 +3,9 @@ once, none lost, no process or shared-memory segment left (docs/faults.md).
 
 In CI: three kills at fixed phases (LLMBENCH_TEST_PAUSE stops the driver inside the phase: a
 pool start with its ranks launched and not yet joined, a SQLite transaction begun and not
-committed, a merge half done). Behind `slow`: twenty kills of one sharded sweep at seeded
-random moments, with the phase each hit read from LLMBENCH_PHASE_LOG."""
+committed, a merge half done). Behind `slow`: twenty kills across one sweep and the merges of
+its files, at seeded random moments or paused phases, the phase each hit read from
+LLMBENCH_PHASE_LOG."""
 
 import json
 import os
@@ -24,8 +25,8 @@ from helpers import llmbench
 from llmbench.launch.process import extensions_dir
 
 SUITE = ("name: chaos\nfixed: {model: tiny, precision: fp32, seq_len: 32, micro_batch: 2, warmup_steps: 2, steps: 3,"
-         " breakdown_steps: 0}\ngrid: {zero_stage: [0, 1, 2, 3]}\n")
-TRIALS = ["z0", "z1", "z2", "z3"]
+         " breakdown_steps: 0, rounds: 2}\ngrid: {zero_stage: [0, 3]}\n")
+TRIALS = ["z0", "z3"]
 
 
 def _sweep(tmp_path: Path, *args: str, env: dict) -> subprocess.Popen:
@@ -35,9 +36,9 @@ def _sweep(tmp_path: Path, *args: str, env: dict) -> subprocess.Popen:
 
 
 def _kill_when_paused(proc: subprocess.Popen, log: Path, phase: str, timeout: float = 240) -> None:
-    """Wait until the driver logs that it paused in `phase`, then SIGKILL it."""
+    """Wait until this driver logs that it paused in `phase`, then SIGKILL it."""
     deadline = time.monotonic() + timeout
-    while not (log.exists() and f"paused {phase}" in log.read_text()):
+    while not (log.exists() and f" {proc.pid} paused {phase}\n" in log.read_text()):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.monotonic() < deadline, f"never paused in {phase}"
         time.sleep(0.05)
@@ -56,6 +57,9 @@ def _launched_by(driver_pid: int) -> list[psutil.Process]:
     return out
 
 
+SHM_BEFORE = set(Path("/dev/shm").glob("deepspeed_*"))  # whatever was there before these tests (not theirs)
+
+
 def _assert_clean(driver_pid: int, timeout: float = 30) -> None:
     """Nothing the killed driver launched outlives it (ranks see its control socket close, or
     fail to reach it, and leave; DeepSpeed's launcher then ends), no shared-memory segment of
@@ -64,19 +68,9 @@ def _assert_clean(driver_pid: int, timeout: float = 30) -> None:
     while (left := _launched_by(driver_pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, [p.info["cmdline"] for p in left]
-    assert not [p for p in Path("/dev/shm").glob("deepspeed_*") if _owner_gone(p)], "leaked /dev/shm segment"
+    assert not set(Path("/dev/shm").glob("deepspeed_*")) - SHM_BEFORE, "leaked /dev/shm segment"
     ext = extensions_dir()
     assert not (list(ext.rglob("lock")) if ext.exists() else []), "stale JIT-build lock"
-
-
-def _owner_gone(seg: Path) -> bool:
-    """A DeepSpeed CPU-comm segment (deepspeed_allreduce_buffer_*_ADDR_PORT_RANK) whose
-    rendezvous port no live process uses."""
-    port = seg.name.rsplit("_", 2)[-2]
-    for c in psutil.net_connections("tcp"):
-        if c.laddr and str(c.laddr.port) == port:
-            return False
-    return True
 
 
 def _stored(db: Path) -> list[tuple[str, str]]:
@@ -98,27 +92,34 @@ def test_three_kills_at_fixed_phases_then_resume_lose_nothing(tmp_path):
         (run_id,), = c.execute("SELECT run_id FROM runs").fetchall()
     assert _stored(db) == []
 
-    # 2. the second trial's commit: inside its SQLite transaction, before COMMIT
+    # 2. the second commit (trials run in interleaved rounds: z0's first round is stored, z3's
+    #    first is in its transaction): killed before COMMIT
     proc = _sweep(tmp_path, "--resume", run_id, env=dict(base, LLMBENCH_TEST_PAUSE="store-commit:2"))
     _kill_when_paused(proc, log, "store-commit")
     _assert_clean(proc.pid)
-    assert _stored(db) == [("z0", "ok")]  # the first commit stands, the second was rolled back
+    with sqlite3.connect(db) as c:
+        stored = [json.loads(r) for (r,) in c.execute("SELECT record_json FROM trials")]
+    assert [(r["trial_id"], r["status"], r["rounds_done"]) for r in stored] == [("z0", "ok", 1)]  # z3's rolled back
 
-    # resumed to the end
+    # resumed to the end: z0, killed before its last round, runs again whole; each step stored once
     llmbench("sweep", str(tmp_path / "chaos.yaml"), "--db", str(db), "--out", str(tmp_path / "out"), "--no-prune",
              "--resume", run_id, env=base)
-    rows = _stored(db)
-    assert sorted(t for t, _ in rows) == TRIALS and all(s == "ok" for _, s in rows), rows
-    assert rows[0] == ("z0", "ok")  # measured before the kills, kept, not re-run
+    recs = [json.loads(x) for x in llmbench("results", run_id, "--db", str(db), "--format", "json").stdout.splitlines()]
+    assert sorted(r["trial_id"] for r in recs) == TRIALS and all(r["status"] == "ok" for r in recs), recs
+    for r in recs:
+        assert r["rounds_done"] == 2 and len(r["step_times_s"]) == 2 * r["steps"], r["trial_id"]
+        assert r["tokens_per_s"] * r["window_s"] == pytest.approx(2 * r["steps"] * r["global_batch"] * r["seq_len"])
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM steps WHERE run_id=?", (run_id,)).fetchone()[0] == sum(2 * r["steps"] for r in recs)
 
     # 3. a merge of the run's result files into another store, killed half done, then run again
     db2 = tmp_path / "merged.db"
     folder = tmp_path / "out" / "results" / run_id
     p = subprocess.Popen([sys.executable, "-m", "llmbench.cli", "merge", str(folder), "--db", str(db2), "--no-report"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=dict(base, LLMBENCH_TEST_PAUSE="merge:2"))
+                         env=dict(base, LLMBENCH_TEST_PAUSE="merge:1"))
     _kill_when_paused(p, log, "merge")
-    assert len(_stored(db2)) == 2  # two trials merged (each in its own commit) when it was killed
+    assert len(_stored(db2)) == 1  # one trial merged (each in its own commit) when it was killed
     llmbench("merge", str(folder), "--db", str(db2), "--no-report")
     with sqlite3.connect(db) as a, sqlite3.connect(db2) as b:
         q = "SELECT trial_id, record_json FROM trials ORDER BY trial_id"
@@ -143,45 +144,85 @@ def _open_phase(log: Path, pid: int, at: float) -> str:
 
 
 @pytest.mark.slow
-def test_twenty_random_kills_of_a_sharded_sweep(tmp_path):
-    """One sweep of the smoke suite as a shard (its trials go to result files, merged into
-    SQLite at the end), killed 20 times: at a seeded random moment, or (a third of the kills,
-    so every fragile phase is hit) paused in a chosen phase. Each kill is followed by
-    --resume. The figures: docs/faults.md."""
+def test_twenty_kills_across_one_sweep(tmp_path):
+    """Sweeps of the smoke suite in 2 rounds (8 trial-rounds each, each committed to SQLite and
+    mirrored into result files), their driver SIGKILLed 20 times, each kill followed by
+    --resume; and merges of their result files into a second store, killed too. Each kill falls
+    at a seeded random moment 2-30 s after the start, or (about two thirds, and the first two,
+    so every fragile phase is hit) paused in a chosen phase: a pool start, a store commit, a
+    merge. An invocation that ends before its kill does not count; a sweep that completes is
+    followed by a new one. The figures: docs/faults.md."""
     rng = random.Random(19)
-    db, log = tmp_path / "c.db", tmp_path / "phases.log"
+    db, merged, log = tmp_path / "c.db", tmp_path / "merged.db", tmp_path / "phases.log"
     base = dict(os.environ, LLMBENCH_PHASE_LOG=str(log))
-    args = ["smoke", "--db", str(db), "--out", str(tmp_path / "out"), "--shard", "0/1", "--run-id", "chaos"]
+    sweep = [sys.executable, "-m", "llmbench.cli", "sweep", "smoke", "--set", "rounds=2", "--db", str(db), "--out",
+             str(tmp_path / "out")]
     hits: list[str] = []
-    first = True
-    for k in range(20):
-        pause = rng.choice(["pool-start", "store-commit", "merge", None, None, None]) if k >= 3 else \
-            ["pool-start", "store-commit", "merge"][k]
+    runs: list[str] = []
+    current, k = None, 0
+
+    def new_run_id() -> str | None:
+        with sqlite3.connect(db) as c:
+            ids = [r for (r,) in c.execute("SELECT run_id FROM runs ORDER BY created_at")]
+        fresh = [r for r in ids if r not in runs]
+        return fresh[-1] if fresh else None
+
+    while len(hits) < 20:
+        k += 1
+        assert k < 100, hits
+        pause = ["pool-start", "store-commit"][len(hits)] if len(hits) < 2 else \
+            rng.choice(["pool-start", "store-commit:2", "merge", "merge", None, None])
+        if pause == "merge" and not runs:
+            continue
+        if pause == "merge":
+            cmd = [sys.executable, "-m", "llmbench.cli", "merge", str(tmp_path / "out" / "results"), "--db", str(merged),
+                   "--no-report"]
+        else:
+            cmd = sweep + (["--resume", current] if current else [])
         env = dict(base, LLMBENCH_TEST_PAUSE=pause) if pause else base
-        cmd = [sys.executable, "-m", "llmbench.cli", "sweep", *args, *([] if first else ["--resume", "chaos"])]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        first = False
         if pause:
             try:
-                _kill_when_paused(proc, log, pause, timeout=120)
-            except AssertionError:  # the run ended before reaching the phase (nothing left to do there)
+                _kill_when_paused(proc, log, pause.split(":")[0], timeout=120)
+                hit = pause.split(":")[0]
+            except AssertionError:  # ended before reaching the phase: not a kill
                 proc.kill()
                 proc.wait()
-                hits.append(f"{pause} (not reached)")
-                continue
-            hits.append(pause)
+                hit = None
         else:
-            time.sleep(rng.uniform(0.5, 25))
+            time.sleep(rng.uniform(2, 30))
             at = time.time()
-            if proc.poll() is not None:
-                hits.append("(finished first)")
-                continue
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            hits.append(_open_phase(log, proc.pid, at))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                hit = _open_phase(log, proc.pid, at)
+            else:
+                hit = None  # finished first: not a kill
+        if "merge" not in cmd:
+            if current is None:
+                current = new_run_id()
+                if current:
+                    runs.append(current)
+            if hit is None and proc.returncode == 0:
+                current = None  # that sweep is complete: the next kills go to a new one
+        if hit is None:
+            continue
         _assert_clean(proc.pid)
-    llmbench(*["sweep", *args, "--resume", "chaos"], env=base)
-    rows = _stored(db)
-    assert sorted(t for t, _ in rows) == ["z0", "z1", "z2", "z3"] and all(s == "ok" for _, s in rows), rows
+        with sqlite3.connect(db) as c:
+            rounds = sum(json.loads(r)["rounds_done"] for (r,) in c.execute("SELECT record_json FROM trials"))
+        hits.append(f"{hit} ({rounds} rounds stored, {len(runs)} run(s))")
+    if current:
+        llmbench(*sweep[3:], "--resume", current, env=base)
+    llmbench("merge", str(tmp_path / "out" / "results"), "--db", str(merged), "--no-report", env=base)
     print("kills hit:", hits)
-    assert {"pool-start", "store-commit", "merge"} <= set(hits), hits
+    for store in (db, merged):
+        with sqlite3.connect(store) as c:
+            for run_id in runs:
+                rows = c.execute("SELECT trial_id, status, record_json FROM trials WHERE run_id=?", (run_id,)).fetchall()
+                steps = c.execute("SELECT COUNT(*) FROM steps WHERE run_id=?", (run_id,)).fetchone()[0]
+                assert sorted(t for t, _, _ in rows) == ["z0", "z1", "z2", "z3"], (run_id, rows)
+                assert all(s == "ok" for _, s, _ in rows), rows
+                recs = [json.loads(r) for _, _, r in rows]
+                assert all(r["rounds_done"] == 2 for r in recs)
+                assert steps == sum(len(r["step_times_s"]) for r in recs)  # each step stored once
+    assert {"pool-start", "store-commit", "merge"} <= {h.split()[0] for h in hits}, hits

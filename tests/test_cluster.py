@@ -362,16 +362,21 @@ def _pool_log(out: Path) -> Path:
 def test_slurm_array_shards_merge_into_one_run_and_finalists_decide(slurm, tmp_path):
     """`llmbench sweep smoke --slurm`: a job array of 2 shards running at once, each on its own
     allocation, merged into one run holding exactly the plan's trial keys once each; then
-    the 2 best re-measured together in one allocation, and the winner named from them. A
-    requeued task and a second merge store nothing twice."""
+    the 2 best re-measured together in one allocation, and the winner named from them. A task
+    requeued by SLURM mid-trial (scontrol requeue, preemption's path) comes back and resumes;
+    a requeued task's rerun and a second merge store nothing twice."""
     import yaml
 
     db, out = tmp_path / "db.sqlite", tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "llmbench.cli", "sweep", "smoke", "--set", "zero_stage=0,3", "--slurm",
-                        "--cpu", "--shards", "2",
-                        "--array-parallelism", "2", "--finalists", "2", "--control-addr", "127.0.0.1",
-                        "--db", str(db), "--out", str(out)], capture_output=True, text=True, timeout=900, env=slurm,
-                       cwd=ROOT)
+    log = tmp_path / "phases.log"
+    proc = subprocess.Popen([sys.executable, "-m", "llmbench.cli", "sweep", "smoke", "--set", "zero_stage=0,3", "--slurm",
+                             "--cpu", "--shards", "2",
+                             "--array-parallelism", "2", "--finalists", "2", "--control-addr", "127.0.0.1",
+                             "--db", str(db), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(slurm, LLMBENCH_PHASE_LOG=str(log)), cwd=ROOT)
+    requeued = _requeue_first_task_to_start_a_trial(log, slurm)
+    stdout, stderr = proc.communicate(timeout=900)
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     grid = yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())["grid"]["zero_stage"]
     expected = sorted(f"z{z}" for z in grid if z in (0, 3))  # the suite's grid under --set zero_stage=0,3
@@ -415,3 +420,69 @@ def test_slurm_array_shards_merge_into_one_run_and_finalists_decide(slurm, tmp_p
     assert len(store.trials(main["run_id"])) == len(expected)
     after = Store(db).run(main["run_id"])["meta"]["shards"]["ws2-0-of-2"]  # a requeue adds its part, keeps the first start
     assert a["wall_s"] <= after["wall_s"] < a["wall_s"] + 5 and after["started_at"] == a["started_at"]
+    # the task SLURM requeued mid-trial (preemption's path) came back once and finished its shard
+    tasks = main["meta"]["slurm_tasks"]
+    assert tasks[f"ws2-{requeued}"][-1]["restarts"] == 1 and tasks[f"ws2-{requeued}"][-1]["state"] == "COMPLETED", tasks
+    assert all(t[-1]["restarts"] == 0 for k, t in tasks.items() if k != f"ws2-{requeued}"), tasks
+
+
+def _requeue_first_task_to_start_a_trial(log: Path, env: dict) -> int:
+    """As SLURM preempts with requeue: once an array task's pool is up (its trial starting),
+    `scontrol requeue` it (SIGTERM to the task, back to pending) and let it start again at once
+    (a requeued job otherwise waits ~2 minutes: BeginTime). Returns its array index."""
+    import time
+
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline, "no array task started its pool"
+        ends = [ln.split() for ln in (log.read_text().splitlines() if log.exists() else [])]
+        pids = [int(e[1]) for e in ends if e[2:] == ["end", "pool-start"]]
+        if pids:
+            break
+        time.sleep(0.05)
+    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pids[0]}/environ").read_text().split("\0") if "=" in kv)
+    job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True, timeout=30)
+    while "PENDING" not in subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True,
+                                          text=True, timeout=30).stdout:  # (requeue ends the task first)
+        assert time.monotonic() < deadline, f"{job} never went back to pending"
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    return int(environ["SLURM_ARRAY_TASK_ID"])
+
+
+def test_a_task_requeued_past_its_limit_runs_nothing(tmp_path):
+    """SLURM_RESTART_COUNT above the batch script's LLMBENCH_SLURM_MAX_RESTARTS (--retries): the
+    task says so and exits 1 before anything is launched."""
+    env = dict(os.environ, SLURM_RESTART_COUNT="2", LLMBENCH_SLURM_MAX_RESTARTS="1")
+    p = llmbench("sweep", "smoke", "--shard", "0/1", "--run-id", "R", "--db", str(tmp_path / "db"), "--out",
+                 str(tmp_path / "out"), env=env, check=False)
+    assert p.returncode == 1 and "requeued this task 2 times" in p.stderr and "limit 1" in p.stderr, p.stderr
+    assert not (tmp_path / "out" / "logs").exists()  # no pool was started
+
+
+@pytest.mark.slow
+def test_a_slurm_time_limit_is_retried_once_then_recorded_as_such(slurm, tmp_path):
+    """A trial longer than its task's 1-minute limit (--time 1): SLURM ends the task (TIMEOUT), the
+    submitter resubmits it once (--retries 1), the task resumes (the trial before it, done, is not
+    run again) and times out again; the long trial is stored once, `timeout`, naming SLURM's
+    state, the task and the attempts; the short one once, ok."""
+    suite = tmp_path / "long.yaml"
+    suite.write_text("name: long\nfixed: {model: tiny, precision: fp32, seq_len: 32, micro_batch: 2, warmup_steps: 2,"
+                     " world_size: 2, breakdown_steps: 0, timeout_s: 3600}\ngrid: {steps: [4, 100000]}\n")
+    db, out = tmp_path / "db.sqlite", tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "llmbench.cli", "sweep", str(suite), "--slurm", "--cpu", "--time", "1",
+                        "--shards", "1", "--retries", "1", "--finalists", "0", "--control-addr", "127.0.0.1", "--db", str(db),
+                        "--out", str(out)], capture_output=True, text=True, timeout=900, env=slurm, cwd=ROOT)
+    assert "SLURM ended" in p.stdout and "TIMEOUT" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = {r["trial_id"]: r for r in _records(db)}
+    assert sorted(recs) == ["steps=100000", "steps=4"], sorted(recs)
+    assert recs["steps=4"]["status"] == "ok"
+    long = recs["steps=100000"]
+    assert long["status"] == "timeout" and long["error"].startswith("SLURM TIMEOUT: array task"), long["error"]
+    assert "2 submission(s)" in long["error"], long["error"]
+    from llmbench.store import Store
+
+    run = Store(db).runs()[0]
+    (attempts,) = run["meta"]["slurm_tasks"].values()
+    assert [a["state"] for a in attempts] == ["TIMEOUT", "TIMEOUT"]

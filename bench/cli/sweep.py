@@ -203,6 +203,9 @@ def _print_plan(plan, hw) -> None:
     console.print(t)
 
 
+MAX_RESTARTS_ENV = "LLMBENCH_SLURM_MAX_RESTARTS"  # set by --slurm's batch script (slurm_sweep.write_script)
+
+
 def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_pool=True, profile=False,
               search=False, place: Placement | None = None) -> None:
     from ..report.html import write_report
@@ -211,6 +214,10 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     from ..sweep import run_sweep
 
     place = place or Placement(results=Path(out) / "results")
+    restarts, limit = os.environ.get("SLURM_RESTART_COUNT", ""), os.environ.get(MAX_RESTARTS_ENV, "")
+    if restarts.isdigit() and limit.isdigit() and int(restarts) > int(limit):
+        fail(f"SLURM requeued this task {restarts} times (preemption or requeue; limit {limit}, --retries): it runs "
+             f"no more; its interrupted trial keeps its record, and the submitter reports the task", code=1)
     if place.shard:  # files only: SQLite is for one writer on a local disk
         from ..env import environment
         from ..resultsdir import shard_key
@@ -258,6 +265,9 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     import signal
 
     def terminate(signum, frame):  # SIGTERM (a batch system, `kill`): stop as cleanly as Ctrl-C
+        from ..sweep import INTERRUPTED_BY
+
+        INTERRUPTED_BY.append("SIGTERM")
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
@@ -366,6 +376,7 @@ def sweep(
     shards: Optional[int] = typer.Option(None, "--shards", help="--slurm: array tasks per world size (default: one per trial, at most 16)."),
     finalists: int = typer.Option(3, "--finalists", help="--slurm: the best trials re-measured together in one allocation (0: none)."),
     sbatch_arg: list[str] = typer.Option([], "--sbatch-arg", help="--slurm: one more sbatch option, passed as given (repeatable)."),
+    retries: int = typer.Option(1, "--retries", help="--slurm: a task SLURM cut short (time limit, preemption, node failure) or requeued runs again at most this often, resuming its shard."),
     detach: bool = typer.Option(False, "--detach", help="--slurm: return once submitted; merge later with `llmbench merge`."),
     db: Path = DbOpt,
     out: Path = OutOpt,
@@ -391,7 +402,9 @@ def sweep(
 
             spec = SlurmSpec(partition=partition, nodes=nodes, gpus_per_node=gpus_per_node, time=time_limit,
                              array_parallelism=array_parallelism, shards=shards, finalists=finalists,
-                             sbatch_args=sbatch_arg, detach=detach, cpu=cpu, control_addr=control_addr)
+                             sbatch_args=sbatch_arg, detach=detach, cpu=cpu, control_addr=control_addr, retries=retries)
+            if retries < 0:
+                raise SpecError(f"--retries {retries}: 0 or more")
     except SpecError as e:
         fail(str(e))
     _sweep(suite, set_ + (["comms_steps=2"] if comms else []), label, db, out, dry_run, cpu, options, base_config,

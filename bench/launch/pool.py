@@ -17,7 +17,7 @@ from ..env import Hardware
 from ..phases import pause_point, phase
 from .control import DriverChannel, read_key, write_key
 from .exits import describe_exit, kill_left, local_states, signal_of
-from .process import LauncherProcess, LaunchOptions, clear_stale_extension_locks, extensions_dir
+from .process import LauncherProcess, LaunchOptions, clear_stale_extension_locks, clear_stale_shm, extensions_dir
 from .watchdog import STALL_FACTOR, STALL_FLOOR_S, Progress
 
 
@@ -66,6 +66,7 @@ class RankPool:
         self.start_s = 0.0
         self.starts = 0
         self.cleared_locks: list[Path] = []
+        self.cleared_shm: list[Path] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -85,6 +86,7 @@ class RankPool:
     def _start(self) -> PoolRun | None:
         t0 = time.perf_counter()
         self.cleared_locks = clear_stale_extension_locks()
+        self.cleared_shm = clear_stale_shm()
         self.ready = {}
         try:
             self.key_path = write_key(key_dir())

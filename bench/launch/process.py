@@ -159,6 +159,34 @@ def release_shm_buffers(master_port: int | None) -> list[Path]:
     return gone
 
 
+def clear_stale_shm() -> list[Path]:
+    """Remove DeepSpeed CPU-comm segments (deepspeed_allreduce_buffer_*_ADDR_PORT_RANK) whose
+    launch is over: no socket of this host, listening or connected, uses their rendezvous
+    port (every rank holds a connection to the TCP store on it while its process group
+    lives; a TIME_WAIT leftover is not a user). What a driver killed mid-launch, or a rank
+    killed before it could clean up, left behind; called at every pool start."""
+    import psutil
+
+    segments = list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    if not segments:
+        return []
+    try:
+        used = {p for c in psutil.net_connections("tcp") if c.status not in ("TIME_WAIT", "CLOSE", "CLOSE_WAIT")
+                for p in ((c.laddr.port if c.laddr else None), (c.raddr.port if c.raddr else None)) if p}
+    except (psutil.Error, OSError):
+        return []
+    gone = []
+    for seg in segments:
+        port = seg.name.rsplit("_", 2)[-2]
+        if port.isdigit() and int(port) not in used:
+            try:
+                seg.unlink()
+                gone.append(seg)
+            except OSError:
+                pass
+    return gone
+
+
 class LauncherProcess:
     """One run of DeepSpeed's launcher for `world_size` ranks of `llmbench.worker`."""
 
