@@ -37,8 +37,10 @@ def phase(name: str) -> Iterator[None]:
         yield
         return
     _log("begin", name)
-    yield
-    _log("end", name)
+    try:
+        yield
+    finally:
+        _log("end", name)
 
 
 def pause_point(name: str) -> None:

@@ -43,6 +43,7 @@ class SlurmSpec:
     cpu: bool = False
     control_addr: str | None = None  # passed on to every task's `--control-addr`
     poll_s: float = 2.0
+    rank_memory: str = "auto"  # passed on to every task's `--rank-memory`
     retries: int = 1  # a task SLURM ended early (time limit, preemption, node failure) or requeued: again at most this often
 
 
@@ -92,6 +93,8 @@ def task_command(suite: str, overrides: list[str], label, out: Path, results: Pa
         cmd.append("--cpu")
     if spec.control_addr:
         cmd += ["--control-addr", spec.control_addr]
+    if spec.rank_memory != "auto":
+        cmd += ["--rank-memory", spec.rank_memory]
     if base_config:
         cmd += ["--base-config", str(Path(base_config).resolve())]
     if memory_budget:
@@ -166,8 +169,11 @@ def pending(job_ids: list[str]) -> int | None:
     return len([ln for ln in out.stdout.splitlines() if ln.strip()])
 
 
-def wait(job_ids: list[str], results_run: Path, total: int, spec: SlurmSpec, what: str) -> None:
-    """Wait for the jobs, with a progress bar over the trial files they write."""
+def wait(job_ids: list[str], results_run: Path, total: int, spec: SlurmSpec, what: str,
+         seen: dict[str, dict[int, dict]] | None = None) -> None:
+    """Wait for the jobs, with a progress bar over the trial files they write. `seen` collects
+    each array task's last state as polled (slurmctld forgets an ended task after MinJobAge,
+    which may pass before the whole array ends)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .cli.app import console
@@ -178,6 +184,9 @@ def wait(job_ids: list[str], results_run: Path, total: int, spec: SlurmSpec, wha
         unanswered = 0
         while True:
             left = pending(job_ids)
+            if seen is not None:
+                for job in job_ids:
+                    seen.setdefault(job, {}).update(task_states(job))
             progress.update(task, completed=len(list((results_run / "trials").glob("*.json"))))
             if left == 0:
                 return
@@ -264,10 +273,13 @@ def _wait_and_retry(jobs: dict[int, str], arrays: dict[int, int], slurm_dir: Pat
     tasks: dict[tuple[int, int], list[dict]] = {}
     current = dict(jobs)
     for attempt in range(spec.retries + 1):
-        wait(list(current.values()), results_run, total, spec, f"run {run_id}" + (f" (retry {attempt})" if attempt else ""))
+        seen: dict[str, dict[int, dict]] = {}
+        wait(list(current.values()), results_run, total, spec, f"run {run_id}" + (f" (retry {attempt})" if attempt else ""),
+             seen)
         again: dict[int, list[int]] = {}
         for ws, job in current.items():
-            for i, st in task_states(job).items():
+            states = {**seen.get(job, {}), **task_states(job)}  # the last word: after the end, where still known
+            for i, st in states.items():
                 tasks.setdefault((ws, i), []).append(st)
                 if st["state"] in RETRYABLE:
                     again.setdefault(ws, []).append(i)

@@ -17,7 +17,7 @@ import torch
 
 from .collect.activations import probe_activations
 from .collect.breakdown import Breakdown
-from .collect.collector import observe
+from .collect.collector import Base, observe
 from .collect.memory import peak_memory, probe_model_states
 from .collect.peak import model_peak
 from .collect.reference import ReferenceSpeed
@@ -183,10 +183,14 @@ def _timed_window(t: _Trial, res: RankResult) -> None:
     timer is innermost); nothing synchronised inside, the losses read after."""
     spec = t.spec
     signals = TrainingSignals(t.engine, spec.precision)
-    collectors = [ReferenceSpeed(t.accelerator), telemetry_sampler(t.accelerator), signals, step_timer(t.accelerator)]
-    losses, fields = observe(collectors, t.step, range(spec.warmup_steps, spec.warmup_steps + spec.steps),
-                             lambda: sync(t.accelerator))
-    t.watch = False  # what follows (extra passes, teardown) is covered by the trial's timeout_s
+    beat, t.beat = t.beat, None  # in the window the beats go out after the step timer stops (_Beats, outermost)
+    collectors = [_Beats(beat, spec.warmup_steps), ReferenceSpeed(t.accelerator), telemetry_sampler(t.accelerator),
+                  signals, step_timer(t.accelerator)]
+    try:
+        losses, fields = observe(collectors, t.step, range(spec.warmup_steps, spec.warmup_steps + spec.steps),
+                                 lambda: sync(t.accelerator))
+    finally:
+        t.beat, t.watch = beat, False  # what follows (extra passes, teardown) is covered by the trial's timeout_s
     if t.beat is not None:
         t.beat(spec.warmup_steps + spec.steps - 1, False)
     res.fill(fields)
@@ -197,6 +201,19 @@ def _timed_window(t: _Trial, res: RankResult) -> None:
         k = first[0] - spec.warmup_steps
         raise Diverged(f"loss became {first[1]} at step {first[0]} (the timed window's step {k + 1} of {spec.steps}; "
                        f"{k} finite before it), read after the window")
+
+
+class _Beats(Base):
+    """The window's beats (launch/watchdog.py), sent after each step's timer stopped: first in
+    the collectors, so its end_step runs last."""
+
+    def __init__(self, beat: Callable[[int, bool], None] | None, first: int) -> None:
+        self.send, self.step = beat, first - 1
+
+    def end_step(self) -> None:
+        self.step += 1
+        if self.send is not None:
+            self.send(self.step, True)
 
 
 def _extra_passes(t: _Trial, world_size: int, trace_path: str | None, res: RankResult) -> None:

@@ -83,7 +83,8 @@ def _threads_on_host(on_host: int) -> int:
     return max(1, usable_cores() // max(1, on_host))
 
 
-MEMORY_SHARE = 0.9  # of the host's available memory, split among its ranks
+MEMORY_SHARE = 0.9      # of the host's memory, split among its ranks
+MEMORY_FLOOR = 8 << 30  # at least this much address space a rank (ZeRO-1/2 reserve 2-4 GB of buckets by default)
 
 
 def limit_memory(setting: str, ranks_on_host: int) -> int | None:
@@ -91,8 +92,10 @@ def limit_memory(setting: str, ranks_on_host: int) -> int | None:
     private writable mapping (the heap and glibc's and torch's mmapped blocks), so an allocation
     beyond it fails in the allocator (torch: "DefaultCPUAllocator: can't allocate memory",
     classified oom) instead of the host's OOM killer ending a process, or the machine, at
-    random. `auto`: MEMORY_SHARE of the memory available now, divided among the ranks on this
-    host; `off`: none; else a size (`12GiB`). Returns the limit set, or None."""
+    random. It counts address space, touched or not, so `auto` is a guard against a runaway
+    trial, not a fine budget: what the rank maps now, plus the larger of MEMORY_SHARE of the
+    host's memory over the ranks on this host and MEMORY_FLOOR. `off`: none; else a size (`12GiB`).
+    Returns the limit set, or None."""
     import resource
 
     import psutil
@@ -101,8 +104,16 @@ def limit_memory(setting: str, ranks_on_host: int) -> int | None:
 
     if setting == "off":
         return None
-    limit = int(psutil.virtual_memory().available * MEMORY_SHARE / max(1, ranks_on_host)) if setting == "auto" \
-        else parse_bytes(setting)
+    if setting == "auto":
+        mapped = 0
+        try:
+            with open("/proc/self/status") as f:
+                mapped = next((int(ln.split()[1]) << 10 for ln in f if ln.startswith("VmData:")), 0)
+        except OSError:
+            pass
+        limit = mapped + max(int(psutil.virtual_memory().total * MEMORY_SHARE / max(1, ranks_on_host)), MEMORY_FLOOR)
+    else:
+        limit = parse_bytes(setting)
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
@@ -136,13 +147,17 @@ def main() -> None:
     ctl = RankChannel(args.control, args.key, {"rank": rank, "pid": os.getpid(), "host": host, **placement},
                       on_driver_gone=release_launch_shm, exit_code=EXIT_DRIVER_GONE)
 
-    import signal
+    if args.accelerator == "cpu":  # DeepSpeed's CPU comm segments exist only here
+        import signal
 
-    def terminated(signum, frame):  # DeepSpeed's launch.py SIGTERMs the others when one rank exits
-        release_launch_shm()  # (ran first, or only, when this rank was busy as the driver went away)
-        os._exit(128 + signum)
+        def terminated(signum, frame):  # DeepSpeed's launch.py SIGTERMs the others when one rank exits
+            release_launch_shm()  # (this rank's EOF cleanup may not have run: it was busy as the driver went)
+            os._exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, terminated)
+        # (a Python handler runs once the main thread is back in the interpreter: a rank stuck in
+        # native code then dies by launch.py's SIGKILL 30 s later; on a GPU, with no segment to
+        # clean, the default action ends it at once)
+        signal.signal(signal.SIGTERM, terminated)
     import torch
 
     if args.threads:

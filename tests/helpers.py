@@ -26,8 +26,8 @@ SLOWDOWN, SLOWED = 1.0, ("z1-mb4", "z2-mb8")
 
 # -- faults injected into a running pool (test_faults.py, test_cluster.py) -------------------------
 def run_with_fault(pool, trial_id, spec, fault, at_step=5, timeout_s=300):
-    """Run a trial on the pool in a thread; once both ranks have reported step `at_step` of the
-    window (their beats), call fault(pool). Returns (PoolRun, seconds from the fault to the
+    """Run a trial on the pool in a thread; once every rank has reported step `at_step` (counted
+    from the first warm-up step, 0; their beats), call fault(pool). Returns (PoolRun, seconds from the fault to the
     outcome, the rank pids, the launch's rendezvous port)."""
     box = {}
     pool.progress = None  # the job's own, once it starts

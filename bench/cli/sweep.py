@@ -214,6 +214,9 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     from ..sweep import run_sweep
 
     place = place or Placement(results=Path(out) / "results")
+    from ..sweep import INTERRUPTED_BY
+
+    INTERRUPTED_BY.clear()  # (this process's earlier sweep, in tests)
     restarts, limit = os.environ.get("SLURM_RESTART_COUNT", ""), os.environ.get(MAX_RESTARTS_ENV, "")
     if restarts.isdigit() and limit.isdigit() and int(restarts) > int(limit):
         fail(f"SLURM requeued this task {restarts} times (preemption or requeue; limit {limit}, --retries): it runs "
@@ -358,7 +361,7 @@ def sweep(
                                                 help="Prune trials whose predicted own peak per rank exceeds this (e.g. 2GiB) by more than 10%; default: the device's memory."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Launch every trial, even those predicted not to fit."),
     rank_memory: str = typer.Option("auto", "--rank-memory",
-                                    help="CPU ranks' memory limit (RLIMIT_DATA): auto (90% of the host's available memory over its ranks), off, or a size (12GiB). A trial past it is recorded oom; the host survives."),
+                                    help="CPU ranks' memory limit (RLIMIT_DATA, address space): auto (a guard against a runaway trial: what the rank maps plus the larger of 90% of the host's memory over its ranks and 8 GiB), off, or a size (12GiB). A trial past it is recorded oom."),
     search: bool = typer.Option(False, "--search",
                                 help="Guided search instead of the whole grid: prune by memory, rank by the calibrated throughput model, short windows, finalists in interleaved rounds (docs/search.md)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: run every n-th trial of the plan, from the i-th (0-based); shards share one run (--run-id), write trial files and merge at the end."),
@@ -402,7 +405,8 @@ def sweep(
 
             spec = SlurmSpec(partition=partition, nodes=nodes, gpus_per_node=gpus_per_node, time=time_limit,
                              array_parallelism=array_parallelism, shards=shards, finalists=finalists,
-                             sbatch_args=sbatch_arg, detach=detach, cpu=cpu, control_addr=control_addr, retries=retries)
+                             sbatch_args=sbatch_arg, detach=detach, cpu=cpu, control_addr=control_addr, retries=retries,
+                             rank_memory=rank_memory)
             if retries < 0:
                 raise SpecError(f"--retries {retries}: 0 or more")
     except SpecError as e:

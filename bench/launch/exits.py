@@ -21,7 +21,7 @@ def signal_of(code: int | None) -> int | None:
         return None
     if code < 0:
         return -code
-    if 192 < code < 256:      # sys.exit(-N): DeepSpeed's launch.py passing on a rank's −N
+    if 192 < code < 255:      # sys.exit(-N): DeepSpeed's launch.py passing on a rank's −N (255: ssh's own error)
         return 256 - code
     if 128 < code <= 192:     # a shell's 128 + N
         return code - 128
@@ -71,7 +71,14 @@ def kill_left(pids: dict[int, int], hosts: dict[int, str], wait_s: float = 5.0) 
                 p = psutil.Process(pids[rank])
                 p.kill()
                 procs.append(p)
-            except psutil.NoSuchProcess:
+            except psutil.Error:  # gone meanwhile, or not ours to signal
                 pass
     _, alive = psutil.wait_procs(procs, timeout=wait_s)
-    return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    left = []
+    for p in alive:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p.pid)
+        except psutil.Error:
+            pass
+    return left

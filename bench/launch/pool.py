@@ -177,6 +177,7 @@ class RankPool:
         if self.channel is not None:
             left = kill_left(self.channel.pids, self.channel.hosts)
             self.channel.close()
+            self.channel.pids, self.channel.hosts = {}, {}  # (never signalled again: a pid may be reused)
         if self.key_path is not None:
             self.key_path.unlink(missing_ok=True)
             self.key_path = None
@@ -261,7 +262,9 @@ class RankPool:
             if now > deadline:  # checked on every event too: streamed rows cannot postpone it
                 self.kill()
                 return PoolRun("timeout", error=f"trial exceeded its {timeout_s:.0f}s limit; all its processes were killed")
-            late = progress.stalled(set(results), now)
+            # the watchdog looks when the queue is drained (beats waiting in it are not silence) and
+            # no rank has reported a failure yet (then the grace period decides, keeping its cause)
+            late = progress.stalled(set(results), now) if event is None and first_failure is None else None
             if late:
                 why = progress.describe(late, local_states(self.channel.pids, self.channel.hosts))
                 left = self.kill()

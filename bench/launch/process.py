@@ -194,6 +194,7 @@ class LauncherProcess:
         self.hw, self.world_size, self.options, self.log_path = hw, world_size, options, Path(log_path)
         self.proc: subprocess.Popen | None = None
         self.master_port: int | None = None
+        self.killed = False
 
     def worker_args(self, control: str, key_path: Path) -> list[str]:
         """The worker's own arguments: where the driver is, the key file (its path, never the
@@ -280,7 +281,7 @@ class LauncherProcess:
         """End the launcher, every rank and anything they started (compilers included), then
         remove this launch's shared-memory segments. The process group is killed even when
         the launcher itself is gone (killed, or exited): its ranks may outlive it."""
-        if self.proc is None:
+        if self.proc is None or self.killed:
             return
         import psutil
 
@@ -304,6 +305,7 @@ class LauncherProcess:
             except psutil.NoSuchProcess:
                 pass
         self.proc.wait()
+        self.killed = True  # (its process group is never signalled again: the id may be reused)
         release_shm_buffers(self.master_port)
 
     def log_tail(self, n: int = 30) -> str:

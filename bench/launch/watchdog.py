@@ -6,7 +6,7 @@ phases where only steps run; worker.py, trial.py), from the host, without synchr
 device. The driver keeps, per rank, the time of its last beat, and the intervals between
 beats. The ranks are stalled when one that has not reported its result has sent no beat for
 
-    max(STALL_FACTOR × the median interval between beats so far, STALL_FLOOR_S)
+    max(STALL_FACTOR × the median of the last 64 intervals between beats, STALL_FLOOR_S)
 
 which is the rule of torchelastic's and NCCL's watchdogs (a fixed multiple of the expected
 progress, with a floor for the gaps a step does not explain: the reference workload at the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 STALL_FACTOR = 20.0
@@ -38,7 +39,7 @@ class Progress:
     last: dict[int, tuple[float, int]] = field(default_factory=dict)   # rank → (monotonic time, step)
     beats: dict[int, int] = field(default_factory=dict)
     watching: dict[int, bool] = field(default_factory=dict)
-    intervals: list[float] = field(default_factory=list)
+    intervals: deque = field(default_factory=lambda: deque(maxlen=64))  # the recent ones: a phase's own pace
 
     def beat(self, rank: int, step: int | None, watch: bool, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
