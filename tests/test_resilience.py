@@ -8,6 +8,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from helpers import llmbench
 
@@ -71,6 +72,7 @@ def test_ctrl_c_records_interrupted_and_leaves_no_process(tmp_path):
     assert sorted(t for t, _ in rows) == ["z0", "z1", "z2", "z3"] and all(s == "ok" for _, s in rows)
 
 
+@pytest.mark.slow  # (27 s: moved out of CI's 20 minutes when the fault tests came in)
 def test_two_sweeps_at_once_share_a_store_without_colliding(tmp_path):
     """Separate rendezvous ports, control sockets and logs; one SQLite store (WAL) for both."""
     suite = tmp_path / "pair.yaml"
