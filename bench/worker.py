@@ -21,7 +21,9 @@ def release_own_shm() -> None:
     removes (see launch.release_shm_buffers); peers keep their mappings, so this is safe."""
     port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK")
     if port and rank:
-        _unlink_shm(f"deepspeed_allreduce_buffer_*_{port}_{rank}")
+        from .launch.process import release_shm_buffers
+
+        release_shm_buffers(int(port), rank)
 
 
 def release_launch_shm() -> None:
@@ -30,17 +32,9 @@ def release_launch_shm() -> None:
     launch.py SIGTERMs first (it ends the others once one rank exits) cannot do its own."""
     port = os.environ.get("MASTER_PORT")
     if port:
-        _unlink_shm(f"deepspeed_allreduce_buffer_*_{port}_*")
+        from .launch.process import release_shm_buffers
 
-
-def _unlink_shm(pattern: str) -> None:
-    from pathlib import Path
-
-    for p in Path("/dev/shm").glob(pattern):
-        try:
-            p.unlink()
-        except OSError:
-            pass
+        release_shm_buffers(int(port))
 
 
 def _placement(nodes: str, local_rank: int, host: str) -> dict:

@@ -139,18 +139,19 @@ def clear_stale_extension_locks(max_age_s: float = 60.0) -> list[Path]:
     return stale
 
 
-def release_shm_buffers(master_port: int | None) -> list[Path]:
+def release_shm_buffers(master_port: int | None, rank: str = "*") -> list[Path]:
     """Remove the shared-memory segments DeepSpeed's CPU comm op left for this rendezvous.
 
     deepspeed/ops/csrc/cpu/comm/shm.cpp creates /dev/shm/deepspeed_allreduce_buffer_*_ADDR_PORT_RANK
     (69 MB per rank in 0.19.8) and never unlinks it, at exit or otherwise: each launch on a
     fresh port leaks RAM until the host runs out (seen here: 7.7 GB after ~55 launches, then
-    the OOM killer). The port in the name is the pool's own, so only its segments go.
+    the OOM killer). The port in the name is the pool's own, so only its segments go (one
+    rank's, given `rank`).
     """
     if master_port is None:
         return []
     gone = []
-    for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{master_port}_*"):
+    for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{master_port}_{rank}"):
         try:
             p.unlink()
             gone.append(p)
