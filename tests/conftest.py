@@ -4,7 +4,7 @@ import tempfile
 
 import pytest
 
-from helpers import SLOWDOWN, SLOWED, llmbench
+from helpers import SLOWDOWN, SLOWED, llmbench, cli
 
 # The measured-peak and trained-model caches of this test session start empty and never touch
 # the user's ~/.cache/llmbench (fixtures that need their own set LLMBENCH_CACHE and restore it).
@@ -17,7 +17,7 @@ def zero_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero")
     db, out = root / "llmbench.db", root / "reports"
     p = llmbench("sweep", "zero", "--db", str(db), "--out", str(out), "--label", "ci")
-    records = [json.loads(line) for line in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    records = [json.loads(line) for line in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     return {"db": db, "out": out, "stdout": p.stdout, "stderr": p.stderr, "records": records}
 
 
@@ -28,7 +28,7 @@ def fp32_sweep(tmp_path_factory):
     db = str(root / "f.db")
     llmbench("sweep", "zero", "--set", "precision=fp32", "--set", "micro_batch=2", "--set", "seq_len=32",
              "--set", "steps=3", "--set", "warmup_steps=2", "--db", db, "--out", str(root))
-    return [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
+    return [json.loads(x) for x in cli("results", "--db", db, "--format", "json").stdout.splitlines()]
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,40 @@ def llmbench(*args, cwd=None, timeout=900, check=True, env=None):
     return p
 
 
+def cli(*args, env=None, check=True):
+    """Run the real console entry point (llmbench.cli.main) in this process, without a
+    subprocess's seconds of imports: for commands that launch nothing (results, gate, report,
+    plan, --dry-run) and for bad input, refused before anything launches.
+    Returns a CompletedProcess with the exit code and what went to stdout and stderr (an
+    AssertionError on a non-zero code unless check=False, as llmbench() does)."""
+    import contextlib
+    import io
+
+    from llmbench.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    sys.argv = ["llmbench", *args]
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    p = subprocess.CompletedProcess(["llmbench", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"llmbench {' '.join(args)} exited {code}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
 # the test-only slowdown of gate_db's third run (conftest.py): every step of these trials twice as long
 SLOWDOWN, SLOWED = 1.0, ("z1-mb4", "z2-mb8")
 

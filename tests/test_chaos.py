@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.launch.process import extensions_dir
 
 SUITE = ("name: chaos\nfixed: {model: tiny, precision: fp32, seq_len: 32, micro_batch: 2, warmup_steps: 2, steps: 3,"
@@ -104,7 +104,7 @@ def test_three_kills_at_fixed_phases_then_resume_lose_nothing(tmp_path):
     # resumed to the end: z0, killed before its last round, runs again whole; each step stored once
     llmbench("sweep", str(tmp_path / "chaos.yaml"), "--db", str(db), "--out", str(tmp_path / "out"), "--no-prune",
              "--resume", run_id, env=base)
-    recs = [json.loads(x) for x in llmbench("results", run_id, "--db", str(db), "--format", "json").stdout.splitlines()]
+    recs = [json.loads(x) for x in cli("results", run_id, "--db", str(db), "--format", "json").stdout.splitlines()]
     assert sorted(r["trial_id"] for r in recs) == TRIALS and all(r["status"] == "ok" for r in recs), recs
     for r in recs:
         assert r["rounds_done"] == 2 and len(r["step_times_s"]) == 2 * r["steps"], r["trial_id"]

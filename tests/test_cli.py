@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import llmbench
+from helpers import llmbench, cli
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -27,7 +27,7 @@ from helpers import llmbench
     (["sweep", "zero", "--set", "rounds=0"], "rounds"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
-    p = llmbench(*args, "--db", str(tmp_path / "x.db"), check=False) if "--db" not in args else llmbench(*args, check=False)
+    p = cli(*args, "--db", str(tmp_path / "x.db"), check=False) if "--db" not in args else cli(*args, check=False)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], p.stderr
@@ -35,10 +35,18 @@ def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     assert not (tmp_path / "x.db").exists()  # nothing was launched or stored
 
 
+@pytest.mark.parametrize("args", [["sweep", "zero", "--set", "zero_stage=5"], ["results", "--format", "xml"]])
+def test_the_console_script_exits_2_with_one_line(args, tmp_path):
+    """The same refusals from the installed console script in its own process (a spec error, a usage error)."""
+    p = llmbench(*args, "--db", str(tmp_path / "x.db"), check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_a_malformed_test_slowdown_is_bad_input(tmp_path):
     import os
 
-    p = llmbench("sweep", "zero", "--db", str(tmp_path / "x.db"), check=False,
+    p = cli("sweep", "zero", "--db", str(tmp_path / "x.db"), check=False,
                  env=dict(os.environ, LLMBENCH_TEST_SLOWDOWN="fast:z1-mb4"))
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "LLMBENCH_TEST_SLOWDOWN='fast:z1-mb4'" in lines[0], p.stderr
@@ -55,17 +63,17 @@ def test_every_option_has_help_and_choices_are_listed():
         for param in cmd.params:
             if param.param_type_name == "option":
                 assert getattr(param, "help", None), f"llmbench {name} {param.opts[0]} has no help"
-    out = llmbench("results", "--help").stdout
+    out = cli("results", "--help").stdout
     assert "parquet" in out and "markdown" in out
 
 
 def test_gate_bad_margin_is_one_line(tmp_path):
-    p = llmbench("gate", "a", "b", "--margin", "speed=0.1", "--db", str(tmp_path / "x.db"), check=False)
+    p = cli("gate", "a", "b", "--margin", "speed=0.1", "--db", str(tmp_path / "x.db"), check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--margin speed=0.1" in p.stderr
 
 
 def test_dry_run_lists_trials_without_running(tmp_path):
-    p = llmbench("sweep", "zero", "--dry-run", "--db", str(tmp_path / "x.db"))
+    p = cli("sweep", "zero", "--dry-run", "--db", str(tmp_path / "x.db"))
     assert "z3-mb8" in p.stdout and "8 trials" in p.stdout
     assert not (tmp_path / "x.db").exists()
 
@@ -90,7 +98,7 @@ def test_unsupported_trial_is_recorded_and_sweep_goes_on(tmp_path):
                      "grid: {precision: [fp16, fp32]}\n")
     db = str(tmp_path / "m.db")
     llmbench("sweep", str(suite), "--db", db, "--out", str(tmp_path))
-    recs = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
+    recs = [json.loads(x) for x in cli("results", "--db", db, "--format", "json").stdout.splitlines()]
     assert [r["status"] for r in recs] == ["unsupported", "ok"]
     # decided before launch from DeepSpeed's own accelerator: no rank was started for it
     assert "fp16" in recs[0]["error"] and "supported_dtypes" in recs[0]["error"]
@@ -104,7 +112,7 @@ def test_hung_trial_times_out_and_next_trial_runs(tmp_path):
                      "grid: {steps: [1000000, 2]}\n")
     db = str(tmp_path / "h.db")
     llmbench("sweep", str(suite), "--db", db, "--out", str(tmp_path))
-    recs = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
+    recs = [json.loads(x) for x in cli("results", "--db", db, "--format", "json").stdout.splitlines()]
     assert [r["status"] for r in recs] == ["timeout", "ok"]
     assert "12s limit" in recs[0]["error"]
 
@@ -113,6 +121,6 @@ def test_divergence_is_recorded(tmp_path):
     db = str(tmp_path / "d.db")
     p = llmbench("run", "--precision", "fp32", "--set", "lr=1e30", "--set", "seq_len=32", "--set", "steps=3",
                  "--set", "warmup_steps=2", "--db", db, "--out", str(tmp_path), check=False)
-    (rec,) = [json.loads(x) for x in llmbench("results", "--db", db, "--format", "json").stdout.splitlines()]
+    (rec,) = [json.loads(x) for x in cli("results", "--db", db, "--format", "json").stdout.splitlines()]
     assert rec["status"] == "diverged", rec["error"]
     assert "loss" in rec["error"] and p.returncode == 1  # no trial succeeded

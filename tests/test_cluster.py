@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import llmbench
+from helpers import cli, llmbench
 
 CLUSTER = Path(__file__).resolve().parent / "cluster"
 ROOT = Path(__file__).resolve().parents[1]
@@ -455,7 +455,7 @@ def test_a_task_requeued_past_its_limit_runs_nothing(tmp_path):
     """SLURM_RESTART_COUNT above the batch script's LLMBENCH_SLURM_MAX_RESTARTS (--retries): the
     task says so and exits 1 before anything is launched."""
     env = dict(os.environ, SLURM_RESTART_COUNT="2", LLMBENCH_SLURM_MAX_RESTARTS="1")
-    p = llmbench("sweep", "smoke", "--shard", "0/1", "--run-id", "R", "--db", str(tmp_path / "db"), "--out",
+    p = cli("sweep", "smoke", "--shard", "0/1", "--run-id", "R", "--db", str(tmp_path / "db"), "--out",
                  str(tmp_path / "out"), env=env, check=False)
     assert p.returncode == 1 and "requeued this task 2 times" in p.stderr and "limit 1" in p.stderr, p.stderr
     assert not (tmp_path / "out" / "logs").exists()  # no pool was started

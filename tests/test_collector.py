@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.collect.flops import datasheet_peak_tflops, hfu_flops_per_token, utilisation
 from llmbench.collect.memory import deepspeed_model_state_bytes, zero_paper_bytes
 from llmbench.collect.telemetry import NvmlSampler
@@ -157,7 +157,7 @@ def test_comms_pass_volumes_match_zero(tmp_path):
     reduce-scatters the gradients. `two_psi` below is that volume."""
     db = str(tmp_path / "c.db")
     llmbench("sweep", "smoke", "--comms", "--set", "grad_accum=2", "--db", db, "--out", str(tmp_path))
-    recs = {r["zero_stage"]: r for r in map(json.loads, llmbench("results", "--db", db, "--format", "json").stdout.splitlines())}
+    recs = {r["zero_stage"]: r for r in map(json.loads, cli("results", "--db", db, "--format", "json").stdout.splitlines())}
     two_psi = {"fp32": 4, "bf16": 2}[recs[0]["precision"]] * recs[0]["n_params"]
     assert recs[0]["comms"]["all_reduce"]["bytes_per_step"] == pytest.approx(two_psi, abs=64)  # fp32: + one 4-byte scalar
     assert recs[1]["comms"]["all_reduce"]["bytes_per_step"] == pytest.approx(two_psi, abs=64)  # + norm scalars

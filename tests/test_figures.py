@@ -82,11 +82,11 @@ def test_gradient_accumulation_end_to_end(tmp_path):
     step, DeepSpeed's config and its own step count agree."""
     import json
 
-    from helpers import llmbench
+    from helpers import llmbench, cli
 
     llmbench("run", "--zero-stage", "2", "--grad-accum", "2", "--micro-batch", "2", "--set", "steps=4",
              "--set", "warmup_steps=2", "--db", str(tmp_path / "a.db"), "--out", str(tmp_path / "out"))
-    (r,) = [json.loads(x) for x in llmbench("results", "--db", str(tmp_path / "a.db"), "--format", "json").stdout.splitlines()]
+    (r,) = [json.loads(x) for x in cli("results", "--db", str(tmp_path / "a.db"), "--format", "json").stdout.splitlines()]
     assert r["status"] == "ok" and r["grad_accum"] == 2
     assert r["tokens_per_s"] * r["window_s"] / r["steps"] == pytest.approx(2 * 2 * r["world_size"] * r["seq_len"])
     assert r["global_batch"] == 2 * 2 * r["world_size"] == r["ds_config"]["train_batch_size"]
@@ -103,7 +103,7 @@ def test_offloaded_states_are_the_hosts_and_not_the_devices(tmp_path):
     memory objective and the offload guidance use."""
     import json
 
-    from helpers import llmbench
+    from helpers import cli, llmbench
 
     from llmbench.report.guidance import device_state_bytes, statements
 
@@ -114,7 +114,7 @@ def test_offloaded_states_are_the_hosts_and_not_the_devices(tmp_path):
     base.write_text(json.dumps({"zero_force_ds_cpu_optimizer": False,
                                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}))
     llmbench("sweep", str(suite), "--base-config", str(base), "--db", str(tmp_path / "o.db"), "--out", str(tmp_path / "out"))
-    recs = {r["offload"]: r for r in (json.loads(x) for x in llmbench(
+    recs = {r["offload"]: r for r in (json.loads(x) for x in cli(
         "results", "--db", str(tmp_path / "o.db"), "--format", "json").stdout.splitlines())}
     none, off = recs["none"], recs["optimizer"]
     assert none["status"] == off["status"] == "ok", (none["error"], off["error"])

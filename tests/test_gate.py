@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from helpers import SLOWED, llmbench
+from helpers import SLOWED, llmbench, cli
 from llmbench.gate import ALPHA, gate
 
 
@@ -58,7 +58,7 @@ def test_gate_passes_two_real_runs_of_the_same_code(gate_db):
     comparison is measured in docs/gates.md)."""
     db, a, b, _ = gate_db
     assert a != b
-    p = llmbench("gate", a, b, "--db", str(db), check=False)
+    p = cli("gate", a, b, "--db", str(db), check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "PASS" in p.stdout and "z3-mb8" in p.stdout
     # on CPU: the step time relative to the in-run reference, decided over the whole run;
@@ -72,7 +72,7 @@ def test_gate_fails_a_real_slowdown_confined_to_two_trials(gate_db, tmp_path):
 
     db, a, _, c = gate_db
     out = tmp_path / "gate.json"
-    p = llmbench("gate", a, c, "--db", str(db), "--json", str(out), check=False)
+    p = cli("gate", a, c, "--db", str(db), "--json", str(out), check=False)
     assert p.returncode == 1, p.stdout + p.stderr
     verdict = json.loads(out.read_text())
     # Only slowed trials are named, and at least one of them. Not always both: at 3 rounds with
@@ -119,7 +119,7 @@ def test_gate_fails_a_candidate_25_percent_slower_with_a_table(gate_db, tmp_path
     slower produces): throughput 20% lower."""
     db, a, _, _ = gate_db
     out = tmp_path / "a.json"
-    llmbench("results", a, "--db", str(db), "--format", "json", "--output", str(out))
+    cli("results", a, "--db", str(db), "--format", "json", "--output", str(out))
     slowed = []
     for line in out.read_text().splitlines():
         r = json.loads(line)
@@ -130,7 +130,7 @@ def test_gate_fails_a_candidate_25_percent_slower_with_a_table(gate_db, tmp_path
         slowed.append(r)
     cand = tmp_path / "slowed.json"
     cand.write_text("".join(json.dumps(r) + "\n" for r in slowed))
-    p = llmbench("gate", a, str(cand), "--db", str(db), check=False)
+    p = cli("gate", a, str(cand), "--db", str(db), check=False)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "FAIL" in p.stdout and "(all trials)" in p.stdout
     run_row = next(ln for ln in p.stdout.splitlines() if "(all trials)" in ln)
@@ -145,18 +145,18 @@ def test_gate_fails_a_candidate_25_percent_slower_with_a_table(gate_db, tmp_path
 def test_gate_reads_exports_and_refuses_bad_input(gate_db, tmp_path):
     db, a, b, _ = gate_db
     pq = tmp_path / "a.parquet"
-    llmbench("results", a, "--db", str(db), "--format", "parquet", "--output", str(pq))
+    cli("results", a, "--db", str(db), "--format", "parquet", "--output", str(pq))
     # an export against its own run: the same samples read back, so nothing may change
-    p = llmbench("gate", str(pq), a, "--db", str(db), check=False)
+    p = cli("gate", str(pq), a, "--db", str(db), check=False)
     assert p.returncode == 0 and "Welch t" in p.stdout and "reported" in p.stdout, p.stdout
     assert "FAIL" not in p.stdout and p.stdout.count("+0.0%") >= 8 * 5, p.stdout  # 5 figures per trial
     csv = tmp_path / "a.csv"
-    llmbench("results", a, "--db", str(db), "--format", "csv", "--output", str(csv))
-    p = llmbench("gate", str(csv), a, "--db", str(db), check=False)
+    cli("results", a, "--db", str(db), "--format", "csv", "--output", str(csv))
+    p = cli("gate", str(csv), a, "--db", str(db), check=False)
     assert p.returncode == 0 and "no per-step samples" in p.stdout, p.stdout  # tokens/s, margin only
-    p = llmbench("gate", "no-such-run", b, "--db", str(db), check=False)
+    p = cli("gate", "no-such-run", b, "--db", str(db), check=False)
     assert p.returncode == 2 and "no-such-run" in p.stderr + p.stdout
-    p = llmbench("gate", a, b, "--margin", "speed=0.1", "--db", str(db), check=False)
+    p = cli("gate", a, b, "--margin", "speed=0.1", "--db", str(db), check=False)
     assert p.returncode == 2 and "--margin" in p.stderr + p.stdout
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.identity import NOT_IDENTITY, config_hash, differences, settings_fields
 from llmbench.spec import TrialSpec
 
@@ -113,7 +113,7 @@ def test_two_identical_sweeps_hash_equal_trial_for_trial(gate_records):
 @pytest.fixture(scope="module")
 def gate_records(gate_db):
     db, a, b, _ = gate_db
-    read = lambda run: [json.loads(x) for x in llmbench("results", run, "--db", str(db), "--format", "json").stdout.splitlines()]  # noqa: E731
+    read = lambda run: [json.loads(x) for x in cli("results", run, "--db", str(db), "--format", "json").stdout.splitlines()]  # noqa: E731
     return read(a), read(b)
 
 
@@ -133,19 +133,19 @@ def test_gate_does_not_compare_sdpa_with_eager_and_refuses_runs_that_do_not_matc
 
     one = export([eager(r) if i == 0 else r for i, r in enumerate(base)], "one.jsonl")
     js = tmp_path / "one.json"
-    p = llmbench("gate", a, one, "--db", str(db), "--json", str(js), check=False)
+    p = cli("gate", a, one, "--db", str(db), "--json", str(js), check=False)
     assert p.returncode == 0 and "not compared" in p.stdout, p.stdout + p.stderr
     first = [v for v in json.loads(js.read_text())["verdicts"] if v["trial_id"] == base[0]["trial_id"]]
     assert [(v["metric"], v["outcome"]) for v in first] == [("configuration", "not compared")]
     assert first[0]["why"] == "different configuration: attn_implementation: sdpa → eager"
     everything = export([eager(r) for r in base], "all.jsonl")
     refused = tmp_path / "refused.json"
-    p = llmbench("gate", a, everything, "--db", str(db), "--json", str(refused), check=False)
+    p = cli("gate", a, everything, "--db", str(db), "--json", str(refused), check=False)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert json.loads(refused.read_text())["comparable"] is False  # CI's file says why there is no decision
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert "0 of 8 baseline trials" in lines[0] and "attn_implementation: sdpa → eager" in lines[0], lines[0]
-    p = llmbench("compare", a, everything, "--db", str(db), "--out", str(tmp_path), check=False)
+    p = cli("compare", a, everything, "--db", str(db), "--out", str(tmp_path), check=False)
     assert p.returncode == 2 and "not comparable" in p.stderr
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.data import MarkovSource
 from llmbench.collect.weights import state_dict_bytes, weight_bytes
 from llmbench.inference import decode_tokens_per_s, eval_batches, perplexity, tokens_sha256
@@ -148,7 +148,7 @@ def quant_sweep(tmp_path_factory):
     os.environ["LLMBENCH_CACHE"] = str(root / "cache")
     try:
         p = llmbench("sweep", "quant", "--db", str(db), "--out", str(out), "--label", "ci-quant")
-        records = [json.loads(line) for line in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+        records = [json.loads(line) for line in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     finally:
         if old is None:
             os.environ.pop("LLMBENCH_CACHE", None)
@@ -231,11 +231,11 @@ def test_results_and_api_handle_mixed_records(quant_sweep, tmp_path):
     df = load_trials(quant_sweep["db"])
     assert set(df["scenario"]) == {"train", "inference"}
     assert df.loc[df["trial_id"] == "inf-int8-wo", "decode_tokens_per_s_b16"].iloc[0] > 0
-    csv = llmbench("results", "--db", str(quant_sweep["db"]), "--format", "csv").stdout
+    csv = cli("results", "--db", str(quant_sweep["db"]), "--format", "csv").stdout
     assert "decode_tokens_per_s_b1" in csv.splitlines()[0] and "weight_bytes" in csv.splitlines()[0]
-    table = llmbench("results", "--db", str(quant_sweep["db"])).stdout
+    table = cli("results", "--db", str(quant_sweep["db"])).stdout
     assert "inf-int8-wo" in table and "zeropp-qg" in table
-    llmbench("results", "--db", str(quant_sweep["db"]), "--format", "parquet", "--output", str(tmp_path / "q.parquet"))
+    cli("results", "--db", str(quant_sweep["db"]), "--format", "parquet", "--output", str(tmp_path / "q.parquet"))
     import pandas as pd
 
     assert len(pd.read_parquet(tmp_path / "q.parquet")) == 11

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.collect.comms import bus_factor
 from llmbench.kernels.attention import attention_flops, eager_attention
 from llmbench.kernels.gemm import model_gemm_shapes
@@ -79,7 +79,7 @@ def test_model_gemm_shapes_cover_the_models_matmul_flops():
 def test_kernels_bad_input_exits_2_before_launching(tmp_path):
     for args, needle in ((["--only", "gemm,warp"], "warp"), (["--precision", "fp16"], "fp16"),
                          (["--optimizer", "lion"], "lion"), (["--model", "nope"], "nope")):
-        p = llmbench("kernels", *args, "--db", str(tmp_path / "db"), check=False)
+        p = cli("kernels", *args, "--db", str(tmp_path / "db"), check=False)
         assert p.returncode == 2, (args, p.stdout, p.stderr)
         assert needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not (tmp_path / "db").exists()
@@ -144,7 +144,7 @@ def test_kernels_report_section(kernels_run, tmp_path):
     assert 'id="kernels"' in html and "achievable peak" in html and "busbw" in html
     assert html.count('src="data:image/png;base64,') >= 4
     assert "Which configuration to use" not in html  # a kernels run has no trials to recommend
-    p = llmbench("report", kernels_run["run_id"], "--db", str(kernels_run["db"]), "--out", str(tmp_path))
+    p = cli("report", kernels_run["run_id"], "--db", str(kernels_run["db"]), "--out", str(tmp_path))
     assert "report:" in p.stdout and 'id="kernels"' in next(tmp_path.glob("report-*.html")).read_text()
 
 

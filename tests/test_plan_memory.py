@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.collect.activations import SavedActivations
 from llmbench.collect.memory import zero_paper_bytes
 from llmbench.models import ModelStats, build_config, build_model, model_stats
@@ -112,7 +112,7 @@ def test_plan_7b_on_eight_80g_gpus():
     """The issue's case: a 7B Llama in bf16 on 8 × 80 GiB does not fit at ZeRO-0 (16 bytes per
     parameter of model states alone) and fits at ZeRO-3 at micro-batch 1 (sequence 4096), not at 4
     (its activations alone: 93.5 GiB). DeepSpeed's own estimate sits beside ZeRO-2/3's."""
-    p = llmbench("plan", "zero", "--set", "model=7b", "--set", "micro_batch=1,4", "--set", "seq_len=4096",
+    p = cli("plan", "zero", "--set", "model=7b", "--set", "micro_batch=1,4", "--set", "seq_len=4096",
                  "--gpu-memory", "80GiB", "--gpus-per-node", "8", "--format", "json")
     out = json.loads(p.stdout)
     rows = {(r["zero_stage"], r["micro_batch"]): r for r in out["trials"]}
@@ -129,11 +129,11 @@ def test_plan_7b_on_eight_80g_gpus():
 
 
 def test_plan_named_device_table_and_bad_input():
-    p = llmbench("plan", "zero", "--device", "h200", "--set", "model=70b", "--set", "micro_batch=1", "--nodes", "2")
+    p = cli("plan", "zero", "--device", "h200", "--set", "model=70b", "--set", "micro_batch=1", "--nodes", "2")
     assert "16 × h200" in p.stdout
     for args, text in ((["--device", "v100-16g"], "--device v100-16g: unknown"),
                        (["--gpu-memory", "lots"], "--gpu-memory"), (["--memory-budget", "-1GiB"], "--memory-budget")):
-        bad = llmbench("plan", "zero", *args, check=False)
+        bad = cli("plan", "zero", *args, check=False)
         assert bad.returncode == 2 and text in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
@@ -150,25 +150,25 @@ def test_sweep_prunes_what_cannot_fit_and_records_it(tmp_path):
     p = llmbench("sweep", "zero", "--set", "micro_batch=4", "--set", "zero_stage=0,3", "--memory-budget", "1MiB",
                  "--db", str(db), "--out", str(tmp_path), check=False)
     assert p.returncode == 1 and "launched nothing" in p.stderr, p.stderr
-    recs = [json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    recs = [json.loads(x) for x in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     assert [r["status"] for r in recs] == ["pruned", "pruned"]
     for r in recs:
         assert r["predicted_peak_bytes"] > 1.1 * 2**20 and "--memory-budget" in r["error"]
         assert r["window_s"] is None and r["activation_bytes"] is None  # nothing ran
-    dry = llmbench("sweep", "zero", "--memory-budget", "1MiB", "--dry-run")
+    dry = cli("sweep", "zero", "--memory-budget", "1MiB", "--dry-run")
     assert dry.stdout.count("pruned") == 8
     # a budget between micro-batch 4 and 32 prunes the 32s only: the first trial's one-time costs
     # are not held against it (or pruning it would make the next trial first, and so on)
-    dry = llmbench("sweep", "zero", "--set", "micro_batch=4,32", "--memory-budget", "140MiB", "--dry-run").stdout
+    dry = cli("sweep", "zero", "--set", "micro_batch=4,32", "--memory-budget", "140MiB", "--dry-run").stdout
     pruned = [line.split("│")[1].strip() for line in dry.splitlines() if "pruned" in line and "│" in line]
     assert sorted(pruned) == ["z0-mb32", "z1-mb32", "z2-mb32", "z3-mb32"], dry
-    bad = llmbench("sweep", "zero", "--memory-budget", "big", "--dry-run", check=False)
+    bad = cli("sweep", "zero", "--memory-budget", "big", "--dry-run", check=False)
     assert bad.returncode == 2 and "--memory-budget" in bad.stderr
     # resumed without pruning, the pruned trials run (and only they: nothing else was stored)
     run_id = recs[0]["run_id"]
     llmbench("sweep", "zero", "--set", "micro_batch=4", "--set", "zero_stage=0,3", "--resume", run_id, "--no-prune",
              "--db", str(db), "--out", str(tmp_path))
-    again = [json.loads(x) for x in llmbench("results", run_id, "--db", str(db), "--format", "json").stdout.splitlines()]
+    again = [json.loads(x) for x in cli("results", run_id, "--db", str(db), "--format", "json").stdout.splitlines()]
     assert sorted(r["status"] for r in again) == ["ok", "ok"] and all(r["activation_bytes"] for r in again)
 
 
@@ -177,5 +177,5 @@ def test_a_failed_prediction_leaves_the_trial_planned(tmp_path):
     why, and is not pruned (the launch decides)."""
     base = tmp_path / "ds.json"
     base.write_text(json.dumps({"zero_optimization": {"stage": 1, "no_such_knob": 1}}))
-    out = json.loads(llmbench("plan", "zero", "--base-config", str(base), "--format", "json").stdout)
+    out = json.loads(cli("plan", "zero", "--base-config", str(base), "--format", "json").stdout)
     assert all(r["prediction"] is None and r["status"] == "planned" for r in out["trials"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import llmbench
+from helpers import llmbench, cli
 
 from llmbench.collect.comms import bandwidth
 from llmbench.models import build_config, config_from_dict, flops_per_token, model_stats
@@ -164,7 +164,7 @@ def search_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     db = root / "s.db"
     p = llmbench("sweep", "zero", "--search", "--db", str(db), "--out", str(root / "out"))
-    records = [json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    records = [json.loads(x) for x in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     import sqlite3
 
     meta = json.loads(sqlite3.connect(db).execute("SELECT meta_json FROM runs").fetchone()[0])
@@ -203,7 +203,7 @@ def test_search_against_the_exhaustive_grid(search_run, zero_sweep):
 def test_search_refuses_what_it_cannot_search(tmp_path):
     for args, msg in ((["--set", "world_size=1,2"], "world sizes"), (["--resume", "x"], "--search cannot --resume"),
                       (["--fresh-launch"], "warm pool")):
-        p = llmbench("sweep", "zero", "--search", *args, "--db", str(tmp_path / "x.db"), "--out", str(tmp_path), check=False)
+        p = cli("sweep", "zero", "--search", *args, "--db", str(tmp_path / "x.db"), "--out", str(tmp_path), check=False)
         assert p.returncode == 2 and msg in p.stderr + p.stdout, (args, p.stderr)
 
 
@@ -212,14 +212,14 @@ def test_project_cli(zero_sweep, tmp_path):
 
     db = tmp_path / "p.db"
     shutil.copy(zero_sweep["db"], db)
-    no_inter = llmbench("project", "--db", str(db), "--intra", "100", "--nodes", "1,2", check=False)
+    no_inter = cli("project", "--db", str(db), "--intra", "100", "--nodes", "1,2", check=False)
     assert no_inter.returncode == 2 and "--inter" in no_inter.stderr
-    bad = llmbench("project", "--db", str(db), "--intra", "nonsense", "--nodes", "1", check=False)
+    bad = cli("project", "--db", str(db), "--intra", "nonsense", "--nodes", "1", check=False)
     assert bad.returncode == 2 and "nccl-tests" in bad.stderr
-    ok = llmbench("project", "--db", str(db), "--trial", "z2-mb8", "--intra", "100", "--inter", "20", "--nodes", "1,2,4",
+    ok = cli("project", "--db", str(db), "--trial", "z2-mb8", "--intra", "100", "--inter", "20", "--nodes", "1,2,4",
                   "--format", "json")
     p = json.loads(ok.stdout)
     assert p["trial_id"] == "z2-mb8" and [q["nodes"] for q in p["points"] if q["scaling"] == "weak"] == [1, 2, 4]
-    llmbench("report", "--db", str(db), "--out", str(tmp_path / "r"))
+    cli("report", "--db", str(db), "--out", str(tmp_path / "r"))
     html = next((tmp_path / "r").glob("report-*.html")).read_text()
     assert 'id="projection"' in html and "not a measurement" in html

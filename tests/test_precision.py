@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.collect.flops import screen_utilisation, utilisation
 from llmbench.precision import Capabilities, auto_precision, emulated_bf16_note, native_bf16, resolve
 from llmbench.spec import expand, load_suite
@@ -181,7 +181,7 @@ def test_sweep_on_a_cpu_without_native_bf16(tmp_path):
     db, out = str(tmp_path / "p.db"), tmp_path / "out"
     env = dict(os.environ, **slow)
     llmbench("sweep", str(suite), "--db", db, "--out", str(out), env=env)
-    recs = {r["trial_id"]: r for r in map(json.loads, llmbench("results", "--db", db, "--format", "json").stdout.splitlines())}
+    recs = {r["trial_id"]: r for r in map(json.loads, cli("results", "--db", db, "--format", "json").stdout.splitlines())}
     assert set(recs) == {"fp32", "bf16"}
     auto, bf16 = recs["fp32"], recs["bf16"]
     assert (auto["precision"], auto["requested_precision"]) == ("fp32", "auto")
@@ -218,11 +218,11 @@ def test_resume_refuses_to_finish_a_run_with_other_settings(tmp_path):
                      "breakdown_steps: 0}\ngrid: {zero_stage: [0]}\n")
     db = str(tmp_path / "r.db")
     llmbench("sweep", str(suite), "--set", "precision=fp32", "--db", db, "--out", str(tmp_path))
-    run_id = json.loads(llmbench("results", "--db", db, "--format", "json").stdout)["run_id"]
-    p = llmbench("sweep", str(suite), "--set", "precision=bf16", "--resume", run_id, "--db", db, "--out", str(tmp_path),
+    run_id = json.loads(cli("results", "--db", db, "--format", "json").stdout)["run_id"]
+    p = cli("sweep", str(suite), "--set", "precision=bf16", "--resume", run_id, "--db", db, "--out", str(tmp_path),
                  check=False)
     assert p.returncode == 2 and "precision: fp32 → bf16" in p.stderr and "--set precision=fp32" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-    p = llmbench("sweep", str(suite), "--set", "precision=fp32", "--set", "steps=3", "--resume", run_id, "--db", db,
+    p = cli("sweep", str(suite), "--set", "precision=fp32", "--set", "steps=3", "--resume", run_id, "--db", db,
                  "--out", str(tmp_path), check=False)
     assert p.returncode == 2 and "ran with other settings than this plan's (steps: 2 → 3)" in p.stderr, p.stderr

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.report.guidance import recommend, statements
 from llmbench.report.html import render
 
@@ -53,7 +53,7 @@ def test_guidance_cites_real_trials(zero_sweep):
 
 
 def test_best_config_initialises_deepspeed(zero_sweep, tmp_path):
-    p = llmbench("best", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
+    p = cli("best", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
     cfg_path = next(tmp_path.glob("ds_config-*-throughput.json"))
     assert str(cfg_path.name) in p.stdout and "launch: deepspeed" in p.stdout
     rec = next(r for r in zero_sweep["records"] if r["trial_id"] in p.stdout.split(":")[1])
@@ -82,7 +82,7 @@ def test_exports_parquet_and_python_api(zero_sweep, tmp_path):
     df = load_trials(zero_sweep["db"])
     assert len(df) == 8 and df["tokens_per_s"].gt(0).all()
     out = tmp_path / "t.parquet"
-    llmbench("results", "--db", str(zero_sweep["db"]), "--format", "parquet", "--output", str(out))
+    cli("results", "--db", str(zero_sweep["db"]), "--format", "parquet", "--output", str(out))
     back = pd.read_parquet(out)
     assert list(back["trial_id"]) == list(df["trial_id"])
 
@@ -145,9 +145,9 @@ def test_compare_and_gate_are_one_engine(zero_sweep, tmp_path):
             r["tokens_per_s"] /= factor
             dst.add_trial(r, seq)
     g, c = tmp_path / "g.json", tmp_path / "c.json"
-    p = llmbench("gate", "base", "slow", "--db", str(db), "--json", str(g), check=False)
+    p = cli("gate", "base", "slow", "--db", str(db), "--json", str(g), check=False)
     assert p.returncode == 1 and "FAIL" in p.stdout, p.stdout
-    out = llmbench("compare", "base", "slow", "--db", str(db), "--out", str(tmp_path), "--json", str(c)).stdout
+    out = cli("compare", "base", "slow", "--db", str(db), "--out", str(tmp_path), "--json", str(c)).stdout
     assert "-25.0%" in out and "gate's rule finds 1 regression: (all trials)" in out
     gj, cj = json.loads(g.read_text()), json.loads(c.read_text())
     judged = [v for v in cj["verdicts"] if v["why"] != "shown, not judged"]
@@ -155,7 +155,7 @@ def test_compare_and_gate_are_one_engine(zero_sweep, tmp_path):
     tps = [v for v in cj["verdicts"] if v["metric"] == "tokens/s"]
     assert len(tps) == 8 and all(v["change"] == pytest.approx(-0.25) and v["outcome"] == "reported" for v in tps)
     same = tmp_path / "same.json"
-    llmbench("compare", "base", "base", "--db", str(db), "--out", str(tmp_path), "--json", str(same))
+    cli("compare", "base", "base", "--db", str(db), "--out", str(tmp_path), "--json", str(same))
     sj = json.loads(same.read_text())
     assert sj["passed"] and all(v["change"] in (0, None) for v in sj["verdicts"])
     assert list(tmp_path.glob("compare-base-slow.html"))

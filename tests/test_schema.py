@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from helpers import llmbench
+from helpers import llmbench, cli
 from llmbench.schema import SCHEMA_VERSION, SETTINGS, fields, markdown, migrate, validate
 from llmbench.spec import TrialSpec
 
@@ -27,8 +27,8 @@ def test_every_field_is_defined_once_with_a_definition():
 
 def test_docs_are_generated_from_the_schema():
     assert DOCS.read_text() == markdown(), "docs/record.md drifted: run `llmbench results --schema --format markdown --output docs/record.md`"
-    assert llmbench("results", "--schema", "--format", "markdown").stdout == markdown()
-    printed = json.loads(llmbench("results", "--schema", "--format", "json").stdout)
+    assert cli("results", "--schema", "--format", "markdown").stdout == markdown()
+    printed = json.loads(cli("results", "--schema", "--format", "json").stdout)
     assert printed["schema_version"] == SCHEMA_VERSION and printed["fields"] == fields()
 
 
@@ -59,15 +59,15 @@ def test_a_store_and_an_export_of_the_previous_version_still_load(tmp_path):
     shutil.copy(DATA / "store-v1.db", db)
     raw = [json.loads(x) for x in (DATA / "export-v1.jsonl").read_text().splitlines()]
     assert all("schema_version" not in r and "requested_precision" not in r for r in raw)
-    recs = [json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    recs = [json.loads(x) for x in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     assert [r["trial_id"] for r in recs] == ["z0", "z3"]
     for old, new in zip(raw, recs):
         assert new["schema_version"] == SCHEMA_VERSION and new["requested_precision"] == old["precision"] == "fp32"
         assert {k: new[k] for k in old} == old  # nothing measured changed
         validate(new)
     assert migrate(recs[0]) is recs[0]  # already current
-    llmbench("report", "--db", str(db), "--out", str(tmp_path))
-    p = llmbench("gate", str(DATA / "export-v1.jsonl"), recs[0]["run_id"], "--db", str(db))
+    cli("report", "--db", str(db), "--out", str(tmp_path))
+    p = cli("gate", str(DATA / "export-v1.jsonl"), recs[0]["run_id"], "--db", str(db))
     assert "PASS" in p.stdout
 
 
@@ -82,7 +82,7 @@ def test_a_store_and_an_export_of_version_2_load_with_their_identity(tmp_path):
     shutil.copy(DATA / "store-v2.db", db)
     raw = [json.loads(x) for x in (DATA / "export-v2.jsonl").read_text().splitlines()]
     assert all(r["schema_version"] == 2 and "config_hash" not in r for r in raw)
-    recs = [json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    recs = [json.loads(x) for x in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     for old, new in zip(raw, recs):
         assert new["schema_version"] == SCHEMA_VERSION and new["config_hash"] == config_hash(old)
         assert {k: new[k] for k in old if k != "schema_version"} == {k: v for k, v in old.items() if k != "schema_version"}
@@ -92,11 +92,11 @@ def test_a_store_and_an_export_of_version_2_load_with_their_identity(tmp_path):
     # new one are the same trials (identity computed from the old fields = the new plan's)
     llmbench("sweep", "smoke", "--set", "precision=fp32", "--set", "zero_stage=0,3", "--set", "steps=3",
              "--db", str(db), "--out", str(tmp_path))
-    fresh = [r for r in (json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines())
+    fresh = [r for r in (json.loads(x) for x in cli("results", "--db", str(db), "--format", "json").stdout.splitlines())
              if r["run_id"] != recs[0]["run_id"]]
     assert sorted(r["config_hash"] for r in fresh) == sorted(r["config_hash"] for r in recs)
     verdicts = tmp_path / "v.json"
-    llmbench("gate", str(DATA / "export-v2.jsonl"), fresh[0]["run_id"], "--db", str(db), "--json", str(verdicts),
+    cli("gate", str(DATA / "export-v2.jsonl"), fresh[0]["run_id"], "--db", str(db), "--json", str(verdicts),
              check=False)  # timing noise between the runs may or may not count: matching is what is tested
     v = json.loads(verdicts.read_text())
     assert v["comparable"] and not [x for x in v["verdicts"] if x["metric"] in ("configuration", "status")], v

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from llmbench.collect.memory import deepspeed_model_state_bytes, zero_paper_bytes
-from helpers import llmbench
+from helpers import llmbench, cli
 
 RECORD_FIELDS = ["run_id", "trial_id", "status", "error", "model", "n_params", "n_layers", "hidden_size", "n_heads",
                  "n_kv_heads", "vocab_size", "seq_len", "world_size", "micro_batch", "grad_accum", "global_batch",
@@ -112,14 +112,14 @@ def test_report_is_offline_html_with_figures(zero_sweep):
 
 def test_results_csv_and_table(zero_sweep):
     db = str(zero_sweep["db"])
-    rows = list(csv.DictReader(io.StringIO(llmbench("results", "--db", db, "--format", "csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(cli("results", "--db", db, "--format", "csv").stdout)))
     assert len(rows) == 8 and float(rows[0]["tokens_per_s"]) > 0
-    table = llmbench("results", "--db", db).stdout
+    table = cli("results", "--db", db).stdout
     assert "z2-mb4" in table
 
 
 def test_report_command_rewrites_report(zero_sweep, tmp_path):
-    p = llmbench("report", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
+    p = cli("report", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
     assert list(tmp_path.glob("report-*.html")) and "report:" in p.stdout
 
 

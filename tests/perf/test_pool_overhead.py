@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import llmbench
+from helpers import llmbench, cli
 
 
 def sweep(tmp_path, name, *extra):
@@ -19,7 +19,7 @@ def sweep(tmp_path, name, *extra):
     t0 = time.perf_counter()
     llmbench("sweep", "smoke", "--db", str(db), "--out", str(tmp_path / name), *extra)
     wall = time.perf_counter() - t0
-    recs = [json.loads(x) for x in llmbench("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    recs = [json.loads(x) for x in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
     return wall, recs
 
 
