@@ -16,6 +16,7 @@ from .kernels.plan import KernelPlan
 from .launch import LaunchOptions, RankPool
 from .store import Store
 from .sweep import new_run_id
+from .safetext import file_part
 
 
 def merged(rows_by_rank: dict[int, dict]) -> dict:
@@ -36,7 +37,7 @@ def run_kernels_on_pool(plan: KernelPlan, hw: Hardware, store: Store, *, label: 
     env = environment(hw)
     run_id = new_run_id()
     store.create_run(run_id, "kernels", label, env, meta={"kernel_plan": plan.model_dump()})
-    pool = RankPool(hw, plan.world_size, log_dir / f"{run_id}-kernels.log", options)
+    pool = RankPool(hw, plan.world_size, log_dir / file_part(f"{run_id}-kernels.log"), options)
     status, error = "finished", None
     pending: dict[str, dict[int, dict]] = {}
     records: list[dict] = []

@@ -16,15 +16,19 @@ interface a sweep uses, so the driver runs unchanged on either.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 from .schema import migrate, validate
+from .store import StoreWriteError, free_space
 
 
 def write_json(path: Path, obj) -> None:
@@ -53,8 +57,14 @@ def read_json(path: Path):
 
 
 def trial_file(folder: Path, trial_id: str) -> Path:
-    """A trial's file: its id percent-encoded (an id holds a local model's path: `/` and all)."""
-    return folder / "trials" / f"{quote(trial_id, safe='')}.json"
+    """A trial's file: its id percent-encoded (an id holds a local model's path: `/` and all);
+    an id whose encoding is longer than 250 characters (a file name ends at 255 bytes, so no
+    older folder holds one) is cut, with 16 hex digits of its SHA-256 so that two ids never
+    share a file."""
+    name = quote(trial_id, safe="")
+    if len(name) > 250:
+        name = name[:230] + "-" + hashlib.sha256(trial_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return folder / "trials" / f"{name}.json"
 
 
 def shard_key(index: int, count: int, world_size: int | None = None) -> str:
@@ -73,18 +83,35 @@ class FolderStore:
         self.root, self.shard = Path(root), shard
         self.path = self.root  # (what error messages name)
 
+    @contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """A file that cannot be written (a full disk, a file-size limit, no permission) as one
+        StoreWriteError saying why, as the SQLite store does."""
+        try:
+            yield
+        except OSError as e:
+            raise StoreWriteError(f"could not write the results folder {self.root} ({what}): "
+                                  f"{e.strerror or e} ({free_space(self.root)})") from e
+
     def folder(self, run_id: str) -> Path:
-        return self.root / run_id
+        """The run's folder: ROOT/RUN_ID (a run id is a safe file name: safetext.check_run_id)."""
+        from .safetext import check_run_id
+
+        return self.root / check_run_id(run_id)
+
+    def trial_path(self, run_id: str, trial_id: str) -> Path:
+        return trial_file(self.folder(run_id), trial_id)
 
     # -- runs ------------------------------------------------------------------------------
     def create_run(self, run_id: str, suite: str | None, label: str | None, env: dict, meta: dict | None = None,
                    shards: list[str] | None = None) -> None:
         """The run's file, unless a shard of the same run wrote it first (then it is kept as it is)."""
-        path = self.folder(run_id) / "run.json"
-        if path.exists():
-            return
-        write_json(path, dict(run_id=run_id, created_at=time.time(), suite=suite, label=label, env=env,
-                              meta=meta or {}, status="running", shards=shards or []))
+        with self.writing(f"creating run {run_id}"):
+            path = self.folder(run_id) / "run.json"
+            if path.exists():
+                return
+            write_json(path, dict(run_id=run_id, created_at=time.time(), suite=suite, label=label, env=env,
+                                  meta=meta or {}, status="running", shards=shards or []))
 
     def run(self, run_id: str | None = None) -> dict | None:
         if run_id is None or not (self.folder(run_id) / "run.json").exists():
@@ -94,33 +121,36 @@ class FolderStore:
         return run
 
     def finish_run(self, run_id: str, status: str, meta: dict | None = None) -> None:
-        if self.shard:  # a requeued or resumed shard adds its part to what the shard did before
-            now, meta = time.time(), dict(meta or {})
-            path = self.folder(run_id) / "shards" / f"{self.shard}.json"
-            started = now - meta.get("wall_s", 0)
-            if path.exists():
-                was = read_json(path)
-                started = min(started, was.get("started_at") or started)
-                meta.update(wall_s=was["meta"].get("wall_s", 0) + meta.get("wall_s", 0),
-                            pool_starts=was["meta"].get("pool_starts", 0) + meta.get("pool_starts", 0),
-                            pool_start_s=was["meta"].get("pool_start_s", []) + meta.get("pool_start_s", []))
-            write_json(path, dict(status=status, started_at=started, finished_at=now, host=socket.gethostname(),
-                                  meta=meta))
-            return
-        run = read_json(self.folder(run_id) / "run.json")
-        run.update(status=status, finished_at=time.time(), meta=meta if meta is not None else run["meta"])
-        write_json(self.folder(run_id) / "run.json", run)
-
-    def set_run_status(self, run_id: str, status: str) -> None:
-        if not self.shard:
+        with self.writing(f"ending run {run_id}"):
+            if self.shard:  # a requeued or resumed shard adds its part to what the shard did before
+                now, meta = time.time(), dict(meta or {})
+                path = self.folder(run_id) / "shards" / f"{self.shard}.json"
+                started = now - meta.get("wall_s", 0)
+                if path.exists():
+                    was = read_json(path)
+                    started = min(started, was.get("started_at") or started)
+                    meta.update(wall_s=was["meta"].get("wall_s", 0) + meta.get("wall_s", 0),
+                                pool_starts=was["meta"].get("pool_starts", 0) + meta.get("pool_starts", 0),
+                                pool_start_s=was["meta"].get("pool_start_s", []) + meta.get("pool_start_s", []))
+                write_json(path, dict(status=status, started_at=started, finished_at=now, host=socket.gethostname(),
+                                      meta=meta))
+                return
             run = read_json(self.folder(run_id) / "run.json")
-            run["status"] = status
+            run.update(status=status, finished_at=time.time(), meta=meta if meta is not None else run["meta"])
             write_json(self.folder(run_id) / "run.json", run)
 
+    def set_run_status(self, run_id: str, status: str) -> None:
+        with self.writing(f"run {run_id}'s status"):
+            if not self.shard:
+                run = read_json(self.folder(run_id) / "run.json")
+                run["status"] = status
+                write_json(self.folder(run_id) / "run.json", run)
+
     def set_meta(self, run_id: str, meta: dict) -> None:
-        run = read_json(self.folder(run_id) / "run.json")
-        run["meta"] = meta
-        write_json(self.folder(run_id) / "run.json", run)
+        with self.writing(f"run {run_id}'s meta"):
+            run = read_json(self.folder(run_id) / "run.json")
+            run["meta"] = meta
+            write_json(self.folder(run_id) / "run.json", run)
 
     # -- trials ----------------------------------------------------------------------------
     def _trial_files(self, run_id: str) -> list[Path]:
@@ -142,11 +172,13 @@ class FolderStore:
 
     def add_trial(self, record: dict, seq: int, replace: bool = False) -> None:
         """Write one finished trial (a later round's record replaces the file whole)."""
-        validate(record)
-        write_json(trial_file(self.folder(record["run_id"]), record["trial_id"]), {"seq": seq, "record": record})
+        with self.writing(f"storing trial {record['trial_id']}"):
+            validate(record)
+            write_json(trial_file(self.folder(record["run_id"]), record["trial_id"]), {"seq": seq, "record": record})
 
     def delete_trial(self, run_id: str, trial_id: str) -> None:
-        trial_file(self.folder(run_id), trial_id).unlink(missing_ok=True)
+        with self.writing(f"removing trial {trial_id}"):
+            trial_file(self.folder(run_id), trial_id).unlink(missing_ok=True)
 
     def next_seq(self, run_id: str) -> int:
         return max((seq for seq, _ in self.entries(run_id)), default=-1) + 1

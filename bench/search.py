@@ -40,8 +40,9 @@ from .plan.throughput import KINDS, LinkFit, calibrate, fit_collectives, predict
 from .plan.throughput_accuracy import collective_links
 from .record import combine_rounds, failed_record
 from .spec import SpecError
-from .store import Store
+from .store import Store, StoreWriteError
 from .sweep import Plan, PlannedTrial, SweepResult, _Driver, new_run_id
+from .safetext import file_part
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def probe_links(d: _Driver, world_size: int, params: SearchParams) -> tuple[dict
     if world_size < 2:
         return {}, "none: one rank communicates nothing"
     if d.pool is None:
-        d.pool = RankPool(d.hw, world_size, d.log_dir / f"{d.run_id}-ws{world_size}.log", d.options)
+        d.pool = RankPool(d.hw, world_size, d.log_dir / file_part(f"{d.run_id}-ws{world_size}.log"), d.options)
     starts = d.pool.starts
     plan = KernelPlan(benches=["collective"], collectives=list(KINDS), message_bytes=list(params.probe_bytes),
                       repeats=params.probe_repeats, world_size=world_size, precisions=["fp32"])
@@ -167,6 +168,7 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
     def measured_ok() -> list[dict]:
         return [records[k] for k in rounds if records[k]["status"] == "ok"]
 
+    store_failed = False
     try:
         for t in plan.trials:  # what the plan does not launch is recorded as a sweep records it
             if not runnable(t):
@@ -239,7 +241,14 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
             s = current[0]
             rec = failed_record(d.record(s), "interrupted", "the search was interrupted (Ctrl-C) during this trial")
             rec["search"] = {"phase": "interrupted", "why": rec["error"]}
-            store_rec(s, rec, replace=False)
+            try:
+                store_rec(s, rec, replace=False)
+            except StoreWriteError:  # (the interrupt goes on)
+                store_failed = True
+        raise
+    except StoreWriteError as e:  # locked past the timeout, a full disk: stop; what is stored stays
+        store_failed = True
+        e.run_id, e.stored = run_id, len(records)
         raise
     except Exception:
         status = "failed"
@@ -249,10 +258,11 @@ def run_search(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, lab
             d.pool.stop()
         wall = time.perf_counter() - t0
         summary["wall_s"] = wall
-        meta = store.run(run_id)["meta"]
-        meta.update(n_trials=len(plan.trials), wall_s=wall, pool_starts=len(d.start_times), pool_start_s=d.start_times,
-                    warm_pool=True, search=summary)
-        store.finish_run(run_id, status, meta=meta)
+        if not store_failed:  # (a store that failed would only fail again, after another timeout)
+            meta = store.run(run_id)["meta"]
+            meta.update(n_trials=len(plan.trials), wall_s=wall, pool_starts=len(d.start_times), pool_start_s=d.start_times,
+                        warm_pool=True, search=summary)
+            store.finish_run(run_id, status, meta=meta)
     return SweepResult(run_id, status, [records[t.trial_id] for t in plan.trials if t.trial_id in records], wall,
                        len(d.start_times), d.start_times)
 

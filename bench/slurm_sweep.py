@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .spec import SpecError
+from .safetext import shown
 
 
 @dataclass
@@ -351,7 +352,7 @@ def _finalists(store, run_id, records, suite, overrides, label, db, out, results
     script = write_script(slurm_dir / "finalists.sbatch", f"llmbench-{final_id}", resources(ws, spec), cmd, None,
                           str(slurm_dir / "finalists.out"), spec.retries)
     job = sbatch(script)
-    console.print(f"re-measuring the finalists {', '.join(r['trial_id'] for r in chosen)} together "
+    console.print(f"re-measuring the finalists {shown(', '.join(r['trial_id'] for r in chosen))} together "
                   f"({rounds} interleaved rounds) in one allocation: job {job}")
     wait([job], results / final_id, len(chosen), spec, "finalists")
     store.merge([results / final_id])
@@ -364,6 +365,7 @@ def _finalists(store, run_id, records, suite, overrides, label, db, out, results
                          "tied": [r["trial_id"] for r in win.tied], "reason": win.reason}
     store.set_meta(run_id, meta)
     if win.winner:
-        tied = f", tied with {', '.join(r['trial_id'] for r in win.tied)}" if win.tied else ""
-        console.print(f"winner (finalists re-measured together): [bold]{win.winner['trial_id']}[/]{tied} ({win.reason})")
+        tied = f", tied with {shown(', '.join(r['trial_id'] for r in win.tied))}" if win.tied else ""
+        console.print(f"winner (finalists re-measured together): [bold]{shown(win.winner['trial_id'])}[/]{tied} "
+                      f"({shown(win.reason)})")
     return final_id

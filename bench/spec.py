@@ -209,12 +209,7 @@ def load_suite(name_or_path: str) -> tuple[Suite, str]:
         if name_or_path not in suites:
             raise SpecError(f"unknown suite {name_or_path!r}: not a file, and the built-in suites are {', '.join(sorted(suites))}")
         path = suites[name_or_path]
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a suite is a mapping with name, fixed and grid; got {type(raw).__name__}")
     raw.setdefault("name", path.stem)
@@ -234,6 +229,66 @@ def load_suite(name_or_path: str) -> tuple[Suite, str]:
     return suite, str(path)
 
 
+MAX_SUITE_BYTES = 256 * 1024   # the built-in suites are under 2 KiB
+MAX_DEPTH = 16                  # mappings and lists inside one another (a suite needs 5 at most: also[].fixed.decode_batches)
+MAX_VALUES = 10_000             # values once YAML aliases are expanded (a grid of 10,000 trials is far past useful)
+
+
+def read_yaml(path: Path) -> Any:
+    """A suite file, read safely: at most 256 KiB; no YAML tags (`!!python/...`, `!!binary`,
+    `!custom`: a suite holds plain values); nested at most 16 deep; at most 10,000 values with
+    aliases expanded (a "billion laughs" of anchors is refused before it is built); then
+    yaml.safe_load. SpecError (one line, exit 2) otherwise."""
+    size = path.stat().st_size
+    if size > MAX_SUITE_BYTES:
+        raise SpecError(f"{path}: {size:,} bytes; a suite file is at most {MAX_SUITE_BYTES // 1024} KiB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text under read_yaml's rules (`where` names it in errors)."""
+    def line(mark) -> str:
+        return f" line {mark.line + 1}" if mark is not None else ""
+
+    try:
+        depth = 0
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+            tag = getattr(ev, "tag", None)
+            if tag is not None and not isinstance(ev, (yaml.DocumentStartEvent, yaml.DocumentEndEvent)):
+                raise SpecError(f"{where}:{line(ev.start_mark)} YAML tag {tag!r}: tags are not read in a suite; write a plain value")
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SpecError(f"{where}:{line(ev.start_mark)} nested more than {MAX_DEPTH} deep; a suite needs 5 at most")
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _count_values(node, where)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SpecError(f"{where}:{line(mark)} malformed YAML: {getattr(e, 'problem', None) or e}") from None
+
+
+def _count_values(node, where: str) -> None:
+    """Every value the document holds with its aliases expanded, iteratively; past MAX_VALUES: SpecError."""
+    n, todo = 0, [node] if node is not None else []
+    while todo:
+        cur = todo.pop()
+        n += 1
+        if n > MAX_VALUES:
+            raise SpecError(f"{where}: more than {MAX_VALUES:,} values once its YAML aliases (*name) are expanded; "
+                            f"a suite is a small grid")
+        if isinstance(cur, yaml.MappingNode):
+            todo.extend(x for pair in cur.value for x in pair)
+        elif isinstance(cur, yaml.SequenceNode):
+            todo.extend(cur.value)
+
+
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"]) or "value"
@@ -248,7 +303,7 @@ def parse_override(text: str) -> tuple[str, list[str]]:
     key = key.strip()
     if key not in AXES:
         raise SpecError(f"--set {key}: unknown axis; known axes are {', '.join(AXES)}")
-    values = [yaml.safe_load(v) for v in vals.split(",") if v.strip() != ""]
+    values = [parse_yaml(v, f"--set {key}={v}") for v in vals.split(",") if v.strip() != ""]
     if not values:
         raise SpecError(f"--set {key}: no values given")
     return key, values

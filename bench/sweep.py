@@ -20,7 +20,8 @@ from .plan.prune import Budget, prune_reason
 from .rank_result import InferenceResult, RankResult
 from .record import aggregate, aggregate_inference, base_record, combine_rounds, failed_record, prediction_fields
 from .spec import SpecError, TrialSpec
-from .store import Store
+from .store import Store, StoreWriteError
+from .safetext import file_part
 
 
 def new_run_id() -> str:
@@ -266,7 +267,7 @@ class _Driver:
                     self.pool.stop()  # one pool alive at a time
                     self.refused += self.pool.refused
                 shard = getattr(self.store, "shard", None)  # shards of one run may share a log folder
-                name = f"{self.run_id}-ws{t.spec.world_size}" + (f"-{shard}-{socket.gethostname()}" if shard else "")
+                name = file_part(f"{self.run_id}-ws{t.spec.world_size}" + (f"-{shard}-{socket.gethostname()}" if shard else ""))
                 self.pool = RankPool(self.hw, t.spec.world_size, self.log_dir / f"{name}.log", self.options)
             starts_before = self.pool.starts
             # the extra passes (breakdown, comms, profile) run in the first round only
@@ -346,10 +347,11 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         seq = 0
     todo = [t for t in plan.trials if t.trial_id not in done]
     d = _Driver(plan, hw, store, run_id, env, label, log_dir, options, warm_pool,
-                log_dir.parent / "traces" / run_id if profile else None)
+                log_dir.parent / "traces" / file_part(run_id) if profile else None)
     records: dict[str, dict] = {}
     status = "finished"
     current: tuple[PlannedTrial, int] | None = None
+    store_failed = False
     try:
         for group in _groups(todo):
             rounds: dict[str, list[dict]] = {t.trial_id: [] for t in group}
@@ -371,6 +373,11 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
                     current = None
                     if on_trial_end:
                         on_trial_end(seqs[t.trial_id] + 1, records[t.trial_id])
+    except StoreWriteError as e:  # locked past the timeout, a full disk: stop; what is stored stays
+        store_failed = True
+        e.run_id = run_id
+        e.stored = len(done) + len(records)  # (a trial fails before it is in `records`, or keeps its rounds so far)
+        raise
     except Exception:
         status = "failed"  # a bug in the driver: the run is not "finished"; its stored trials stay
         raise
@@ -381,24 +388,28 @@ def run_sweep(plan: Plan, hw: Hardware, store: Store, *, suite: str | None, labe
         if current is not None and current[1] == 0:  # a later round's trial keeps its rounds so far
             t = current[0]
             rec = failed_record(d.record(t), "interrupted", f"the sweep was interrupted ({interrupt_reason()}) during this trial")
-            store.add_trial(rec, t.seq if t.seq is not None else seq)
-            records[t.trial_id] = rec
+            try:
+                store.add_trial(rec, t.seq if t.seq is not None else seq)
+                records[t.trial_id] = rec
+            except StoreWriteError:  # (the interrupt goes on; --resume runs the trial again anyway)
+                store_failed = True
         raise
     finally:
         if d.pool is not None:
             d.pool.stop()
         wall = time.perf_counter() - t0
         refused = d.refused + (d.pool.refused if d.pool is not None else [])
-        if getattr(store, "shard", None):  # a shard reports only its own part (resultsdir.run_status adds them up)
-            meta = dict(n_trials=len(plan.trials), wall_s=wall, pool_starts=len(d.start_times),
-                        pool_start_s=d.start_times, warm_pool=warm_pool)
-        else:
-            meta = store.run(run_id)["meta"]
-            meta.update(n_trials=len(plan.trials), wall_s=meta.get("wall_s", 0) + wall,
-                        pool_starts=meta.get("pool_starts", 0) + len(d.start_times),
-                        pool_start_s=meta.get("pool_start_s", []) + d.start_times, warm_pool=warm_pool)
-        if refused:
-            meta["control_refused"] = meta.get("control_refused", []) + refused
-        store.finish_run(run_id, status, meta=meta)
+        if not store_failed:  # (a store that failed would only fail again, after another timeout)
+            if getattr(store, "shard", None):  # a shard reports only its own part (resultsdir.run_status adds them up)
+                meta = dict(n_trials=len(plan.trials), wall_s=wall, pool_starts=len(d.start_times),
+                            pool_start_s=d.start_times, warm_pool=warm_pool)
+            else:
+                meta = store.run(run_id)["meta"]
+                meta.update(n_trials=len(plan.trials), wall_s=meta.get("wall_s", 0) + wall,
+                            pool_starts=meta.get("pool_starts", 0) + len(d.start_times),
+                            pool_start_s=meta.get("pool_start_s", []) + d.start_times, warm_pool=warm_pool)
+            if refused:
+                meta["control_refused"] = meta.get("control_refused", []) + refused
+            store.finish_run(run_id, status, meta=meta)
     ordered = [records[t.trial_id] for t in todo if t.trial_id in records]
     return SweepResult(run_id, status, ordered, wall, len(d.start_times), d.start_times)

@@ -188,7 +188,9 @@ def main() -> None:
         if msg["type"] == "trial":
             spec = TrialSpec.model_validate(msg["spec"])
             ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
-            trace = f"{msg['trace_dir']}/{msg['trial_id']}-rank{rank}.json" if msg.get("trace_dir") else None
+            from .safetext import file_part
+
+            trace = f"{msg['trace_dir']}/{file_part(msg['trial_id'])}-rank{rank}.json" if msg.get("trace_dir") else None
             def beat(step: int, watch: bool, trial_id=msg["trial_id"]) -> None:  # the driver's watchdog
                 ctl.send({"type": "beat", "trial_id": trial_id, "step": step, "watch": watch})
 

@@ -80,3 +80,44 @@ def test_global_batch_derives_accumulation_or_is_bad_input():
     assert [(s.micro_batch, s.grad_accum, s.global_batch) for _, s, _ in trials] == [(4, 4, 32), (8, 2, 32)]
     with pytest.raises(SpecError, match="global_batch=20 .* not a positive multiple of micro_batch × world_size = 8"):
         expand(suite, src, DEFAULTS, ["global_batch=20", "zero_stage=0"])
+
+
+LAUGHS = ("name: laughs\ngrid: {zero_stage: [0]}\na: &a [x, x, x, x, x, x, x, x, x, x]\n"
+          + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")))
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("huge", "name: h\ngrid: {zero_stage: [0]}\n" + "# padding\n" * 30_000, "a suite file is at most 256 KiB"),
+    ("deep", "name: d\ngrid: {zero_stage: [0]}\nfixed: {seed: " + "[" * 200 + "]" * 200 + "}\n", "nested more than 16 deep"),
+    ("laughs", LAUGHS, "more than 10,000 values once its YAML aliases"),
+    ("python", "name: !!python/object/apply:os.system ['touch /tmp/llmbench-pwned']\ngrid: {zero_stage: [0]}\n",
+     "YAML tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("binary", "name: b\nfixed: {model: !!binary dGlueQ==}\ngrid: {zero_stage: [0]}\n", "YAML tag 'tag:yaml.org,2002:binary'"),
+    ("custom", "name: c\nfixed: {model: !mine tiny}\ngrid: {zero_stage: [0]}\n", "YAML tag '!mine'"),
+    ("binary-bytes", b"name: \xff\xfe\ngrid: {zero_stage: [0]}\n", "not UTF-8 text"),
+])
+def test_a_hostile_suite_file_is_refused_in_one_line(name, text, needle, tmp_path):
+    """Safe loading with limits (spec.read_yaml): refused before any of it is built, one line,
+    exit 2; nothing runs (the YAML's os.system never does)."""
+    import os
+
+    from helpers import cli
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    p = cli("sweep", str(path), "--db", str(tmp_path / "x.db"), "--out", str(tmp_path / "out"), check=False)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0] and str(path) in lines[0], p.stderr
+    assert not os.path.exists("/tmp/llmbench-pwned") and not (tmp_path / "out").exists()
+
+
+def test_a_tag_in_a_set_value_is_refused_and_anchors_within_limits_are_read(tmp_path):
+    from helpers import cli
+
+    p = cli("sweep", "zero", "--set", "model=!!python/name:os.system", "--dry-run", check=False)
+    assert p.returncode == 2 and "YAML tag" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    path = tmp_path / "alias.yaml"
+    path.write_text("name: alias\nfixed: &f {model: tiny, seq_len: 32}\nalso:\n  - fixed: *f\n    grid: {micro_batch: [2]}\n"
+                    "grid: {zero_stage: [0, 1]}\n")
+    suite, _ = load_suite(str(path))
+    assert suite.fixed == suite.also[0].fixed == {"model": "tiny", "seq_len": 32}

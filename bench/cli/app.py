@@ -11,11 +11,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+class SafeConsole(Console):
+    """The terminal's console: every string it renders has its control characters (ANSI
+    escape sequences) and bidi overrides shown escaped (safetext.terminal; newlines kept), and
+    a string whose brackets are not valid markup is printed as written instead of raising.
+    Values from data are also passed through safetext.shown where they are put in markup."""
+
+    def render_str(self, text: str, **kwargs):
+        from rich.errors import MarkupError
+
+        from ..safetext import terminal
+
+        text = terminal(text, limit=10**9, newlines=True)
+        try:
+            return super().render_str(text, **kwargs)
+        except MarkupError:
+            return super().render_str(text, **{**kwargs, "markup": False})
+
+
 app = typer.Typer(help="Benchmark LLM training with real DeepSpeed: sweep, store, report.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 # Rich falls back to 80 columns when stdout is not a terminal; tables need more.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = SafeConsole(width=None if sys.stdout.isatty() else 160)
+err = SafeConsole(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 DEFAULT_DB = Path("reports/llmbench.db")
 DEFAULT_OUT = Path("reports")
@@ -51,10 +69,14 @@ def launch_options(hostfile, include, exclude, num_nodes, master_addr, ssh_port,
 
 
 def error_line(msg: str) -> None:
-    """`llmbench: error: MSG` on stderr, the message as plain text (brackets in it are not markup)."""
+    """`llmbench: error: MSG` on stderr, one line, as plain text: brackets in it are not markup;
+    control characters (ANSI escape sequences), bidi overrides and newlines are shown escaped,
+    and a message past 2,000 characters is cut (llmbench.safetext)."""
     from rich.text import Text
 
-    err.print(Text.assemble(("llmbench: error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
+    from ..safetext import terminal
+
+    err.print(Text.assemble(("llmbench: error:", "bold red"), " ", terminal(msg, 2000)), highlight=False, soft_wrap=True)
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -97,7 +119,9 @@ def load_run(db: Path, run_id: Optional[str]):
 
 
 def print_table(records: list[dict], title: str) -> None:
-    t = Table(title=title)
+    from ..safetext import shown
+
+    t = Table(title=shown(title))
     for col in ("trial", "status", "precision", "zero", "micro", "accum", "step s", "tokens/s", "model states MiB",
                 "peak MiB", "final loss"):
         t.add_column(col, justify="right")
@@ -108,7 +132,7 @@ def print_table(records: list[dict], title: str) -> None:
         ok = ok or (r["status"] == "stopped" and r.get("step_time_s") is not None)
         status = r["status"] if r["status"] == "ok" else f"[yellow]{r['status']}[/]" if r["status"] == "stopped" \
             else f"[red]{r['status']}[/]"
-        t.add_row(r["trial_id"], status, r["precision"], str(r["zero_stage"]),
+        t.add_row(shown(r["trial_id"], 80), status, shown(r["precision"]), str(r["zero_stage"]),
                   str(r["micro_batch"]), str(r["grad_accum"]),
                   f"{r['step_time_s']:.4f}" if ok else "–", f"{r['tokens_per_s']:,.0f}" if ok else "–",
                   f"{r['model_state_bytes'] / 2**20:.2f}" if ok else "–",
@@ -122,6 +146,8 @@ def print_table(records: list[dict], title: str) -> None:
 
 
 def print_inference_table(records: list[dict]) -> None:
+    from ..safetext import shown
+
     t = Table(title="inference")
     batches = sorted({b for r in records for b in (r.get("decode_tokens_per_s") or {})}, key=int)
     for col in ("trial", "status", "quant", "precision", "prefill ms", *[f"decode tok/s b{b}" for b in batches],
@@ -130,7 +156,7 @@ def print_inference_table(records: list[dict]) -> None:
     for r in records:
         ok = r["status"] == "ok"
         tps = r.get("decode_tokens_per_s") or {}
-        t.add_row(r["trial_id"], r["status"] if ok else f"[red]{r['status']}[/]", r["quant"], r["precision"],
+        t.add_row(shown(r["trial_id"], 80), r["status"] if ok else f"[red]{r['status']}[/]", shown(r["quant"]), shown(r["precision"]),
                   f"{1e3 * r['prefill_latency_s']:.2f}" if ok and r.get("prefill_latency_s") else "–",
                   *[f"{tps[b]:,.0f}" if b in tps else "–" for b in batches],
                   f"{r['weight_bytes'] / 2**20:.3f}" if r.get("weight_bytes") else "–",
@@ -146,6 +172,9 @@ def main() -> None:
     except ImportError:
         from click import exceptions as cx
 
+    from ..report import ReportWriteError
+    from ..store import StoreError
+
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
     except getattr(cx, "NoArgsIsHelpError", ()) as e:  # `llmbench` alone: the help (click >= 8.2; rich prints it)
@@ -160,6 +189,9 @@ def main() -> None:
         raise SystemExit(2) from None
     except typer.Exit as e:
         raise SystemExit(e.exit_code) from None
+    except (StoreError, ReportWriteError) as e:  # not a store (2); locked past the timeout, a full disk (1)
+        error_line(str(e))
+        raise SystemExit(e.code) from None
     except typer.Abort:
         raise SystemExit(130) from None
     except BrokenPipeError:  # `llmbench ... | head`: the reader has what it wanted

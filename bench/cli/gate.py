@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..gate import ALPHA
+from ..safetext import shown
 from .app import DbOpt, OutOpt, app, console, fail
 
 
@@ -55,7 +56,7 @@ def _judge(command: str, baseline: str, candidate: str, margin, alpha: float, ti
             json_path.write_text(json.dumps({"baseline": baseline, "candidate": candidate, "comparable": False,
                                              "passed": False, "error": str(e)}, indent=1) + "\n")
         fail(str(e))
-    console.print(_table(result, f"{command}: {a_name} (baseline) → {b_name} (candidate)"))
+    console.print(_table(result, f"{command}: {shown(a_name, 100)} (baseline) → {shown(b_name, 100)} (candidate)"))
     _write_json(json_path, result, a_name, b_name)
     return a_name, b_name, result
 
@@ -68,10 +69,10 @@ def _table(result, title: str) -> Table:
     fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
     for v in result.verdicts:
         change = "–" if v.change is None else f"{100 * v.change:+.1f}%"
-        verdict = v.outcome if not v.why else f"{v.outcome} ({v.why})"
+        verdict = shown(v.outcome if not v.why else f"{v.outcome} ({v.why})")
         if v.outcome in colour:
             verdict = f"[{colour[v.outcome]}]{verdict}[/]"
-        t.add_row(v.trial_id, v.metric, fmt(v.baseline), fmt(v.candidate), change,
+        t.add_row(shown(v.trial_id, 80), shown(v.metric), fmt(v.baseline), fmt(v.candidate), change,
                   "–" if v.margin is None else f"±{100 * v.margin:.0f}%", v.test,
                   "–" if v.p_value is None else f"{v.p_value:.2g}", verdict)
     return t
@@ -99,7 +100,7 @@ def gate_cmd(
     _, _, result = _judge("gate", baseline, candidate, margin, alpha, time_basis, decide, db, False, json_path)
     n = len(result.regressions)
     if n:
-        console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''}: {', '.join(result.regressed_trials)}")
+        console.print(f"[red]FAIL[/]: {n} regression{'s' if n > 1 else ''}: {shown(', '.join(result.regressed_trials))}")
         raise typer.Exit(1)
     n_trials = len({v.trial_id for v in result.verdicts} - {"(all trials)"})
     console.print(f"[green]PASS[/]: no regression in {n_trials} matched trials")
@@ -122,5 +123,5 @@ def compare_cmd(
 
     a_name, b_name, result = _judge("compare", baseline, candidate, margin, alpha, time_basis, decide, db, True, json_path)
     n = len(result.regressions)
-    console.print(f"gate's rule finds {n} regression{'s' if n != 1 else ''}" + (f": {', '.join(result.regressed_trials)}" if n else ""))
-    console.print(f"report: {write_compare(a_name, b_name, result, out)}")
+    console.print(f"gate's rule finds {n} regression{'s' if n != 1 else ''}" + (f": {shown(', '.join(result.regressed_trials))}" if n else ""))
+    console.print(f"report: {shown(write_compare(a_name, b_name, result, out), 2000)}")

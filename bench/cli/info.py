@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from ..safetext import shown
 from .app import app, console
 
 
@@ -18,7 +19,7 @@ def suites() -> None:
         t.add_column(col)
     for name, path in sorted(builtin_suites().items()):
         s, _ = load_suite(str(path))
-        t.add_row(name, ", ".join(f"{k}={v}" for k, v in s.grid.items()), s.description)
+        t.add_row(name, shown(", ".join(f"{k}={v}" for k, v in s.grid.items())), shown(s.description))
     console.print(t)
 
 
@@ -31,7 +32,7 @@ def env(cpu: bool = typer.Option(False, "--cpu", help="Describe the CPU fallback
     info = environment(hw)
     t = Table(show_header=False)
     for k, v in info.items():
-        t.add_row(k, str(v))
+        t.add_row(k, shown(v))
     for p, r in matmul_rates(hw).items():
         t.add_row(f"matmul {p}", f"{r['tflops'] * 1e3:,.1f} GFLOP/s (best linear-layer GEMM of the {r['shapes']}, "
                                  f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}; {r['source']})")

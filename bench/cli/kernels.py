@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..spec import SpecError
+from ..safetext import shown
 from .app import DbOpt, HostfileOpt, IncludeOpt, MasterAddrOpt, NumNodesOpt, OutOpt, app, console, error_summary, fail
 
 
@@ -122,7 +123,7 @@ def _print_kernels(records: list[dict], title: str) -> None:
         t.add_column(col, overflow="fold")
     for r in records:
         if r["status"] != "ok":
-            t.add_row(r["bench"], r["case"], r["shape"], "–", "", "", f"[yellow]{r['status']}[/] {error_summary(r['reason'], 70)}")
+            t.add_row(r["bench"], r["case"], r["shape"], "–", "", "", f"[yellow]{r['status']}[/] {shown(error_summary(r['reason'], 70))}")
             continue
         if r.get("tflops"):
             rate = f"{r['tflops']:.3g} TFLOP/s"

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..spec import SpecError
+from ..safetext import shown
 from .app import app, console, fail
 
 
@@ -116,8 +117,8 @@ def plan(
     for r, t in zip(rows, the_plan.trials):
         p = t.memory
         if p is None:
-            table.add_row(r["trial_id"], str(t.spec.zero_stage), str(t.spec.micro_batch), str(t.spec.seq_len),
-                          *[""] * 11, f"{r['status']}: {r['reason'] or t.plan_note or 'no prediction (inference)'}")
+            table.add_row(shown(r["trial_id"], 80), str(t.spec.zero_stage), str(t.spec.micro_batch), str(t.spec.seq_len),
+                          *[""] * 11, shown(f"{r['status']}: {r['reason'] or t.plan_note or 'no prediction (inference)'}"))
             continue
         terms = p.peak_terms
         if t.pruned:
@@ -128,10 +129,10 @@ def plan(
             note = f"over by {-r['headroom']:.0%}, within the {budget.margin:.0%} margin: launched"
         else:
             note = f"peak in {p.phase}"
-        table.add_row(r["trial_id"], str(t.spec.zero_stage), str(t.spec.micro_batch), str(t.spec.seq_len),
+        table.add_row(shown(r["trial_id"], 80), str(t.spec.zero_stage), str(t.spec.micro_batch), str(t.spec.seq_len),
                       _gib(p.states_device), _gib(p.states_host), _gib(terms.get("states")), _gib(terms.get("buffers")),
                       _gib(terms.get("activations")), _gib(terms.get("temporaries")), _gib(terms.get("fixed")), _gib(p.peak),
-                      _gib(predicted_bytes(p, budget)), "[green]yes[/]" if r["fits"] else "[red]no[/]", f"{r['headroom']:+.0%}", note)
+                      _gib(predicted_bytes(p, budget)), "[green]yes[/]" if r["fits"] else "[red]no[/]", f"{r['headroom']:+.0%}", shown(note))
     console.print(table)
     console.print(f"states dev/host: the model states held; at peak: the parts of the own peak in its phase. needs = "
                   f"{'the own peak (--memory-budget)' if budget.what == 'budget' else 'own peak + process/context, NCCL, allocator slack'}; "

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..safetext import shown
 from .app import DbOpt, app, console, fail, load_run
 
 
@@ -89,7 +90,7 @@ def project(
     if fmt == Fmt.json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return
-    console.print(f"[bold]PROJECTION, not a measurement[/]: {rec['trial_id']} of run {run['run_id']}, measured "
+    console.print(f"[bold]PROJECTION, not a measurement[/]: {shown(rec['trial_id'], 80)} of run {shown(run['run_id'])}, measured "
                   f"{p.measured_tokens_per_s:,.0f} tokens/s on {p.measured_ranks} ranks; compute {compute_s * 1e3:.1f} ms "
                   f"per step ({source}); overlap {overlap:.0%}")
     t = Table(title="projected with the alpha-beta ring model")

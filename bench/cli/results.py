@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from .app import DbOpt, OutOpt, app, console, fail, load_run, print_table
+from ..safetext import file_part, shown
 
 
 class Format(str, Enum):
@@ -126,10 +127,10 @@ def best(
         fail(f"run {run['run_id']}: {rec.reason}", code=1)
     w = rec.winner
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ds_config-{run['run_id']}-{objective}.json"
+    path = out / f"ds_config-{file_part(run['run_id'])}-{objective}.json"
     path.write_text(json.dumps(exportable_config(w), indent=2) + "\n")
-    console.print(f"best for {objective}: {w['trial_id']} (ZeRO-{w['zero_stage']}, micro-batch {w['micro_batch']}, "
-                  f"accumulation {w['grad_accum']}, {w['precision']}): {w['tokens_per_s']:,.0f} tokens/s; {rec.reason}")
+    console.print(f"best for {objective}: {shown(w['trial_id'], 80)} (ZeRO-{w['zero_stage']}, micro-batch {w['micro_batch']}, "
+                  f"accumulation {w['grad_accum']}, {shown(w['precision'])}): {w['tokens_per_s']:,.0f} tokens/s; {shown(rec.reason)}")
     console.print(f"config: {path}")
     n = w["world_size"]
     console.print(f"launch: deepspeed --num_gpus {n} your_train.py --deepspeed --deepspeed_config {path}", soft_wrap=True)
@@ -146,7 +147,8 @@ def runs(db: Path = DbOpt) -> None:
     for col in ("run", "suite", "label", "status", "trials"):
         t.add_column(col)
     for r in Store(db).runs():
-        t.add_row(r["run_id"], r["suite"] or "", r["label"] or "", r["status"], str(r["n_trials"]))
+        t.add_row(shown(r["run_id"], 100), shown(r["suite"] or "", 80), shown(r["label"] or "", 120), shown(r["status"]),
+                  str(r["n_trials"]))
     console.print(t)
 
 
@@ -177,6 +179,6 @@ def merge(
                   f"{counts['replaced']} replaced, {counts['unchanged']} unchanged")
     for folder in found:
         run = store.run(folder.name)
-        console.print(f"  {run['run_id']}: {run['status']}, {run['n_trials']} trials")
+        console.print(f"  {shown(run['run_id'])}: {shown(run['status'])}, {run['n_trials']} trials")
         if report:
             console.print(f"  report: {write_report(run, store.trials(run['run_id']), out, None, *kernels_for(store, run))}")

@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..safetext import shown
 from ..spec import SpecError
 from .app import (ControlAddrOpt, DbOpt, ExcludeOpt, HostfileOpt, IncludeOpt, LauncherOpt, MasterAddrOpt, NumNodesOpt, OutOpt,
                   SshPortOpt, app, console, error_summary, fail, launch_options, ok_summary, print_table)
@@ -196,10 +197,10 @@ def _print_plan(plan, hw) -> None:
     for p in plan.trials:
         s = p.spec
         prec = s.precision if s.requested_precision in (None, s.precision) else f"{s.precision} ({s.requested_precision})"
-        t.add_row(p.trial_id, s.model, f"{p.stats.n_params:,}", prec, str(s.zero_stage),
+        t.add_row(shown(p.trial_id, 80), shown(s.model, 80), f"{p.stats.n_params:,}", prec, str(s.zero_stage),
                   str(s.micro_batch), str(s.grad_accum), str(s.global_batch), str(s.world_size), str(s.seq_len),
-                  f"skipped: {p.skip}" if p.skip else f"unsupported: {p.unsupported}" if p.unsupported else
-                  f"pruned: {p.pruned}" if p.pruned else "")
+                  shown(f"skipped: {p.skip}" if p.skip else f"unsupported: {p.unsupported}" if p.unsupported else
+                        f"pruned: {p.pruned}" if p.pruned else ""))
     console.print(t)
 
 
@@ -210,7 +211,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
               search=False, place: Placement | None = None) -> None:
     from ..report.html import write_report
     from ..resultsdir import FolderStore
-    from ..store import Store
+    from ..store import Store, StoreWriteError
     from ..sweep import run_sweep
 
     place = place or Placement(results=Path(out) / "results")
@@ -242,7 +243,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
         nodes = resolve_resources(options)
         where = f" over {len(nodes)} nodes ({', '.join(nodes)})"
     console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {sizes}{where} "
-                  f"({hw.comm_backend}); store {db_shown}" + (f"; resuming {resume}" if resume else "")
+                  f"({hw.comm_backend}); store {shown(db_shown)}" + (f"; resuming {shown(resume)}" if resume else "")
                   + (f"; shard {place.shard[0]}/{place.shard[1]} of run {place.run_id}" if place.shard else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
@@ -252,17 +253,17 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     task = progress.add_task("starting", total=None if search else sum(rounds_of(t) for t in plan.trials))
 
     def started(seq, planned):
-        progress.update(task, description=planned.trial_id)
+        progress.update(task, description=shown(planned.trial_id, 60))
 
     def ended(seq, rec):
         mark = "[green]ok[/]" if rec["status"] == "ok" else f"[red]{rec['status']}[/]"
         extra = ok_summary(rec) if rec["status"] == "ok" else error_summary(rec["error"])
         train = rec["scenario"] == "train"
         rounds = f" (round {rec['rounds_done']} of {rec['rounds']})" if train and rec["rounds"] > 1 and rec["status"] == "ok" else ""
-        progress.console.print(f"  {rec['trial_id']:<24} {mark} {extra}{rounds}", highlight=False)
+        progress.console.print(f"  {shown(rec['trial_id'], 80):<24} {mark} {shown(extra)}{rounds}", highlight=False)
         final = rec["status"] != "ok" or not train or rec["rounds_done"] >= rec["rounds"]
         for note in (rec.get("notes") or []) if final else []:
-            progress.console.print(f"  {'':<24} [yellow]note[/] {note}", highlight=False)
+            progress.console.print(f"  {'':<24} [yellow]note[/] {shown(note)}", highlight=False)
         progress.advance(task)
 
     import signal
@@ -285,6 +286,8 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
                 result = run_sweep(plan, hw, store, suite=suite_name, label=label, log_dir=Path(out) / "logs",
                                    options=options, resume=resume, warm_pool=warm_pool, profile=profile,
                                    run_id=place.run_id, on_trial_start=started, on_trial_end=ended)
+    except StoreWriteError as e:
+        fail(_store_failed(e, db), code=1)
     except KeyboardInterrupt:
         run = store.run(place.run_id or resume) if (place.run_id or resume) else store.run()
         kept = [r for r in store.trials(run["run_id"]) if r["status"] != "interrupted"]
@@ -307,7 +310,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
     if search:
         _print_search(run["meta"].get("search") or {})
     path = write_report(run, records, out, None, *kernels_for(store, run))
-    console.print(f"report: {path}")
+    console.print(f"report: {shown(path, 2000)}")
     if not any(r["status"] == "ok" for r in records):
         if all(r["status"] in ("pruned", "skipped", "unsupported") for r in records):
             fail(f"run {result.run_id} launched nothing: every trial was pruned, skipped or unsupported (the reasons "
@@ -315,15 +318,31 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
         fail(f"no trial of run {result.run_id} succeeded; see the errors above and the logs in {Path(out) / 'logs'}", code=1)
 
 
+def _store_failed(e, db: Path) -> str:
+    """The one line of a sweep stopped by its store (locked past the timeout, a full disk): why,
+    what is intact, where the trial that could not be stored went, how to go on."""
+    line = str(e)
+    if e.stored is not None:
+        line += f"; the {e.stored} trial{'s' if e.stored != 1 else ''} stored before {'are' if e.stored != 1 else 'is'} intact"
+    if e.trial_id and e.kept:
+        line += (f"; {e.trial_id}'s record is kept in {e.kept} (`llmbench merge {e.kept.parent.parent} --db {db}` "
+                 f"stores it)")
+    elif e.trial_id:
+        line += f"; {e.trial_id}'s record could not be kept anywhere (--resume runs it again)"
+    if e.run_id:
+        line += f"; continue with --resume {e.run_id} once the store can be written"
+    return line
+
+
 def _print_search(s: dict) -> None:
     """The search's outcome in a few lines (the report has the whole of it)."""
     if not s.get("order"):
         return
     console.print(f"search: launched {s['launched']} of the grid's {s['grid']} trials ({s['runnable']} runnable after "
-                  f"pruning), {s['rounds_run']} windows in {s['wall_s']:.0f} s; finalists {', '.join(s['finalists']) or 'none'}")
+                  f"pruning), {s['rounds_run']} windows in {s['wall_s']:.0f} s; finalists {shown(', '.join(s['finalists']) or 'none')}")
     if s.get("winner"):
-        tied = f", tied with {', '.join(s['tied'])}" if s.get("tied") else ""
-        console.print(f"search: winner [bold]{s['winner']}[/]{tied} ({s['reason']})")
+        tied = f", tied with {shown(', '.join(s['tied']))}" if s.get("tied") else ""
+        console.print(f"search: winner [bold]{shown(s['winner'])}[/]{tied} ({shown(s['reason'])})")
 
 
 class Precision(str, Enum):
@@ -395,6 +414,13 @@ def sweep(
             except ValueError as e:
                 raise SpecError(f"--rank-memory {rank_memory}: {e}") from None
         options.rank_memory = rank_memory
+        if run_id is not None:
+            from ..safetext import check_run_id
+
+            try:
+                check_run_id(run_id)
+            except ValueError as e:
+                raise SpecError(f"--run-id: {e}") from None
         place = Placement(parse_shard(shard), run_id, results, not no_merge, only_world_size,
                           [t for t in only.split(",") if t] if only else None)
         if place.shard and not (run_id or resume):

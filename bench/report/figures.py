@@ -12,7 +12,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from ..safetext import terminal  # noqa: E402
+
 sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _label(s) -> str:
+    """A trial id as a figure shows it: control characters escaped (matplotlib has no glyph
+    for them, and its warning would print them raw); a long one (a model's path) keeps its
+    last 40 characters, where ids differ."""
+    text = terminal(s, 10**6)
+    return text if len(text) <= 40 else "…" + text[-39:]
+
+
+def _labels(ids) -> dict:
+    """_label of each distinct id, made distinct again where cutting made two the same."""
+    out, seen = {}, {}
+    for tid in dict.fromkeys(ids):
+        lab = _label(tid)
+        seen[lab] = seen.get(lab, 0) + 1
+        out[tid] = lab if seen[lab] == 1 else f"{lab} #{seen[lab]}"
+    return out
 
 
 def _png(fig) -> str:
@@ -58,7 +78,8 @@ def model_states_by_stage(df: pd.DataFrame) -> str:
 
 def loss_curves(losses: pd.DataFrame, floor: float | None) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    sns.lineplot(data=losses, x="step", y="loss", hue="trial_id", ax=ax, linewidth=1.2)
+    losses = losses.assign(trial=losses["trial_id"].map(_labels(losses["trial_id"])))
+    sns.lineplot(data=losses, x="step", y="loss", hue="trial", ax=ax, linewidth=1.2)
     if floor is not None:
         ax.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"entropy floor {floor:.3f}")
     ax.set(xlabel="timed optimizer step", ylabel="loss (nats, mean over ranks)", title="Loss per step")
@@ -87,7 +108,8 @@ def step_breakdown(df: pd.DataFrame) -> str:
 
 def per_rank_step_times(records: list[dict]) -> str:
     """Each rank's step times per trial: a straggler stands out as one rank's higher box."""
-    rows = [{"config": r["trial_id"], "rank": f"rank {k}", "step_s": t}
+    names = _labels(r["trial_id"] for r in records)
+    rows = [{"config": names[r["trial_id"]], "rank": f"rank {k}", "step_s": t}
             for r in records if r["status"] == "ok" for k, ts in enumerate(r.get("step_times_per_rank") or []) for t in ts]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     if rows:
@@ -143,7 +165,7 @@ def pareto(df: pd.DataFrame) -> str:
         f = pd.DataFrame(front)
         ax.plot(f["mem_mib"], f["tokens_per_s"], color="#b42318", linewidth=1.2, label="Pareto frontier")
         for _, r in f.iterrows():
-            ax.annotate(r["trial_id"], (r["mem_mib"], r["tokens_per_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_label(r["trial_id"]), (r["mem_mib"], r["tokens_per_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="memory per rank used by the trial (MiB)", ylabel="global tokens/s", title="Throughput vs memory")
     ax.legend(fontsize=7)
     return _png(fig)
@@ -154,7 +176,8 @@ def failures(df: pd.DataFrame) -> str:
     colours = {"ok": "#5ec962", "skipped": "#cccccc", "unsupported": "#fde725", "oom": "#b42318", "timeout": "#f08c00",
                "failed": "#7f1d1d", "diverged": "#9d4edd", "interrupted": "#888888", "pruned": "#9ecae1", "stopped": "#c6dbef"}
     fig, ax = plt.subplots(figsize=(6.4, max(2.0, 0.28 * len(df) + 0.8)))
-    ax.barh(df["trial_id"], 1, color=[colours.get(s, "#000") for s in df["status"]])
+    names = _labels(df["trial_id"])
+    ax.barh([names[t] for t in df["trial_id"]], 1, color=[colours.get(s, "#000") for s in df["status"]])
     for i, s in enumerate(df["status"]):
         ax.text(0.5, i, s, ha="center", va="center", fontsize=8)
     ax.invert_yaxis()
