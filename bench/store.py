@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS kernels (
 TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "LLMBENCH_STORE_TIMEOUT", 60.0
 SQLITE_HEADER = b"SQLite format 3\x00"
 NOTHING_WRITTEN = "nothing was written to it"
+REBUILD = "a sweep's result files rebuild a store: llmbench merge OUT/results --db NEW.db"
 
 
 class StoreError(Exception):
@@ -159,14 +160,14 @@ def check_store_file(path: Path) -> None:
     except sqlite3.DatabaseError as e:
         name = getattr(e, "sqlite_errorname", "") or ""
         if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):
-            raise NotAStore(f"{path} is damaged: SQLite cannot read it ({e}); {NOTHING_WRITTEN}") from None
+            raise NotAStore(f"{path} is damaged: SQLite cannot read it ({e}); {NOTHING_WRITTEN}; {REBUILD}") from None
         if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e):
             raise StoreError(f"could not read the store {path}: it is locked by another process (waited "
                              f"{store_timeout():g} s; {TIMEOUT_ENV} sets how long)") from None
         raise StoreError(f"could not read the store {path}: {e} ({name or 'SQLite'})") from None
     if check != ["ok"]:
         raise NotAStore(f"{path} is damaged: SQLite's integrity check says {check[0]!r}"
-                        f"{f' and {len(check) - 1} more' if len(check) > 1 else ''}; {NOTHING_WRITTEN}")
+                        f"{f' and {len(check) - 1} more' if len(check) > 1 else ''}; {NOTHING_WRITTEN}; {REBUILD}")
     if tables and not {"runs", "trials"} <= tables:
         shown = ", ".join(sorted(tables)[:6]) + (", …" if len(tables) > 6 else "")
         raise NotAStore(f"{path} is another program's SQLite database (tables: {shown}), not an llmbench store; "
