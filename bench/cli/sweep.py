@@ -242,7 +242,7 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
 
         nodes = resolve_resources(options)
         where = f" over {len(nodes)} nodes ({', '.join(nodes)})"
-    console.print(f"llmbench: {len(plan.trials)} trials on {hw.accelerator} × {sizes}{where} "
+    console.print(f"llmbench: {len(plan.trials)} trial{'s' if len(plan.trials) != 1 else ''} on {hw.accelerator} × {sizes}{where} "
                   f"({hw.comm_backend}); store {shown(db_shown)}" + (f"; resuming {shown(resume)}" if resume else "")
                   + (f"; shard {place.shard[0]}/{place.shard[1]} of run {place.run_id}" if place.shard else ""))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
