@@ -94,10 +94,12 @@ class FolderStore:
                                   f"{e.strerror or e} ({free_space(self.root)})") from e
 
     def folder(self, run_id: str) -> Path:
-        """The run's folder: ROOT/RUN_ID (a run id is a safe file name: safetext.check_run_id)."""
-        from .safetext import check_run_id
-
-        return self.root / check_run_id(run_id)
+        """The run's folder: ROOT/RUN_ID. A run id that would leave ROOT (`/`, `..`) is refused
+        (ValueError); a new run's id is checked whole by the CLI (safetext.check_run_id), but a
+        folder an older llmbench wrote under another id (`exp 1`) still reads and merges."""
+        if not run_id or run_id in (".", "..") or any(c in run_id for c in "/\\\0") or len(run_id) > 255:
+            raise ValueError(f"run id {run_id!r} cannot name a folder under {self.root}")
+        return self.root / run_id
 
     def trial_path(self, run_id: str, trial_id: str) -> Path:
         return trial_file(self.folder(run_id), trial_id)

@@ -200,7 +200,14 @@ class Store:
         with self.writing("opening it"):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript("BEGIN;\n" + SCHEMA + "COMMIT;\n")  # all tables or none
+            have = {n for (n,) in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not {"runs", "trials", "steps", "kernels"} <= have:  # a new store, or an older one's missing tables
+                try:  # all tables or none; IMMEDIATE: the write lock first, so the busy timeout applies
+                    self.db.executescript("BEGIN IMMEDIATE;\n" + SCHEMA + "COMMIT;\n")
+                except sqlite3.Error:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
 
     @contextmanager
     def writing(self, what: str) -> Iterator[None]:
