@@ -41,28 +41,24 @@ def _cut(s: str, limit: int) -> str:
     return s[:head] + f" … [{len(s) - limit:,} more characters] … " + s[len(s) - (limit - head):]
 
 
-def terminal(s: object, limit: int = TERMINAL_LIMIT, newlines: bool = False) -> str:
-    """`s` with every control character (newlines too, unless `newlines`), C1 control and bidi
-    override written as an escape, cut to `limit` characters."""
+def _clean(s: object, limit: int, keep: str) -> str:
+    """`s` with every control character but those in `keep`, and every bidi override, written
+    as an escape; cut to `limit` characters."""
     text = "" if s is None else str(s)
-    out = []
-    for ch in text:
-        if ch == "\n" and newlines:
-            out.append(ch)
-        elif ch in _BIDI or unicodedata.category(ch) == "Cc":
-            out.append(_escaped(ch))
-        else:
-            out.append(ch)
-    return _cut("".join(out), limit)
+    return _cut("".join(_escaped(ch) if ch in _BIDI or (unicodedata.category(ch) == "Cc" and ch not in keep) else ch
+                        for ch in text), limit)
+
+
+def terminal(s: object, limit: int = TERMINAL_LIMIT, newlines: bool = False) -> str:
+    """For the terminal: control characters (newlines too, unless `newlines`) and bidi overrides
+    escaped, cut to `limit` characters."""
+    return _clean(s, limit, "\n" if newlines else "")
 
 
 def html_text(s: object, limit: int = HTML_LIMIT) -> str:
-    """For the HTML report: cut to `limit` characters, bidi overrides and controls other than
-    newlines and tabs escaped (Jinja2's autoescape then escapes <, >, & and quotes)."""
-    text = "" if s is None else str(s)
-    text = "".join(_escaped(ch) if ch in _BIDI or (unicodedata.category(ch) == "Cc" and ch not in "\n\t") else ch
-                   for ch in text)
-    return _cut(text, limit)
+    """For the HTML report: control characters but newlines and tabs, and bidi overrides,
+    escaped; cut (Jinja2's autoescape then escapes <, >, & and quotes)."""
+    return _clean(s, limit, "\n\t")
 
 
 def file_part(s: object, limit: int = FILE_LIMIT) -> str:

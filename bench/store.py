@@ -102,6 +102,11 @@ class StoreWriteError(StoreError):
         self.kept: Path | None = None
 
 
+def _locked(e: sqlite3.Error) -> bool:
+    """SQLite gave up waiting for another connection's lock (SQLITE_BUSY, SQLITE_LOCKED)."""
+    return (getattr(e, "sqlite_errorname", "") or "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e)
+
+
 def free_space(folder: Path) -> str:
     """How much room the filesystem holding `folder` has left, for an error line."""
     try:
@@ -161,7 +166,7 @@ def check_store_file(path: Path) -> None:
         name = getattr(e, "sqlite_errorname", "") or ""
         if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):
             raise NotAStore(f"{path} is damaged: SQLite cannot read it ({e}); {NOTHING_WRITTEN}; {REBUILD}") from None
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e):
+        if _locked(e):
             raise StoreError(f"could not read the store {path}: it is locked by another process (waited "
                              f"{store_timeout():g} s; {TIMEOUT_ENV} sets how long)") from None
         raise StoreError(f"could not read the store {path}: {e} ({name or 'SQLite'})") from None
@@ -219,7 +224,7 @@ class Store:
 
     def _why(self, e: sqlite3.OperationalError) -> str:
         name = getattr(e, "sqlite_errorname", "") or ""
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e):
+        if _locked(e):
             return f"it is locked by another writer (waited {self.timeout:g} s; {TIMEOUT_ENV} sets how long)"
         free = free_space(self.path.parent)
         if name == "SQLITE_FULL":
