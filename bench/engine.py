@@ -6,7 +6,9 @@ import copy
 import json
 from pathlib import Path
 
-from .spec import FP16_KNOBS, SpecError, TrialSpec
+from typing import get_args
+
+from .spec import FP16_KNOBS, LrSchedule, SpecError, TrialSpec
 
 NEVER = 10**9  # steps_per_print: DeepSpeed's periodic logging stays out of the timed window
 
@@ -79,11 +81,50 @@ def axes_from_base_config(base: dict) -> dict:
                 out[k] = val("fp16", k)
     elif "bf16" in base or "fp16" in base:
         out["precision"] = "fp32"
+    sched = base.get("scheduler")
+    if isinstance(sched, dict) and sched.get("type") is not None:
+        kind = sched["type"]
+        if kind not in get_args(LrSchedule):
+            raise SpecError(f"--base-config: scheduler type {kind!r} is not a schedule llmbench sweeps; "
+                            f"lr_schedule takes {', '.join(get_args(LrSchedule))}")
+        out["lr_schedule"] = kind
+        for axis, key in (("lr_warmup_steps", "warmup_num_steps"), ("lr_total_steps", "total_num_steps"),
+                          ("lr_min_ratio", "cos_min_ratio"), ("lr_warmup_type", "warmup_type")):
+            if val("scheduler", "params", key) is not None and not (kind == "WarmupLR" and axis == "lr_total_steps"):
+                out[axis] = val("scheduler", "params", key)
     off_opt = val("zero_optimization", "offload_optimizer", "device") in ("cpu", "nvme")
     off_par = val("zero_optimization", "offload_param", "device") in ("cpu", "nvme")
     if off_opt or off_par:
         out["offload"] = "optimizer+params" if off_par else "optimizer"
     return out
+
+
+def scheduler_section(spec: TrialSpec, peak_lr: float) -> dict | None:
+    """DeepSpeed's `scheduler` section for the trial's lr_schedule (None: constant, no section).
+
+    Parameter names and defaults are deepspeed.runtime.lr_schedules' (WarmupLR, WarmupDecayLR,
+    WarmupCosineLR; https://www.deepspeed.ai/docs/config-json/#scheduler-parameters). Defaults
+    made for a trial of tens of steps (DeepSpeed's warmup_num_steps default, 1000, would be
+    longer than the trial): total = the trial's optimizer steps through the window (warm-up and
+    timed; the extra passes after it run past the end), warm-up 10% of that (at least 2,
+    DeepSpeed's own floor). WarmupLR and WarmupDecayLR rise from 0 to `peak_lr` (the optimizer's
+    lr, which they would otherwise overwrite with their warmup_max_lr default 1e-3);
+    WarmupCosineLR scales the optimizer's lr by its ratios.
+    """
+    if spec.lr_schedule == "constant":
+        return None
+    total = spec.lr_total_steps or spec.warmup_steps + spec.steps
+    warm = spec.lr_warmup_steps if spec.lr_warmup_steps is not None else max(2, round(0.1 * total))
+    params: dict = {"warmup_num_steps": warm}
+    if spec.lr_warmup_type is not None:
+        params["warmup_type"] = spec.lr_warmup_type
+    if spec.lr_schedule in ("WarmupLR", "WarmupDecayLR"):
+        params.update(warmup_min_lr=0.0, warmup_max_lr=peak_lr)
+    if spec.lr_schedule in ("WarmupDecayLR", "WarmupCosineLR"):
+        params["total_num_steps"] = total
+    if spec.lr_schedule == "WarmupCosineLR" and spec.lr_min_ratio is not None:
+        params["cos_min_ratio"] = spec.lr_min_ratio
+    return {"type": spec.lr_schedule, "params": params}
 
 
 def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int, base: dict | None = None,
@@ -127,6 +168,12 @@ def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int, base: dict | 
     if accelerator == "cpu" and spec.offload == "none" and opt.get("type", "").lower() in ("adam", "adamw"):
         # FusedAdam would JIT-build a CUDA-style op on CPU (~30 s); torch's AdamW is the CPU path.
         opt.setdefault("params", {})["torch_adam"] = True
+    # The schedule is the trial's lr_schedule axis (a base config's own is read into it:
+    # axes_from_base_config), so the base's section never survives beside it.
+    base.pop("scheduler", None)
+    sched = scheduler_section(spec, opt.get("params", {}).get("lr", spec.lr))
+    if sched is not None:
+        base["scheduler"] = sched
     fp16 = {"enabled": spec.precision == "fp16"}
     if spec.precision == "fp16":
         fp16.update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,

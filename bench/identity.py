@@ -8,6 +8,8 @@ canonical JSON (sorted keys, no whitespace, integral floats as integers) of
   `comms_steps`), the time limit (`timeout_s`), what was asked before resolution
   (`requested_precision`) and how many times the trial is repeated (`rounds`: a one-round
   baseline and a five-round candidate are the same configuration); a local model directory counts by its config, not its path;
+  a setting added after schema version 7 (`LATER_SETTINGS`: the learning-rate schedule, pruning)
+  counts only when it is not at its default, so a record made before it keeps its hash;
 - the model's architecture: its counts (parameters, layers, width, heads, vocabulary) and the
   transformers config keys that change the computation (`ARCHITECTURE`), under one name
   whatever the transformers version calls them (`rope_theta` or `rope_parameters`), so that
@@ -29,6 +31,9 @@ import json
 import os
 from typing import Any
 
+# settings added after schema version 7, with their defaults: left out of the identity at these values
+LATER_SETTINGS = {"lr_schedule": "constant", "lr_warmup_steps": None, "lr_total_steps": None, "lr_min_ratio": None,
+                  "lr_warmup_type": None, "prune": "none"}
 NOT_IDENTITY = frozenset({"breakdown_steps", "comms_steps", "timeout_s", "requested_precision", "rounds"})
 COUNTS = ("n_params", "n_embedding_params", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "vocab_size")
 # transformers config keys that change what is computed (Llama and GPT-2 names)
@@ -43,7 +48,7 @@ NOT_DS_IDENTITY = frozenset({"tensorboard", "wandb", "csv_monitor", "comet", "ch
 
 # what each scenario reads of its settings (inference.py and trainedmodel.py read only these)
 INFERENCE_ONLY = frozenset({"decode_batches", "prompt_len", "new_tokens", "eval_batches", "repeats"})
-INFERENCE_READS = INFERENCE_ONLY | {"scenario", "model", "family", "seq_len", "micro_batch", "precision", "quant",
+INFERENCE_READS = INFERENCE_ONLY | {"scenario", "model", "family", "seq_len", "micro_batch", "precision", "quant", "prune",
                                     "attn_implementation", "seed", "world_size"}
 
 
@@ -107,7 +112,8 @@ def has_configs(record: dict) -> bool:
 def identity(record: dict, configs: bool = True) -> dict[str, Any]:
     """The canonical identity of a record (or of a planned trial's provisional record);
     `configs=False`: settings and model counts only (what older records can be matched on)."""
-    settings = {k: record.get(k) for k in settings_fields(record.get("scenario") or "train")}
+    settings = {k: record.get(k) for k in settings_fields(record.get("scenario") or "train")
+                if not (k in LATER_SETTINGS and record.get(k, LATER_SETTINGS[k]) == LATER_SETTINGS[k])}
     model = settings.get("model")
     if isinstance(model, str) and (os.sep in model or model.startswith(".")):
         settings["model"] = "local directory"  # identified by its config, wherever it lies
@@ -163,7 +169,8 @@ def differences(a: dict, b: dict) -> list[str]:
     show = lambda v: "absent" if v is _MISSING else json.dumps(v, default=str).strip('"')  # noqa: E731
     if has_configs(a) and has_configs(b):
         fa, fb = _flat("", identity(a), {}), _flat("", identity(b), {})
-        pairs = [(k, fa.get(k, _MISSING), fb.get(k, _MISSING)) for k in set(fa) | set(fb)]
+        later = {f"settings.{k}": v for k, v in LATER_SETTINGS.items()}  # left out at their default: show it
+        pairs = [(k, fa.get(k, later.get(k, _MISSING)), fb.get(k, later.get(k, _MISSING))) for k in set(fa) | set(fb)]
     else:
         pairs = _lossy_pairs(a, b)
     pairs = sorted(pairs, key=lambda p: (not p[0].startswith("settings."), p[0]))

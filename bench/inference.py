@@ -2,8 +2,8 @@
 
 For a trial it (1) gets the standard model trained on the Markov source until its loss is
 within `TRAIN_TOLERANCE_NATS` of the entropy floor (trainedmodel.py: cached on disk, so the
-`none` trial and every quantized trial start from the same weights), (2) casts it to the trial's precision
-and quantizes its linear layers with torchao, (3) measures the weight bytes its tensors
+`none` trial and every quantized trial start from the same weights), (2) casts it to the trial's precision,
+prunes it (prune.py) and quantizes its linear layers with torchao, (3) measures the weight bytes its tensors
 really hold (collect/weights.py), the perplexity on held-out batches of the source, the prefill latency and the
 greedy decode rate with the KV cache at several batch sizes, and the peak memory.
 
@@ -32,9 +32,10 @@ from .collect.timing import step_timer
 from .device import DTYPES, rank_device, release_host_memory, release_memory, sync
 from .collect.stats import median, median_ci95
 from .collect.weights import weight_bytes
+from . import prune
 from .data import MarkovSource
 from .models import build_config, build_model, config_to_dict
-from .spec import TrialSpec
+from .spec import TrialSpec, compression
 from .trainedmodel import EVAL_STREAM, TRAIN_TOLERANCE_NATS, trained_state
 from .failures import Unsupported, recorded
 from .rank_result import InferenceResult
@@ -179,15 +180,19 @@ def _load(t: _Inference, config, tokens: torch.Tensor, res: InferenceResult) -> 
     t.state = None
     t.model.to(device=t.dev, dtype=DTYPES[spec.precision]).eval()
     res.weight_bytes_reference = weight_bytes(t.model)
-    res.quant_config = quantize(t.model, spec.quant)
+    res.prune_config, res.weight_sparsity, quantized = prune.apply(t.model, spec.prune, spec.quant)
+    res.quant_config = spec.quant if quantized else quantize(t.model, spec.quant)
+    if spec.prune.startswith("magnitude-"):
+        res.notes.append(f"{spec.prune} leaves dense tensors: its zeros are stored and multiplied, so it saves no bytes "
+                         f"and no time by itself (weight sparsity {res.weight_sparsity:.1%}, counted)")
     res.weight_bytes = weight_bytes(t.model)
     try:
         with torch.no_grad():
             t.model(input_ids=tokens[0, :1, :8].to(t.dev), use_cache=True)
     except Exception as e:  # noqa: BLE001
-        if spec.quant == "none":
+        if spec.quant == "none" and spec.prune == "none":
             raise
-        raise Unsupported(f"{spec.quant} quantized model cannot run on {t.accelerator}: {type(e).__name__}: {e}") from None
+        raise Unsupported(f"{compression(spec.prune, spec.quant)} model cannot run on {t.accelerator}: {type(e).__name__}: {e}") from None
 
 
 def _measure(t: _Inference, source: MarkovSource, tokens: torch.Tensor, res: InferenceResult) -> None:

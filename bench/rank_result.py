@@ -61,6 +61,8 @@ class RankResult(_Result):
     step_times_s: list[float] = Field(default_factory=list)
     step_cpu_s: list[float] = Field(default_factory=list)
     losses: list[float] = Field(default_factory=list)
+    warmup_losses: list[float] = Field(default_factory=list)
+    warmup_lrs: list[float] = Field(default_factory=list)
     grad_norms: list[Optional[float]] = Field(default_factory=list)
     lrs: list[float] = Field(default_factory=list)
     loss_scales: list[float] = Field(default_factory=list)
@@ -93,6 +95,8 @@ class InferenceResult(_Result):
     quant_config: Optional[str] = None
     weight_bytes: Optional[int] = None
     weight_bytes_reference: Optional[int] = None
+    weight_sparsity: Optional[float] = None
+    prune_config: Optional[str] = None
     eval_batches_sha256: Optional[str] = None
     eval_tokens: Optional[int] = None
     eval_nll_nats: Optional[float] = None

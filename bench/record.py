@@ -128,6 +128,7 @@ def _throughput(rec: dict, ranks: list[RankResult], stats) -> dict:
         step_times_per_rank=[r.step_times_s for r in ranks],
         data_s=max((r.data_s or 0) for r in ranks),
         losses=losses, final_loss=final,
+        warmup_losses=[statistics.fmean(r.warmup_losses[i] for r in ranks) for i in range(min(len(r.warmup_losses) for r in ranks))],
         loss_gap_to_floor=final - rec["entropy_floor"] if final is not None and rec["entropy_floor"] is not None else None,
     )
 
@@ -316,7 +317,7 @@ def _comms(rec: dict, ranks: list[RankResult], stats) -> dict:
 def _training_signals(rec: dict, ranks: list[RankResult], stats) -> dict:
     """Gradient norm, learning rate and loss scale are global quantities: rank 0's are the run's."""
     first = ranks[0]
-    out = dict(grad_norms=first.grad_norms, lrs=first.lrs, loss_scales=first.loss_scales,
+    out = dict(grad_norms=first.grad_norms, lrs=first.lrs, warmup_lrs=first.warmup_lrs, loss_scales=first.loss_scales,
                skipped_steps=max(r.skipped_steps for r in ranks))
     if first.grad_norms and all(g is None for g in first.grad_norms):
         out["notes"] = rec["notes"] + ["no gradient norm: DeepSpeed's engine.get_global_grad_norm() gave none here "
@@ -349,7 +350,7 @@ def aggregate_inference(rec: dict, ranks: list[InferenceResult], spec: TrialSpec
         peak_mem_baseline_bytes=mem.get("baseline_bytes"),
         peak_rss_bytes=mem.get("rss_peak_bytes"),
         **{k: getattr(r, k) for k in ("train_loss_final", "train_steps", "train_s", "trained_cache", "quant_config",
-                                      "weight_bytes", "weight_bytes_reference", "eval_batches_sha256", "eval_tokens",
+                                      "weight_bytes", "weight_bytes_reference", "weight_sparsity", "prune_config", "eval_batches_sha256", "eval_tokens",
                                       "eval_nll_nats", "perplexity", "threads")},
     )
     _check_identity(planned, rec)

@@ -12,7 +12,8 @@ of the model built), `measurements` (what was seen), `provenance` (configs and e
 
 Versions: 1 = records stored before the schema existed (no `schema_version` field); 2 = the
 schema without `config_hash`; 3 = without `rounds`; 4 = without the memory prediction; 5 = without the
-throughput prediction and the search's decision; 6 = without `nodes`; 7 = this. `migrate` brings an older record to the current
+throughput prediction and the search's decision; 6 = without `nodes`; 7 = without the learning-rate
+schedule, warm-up losses and pruning; 8 = this. `migrate` brings an older record to the current
 version; stores and exports of versions 1 to 3 load through it.
 """
 
@@ -26,7 +27,7 @@ from pydantic import ConfigDict, Field, create_model
 
 from .spec import TrialSpec
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def F(default: Any = None, unit: str = "", definition: str = "", part: str = "measurements"):  # noqa: N802
@@ -51,6 +52,7 @@ SETTINGS = {
     "zero_stage": ("", "DeepSpeed ZeRO stage 0-3"),
     "offload": ("", "ZeRO-Offload: none, optimizer (stage >= 1) or optimizer+params (stage 3)"),
     "quant": ("", "training quantization (ZeRO++ zeropp-*, fp8) or, for inference, torchao post-training quantization"),
+    "prune": ("", "inference: pruning of the decoder's linear layers before any quantization: none, magnitude-NN (NN% of each layer's smallest weights zeroed, dense) or 2:4 (semi-structured sparse, CUDA)"),
     "world_size": ("ranks", "data-parallel ranks"),
     "activation_checkpointing": ("", "Hugging Face gradient checkpointing of the decoder layers"),
     "attn_implementation": ("", "sdpa, eager or flash_attention_2"),
@@ -71,7 +73,12 @@ SETTINGS = {
     "breakdown_steps": ("steps", "extra steps after the window timed by DeepSpeed's synchronising breakdown timers"),
     "comms_steps": ("steps", "extra steps recording every collective (`--comms`)"),
     "seed": ("", "seed of weights and data"),
-    "lr": ("", "learning rate"),
+    "lr": ("", "learning rate (the optimizer's; a schedule's peak)"),
+    "lr_schedule": ("", "constant, or DeepSpeed's WarmupLR, WarmupDecayLR or WarmupCosineLR (the config's scheduler section)"),
+    "lr_warmup_steps": ("steps", "the schedule's warmup_num_steps (None: 10% of the total, at least 2)"),
+    "lr_total_steps": ("steps", "the schedule's total_num_steps (None: the trial's optimizer steps through the window)"),
+    "lr_min_ratio": ("", "WarmupCosineLR's cos_min_ratio (None: DeepSpeed's default, 1e-4)"),
+    "lr_warmup_type": ("", "log or linear warm-up (None: DeepSpeed's default, log)"),
     "timeout_s": ("s", "the trial is killed past this"),
     "decode_batches": ("samples", "inference: decode batch sizes"),
     "prompt_len": ("tokens", "inference: prompt length"),
@@ -194,7 +201,9 @@ class TrialRecord(_Settings):
     # -- training dynamics -----------------------------------------------------------------------------
     losses: list = F([], "nats", "loss per timed step, averaged over ranks")
     grad_norms: list = F([], "", "global gradient norm per step (rank 0; None where DeepSpeed exposes none)")
-    lrs: list = F([], "", "learning rate per step")
+    lrs: list = F([], "", "learning rate each timed step applied (read before it: DeepSpeed steps its scheduler after the optimizer)")
+    warmup_losses: list = F([], "nats", "loss per warm-up step (before the window), averaged over ranks")
+    warmup_lrs: list = F([], "", "learning rate each warm-up step applied")
     loss_scales: list = F([], "", "fp16 loss scale per step")
     skipped_steps: Optional[int] = F(None, "steps", "fp16 steps skipped for overflow")
     final_loss: Optional[float] = F(None, "nats", "the last timed step's loss")
@@ -228,6 +237,8 @@ class TrialRecord(_Settings):
     entropy_floor_nats: Optional[float] = F(None, "nats", "the floor it approached")
     peak_rss_bytes: Optional[int] = F(None, "bytes", "the process's peak RSS")
     quant_config: Optional[str] = F(None, "", "torchao's config, as it printed")
+    weight_sparsity: Optional[float] = F(None, "", "fraction of the decoder linear layers' weights that are zero after pruning (counted; before any quantization)")
+    prune_config: Optional[str] = F(None, "", "how the model was pruned (method, layers, library)")
     threads: Optional[int] = F(None, "", "torch threads of the inference process")
     # -- provenance -------------------------------------------------------------------------------------
     # stored as `model_config` (pydantic reserves that name for its own settings: an alias)
@@ -281,7 +292,8 @@ def migrate(record: dict) -> dict:
     Versions 1-2: no `config_hash`; it is computed from the record's own settings, model and
     DeepSpeed configs (a setting the record predates ran at its default). Versions 1-3: one
     round (`rounds`, `rounds_done`); versions 1-4: no memory prediction; versions 1-5: no
-    throughput prediction nor search decision; versions 1-6: no `nodes` (empty)."""
+    throughput prediction nor search decision; versions 1-6: no `nodes` (empty); versions 1-7: no
+    learning-rate schedule (constant), warm-up losses (empty) nor pruning (none)."""
     version = record.get("schema_version", 1)
     if version >= SCHEMA_VERSION:
         return record
@@ -299,7 +311,8 @@ def migrate(record: dict) -> dict:
         out["config_hash"] = config_hash(out)
     if version <= 3:
         out["rounds_done"] = 1 if out.get("status") == "ok" else 0
-    # version 4 had no memory prediction, version 5 no throughput prediction, version 6 no nodes: their fields keep their defaults
+    # version 4 had no memory prediction, version 5 no throughput prediction, version 6 no nodes, version 7 no
+    # schedule nor pruning: their fields keep their defaults (the settings above: constant, none)
     out["schema_version"] = SCHEMA_VERSION
     return out
 

@@ -27,7 +27,25 @@ INFERENCE_QUANT = ("int8-wo", "int8-dyn", "int4-wo", "fp8-wo", "fp8-dyn")
 Quant = Literal["none", "zeropp-qw", "zeropp-qg", "zeropp-hpz", "zeropp", "fp8",
                 "int8-wo", "int8-dyn", "int4-wo", "fp8-wo", "fp8-dyn"]
 Scenario = Literal["train", "inference"]
+# Learning-rate schedules: constant (the optimizer's lr throughout: no `scheduler` section) or
+# one of DeepSpeed's own schedulers (deepspeed.runtime.lr_schedules, the config's `scheduler`
+# section; https://www.deepspeed.ai/docs/config-json/#scheduler-parameters).
+LrSchedule = Literal["constant", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]
+LR_KNOBS = ("lr_warmup_steps", "lr_total_steps", "lr_min_ratio", "lr_warmup_type")
+# Pruning (scenario=inference), before any quantization: `magnitude-NN` zeroes the NN% smallest-
+# magnitude weights of every decoder linear layer (torch.nn.utils.prune.l1_unstructured, made
+# permanent); `2:4` keeps the 2 largest of every 4 consecutive weights (torchao's
+# apply_fake_sparsity) and stores them in torch's semi-structured sparse format (torchao
+# sparsify_: CUDA only), alone or with fp8-dyn (torchao's 2:4 fp8 packing).
+PRUNE_PATTERN = r"none|2:4|magnitude-([1-9][0-9]?)"
+PRUNE_WITH_24 = ("none", "fp8-dyn")
 FP16_KNOBS = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+
+
+def compression(prune: str | None, quant: str | None) -> str:
+    """The compression an inference trial applies, as reports name it: none, int8-wo,
+    magnitude-50, magnitude-50+int8-wo, 2:4+fp8-dyn (pruning first: it is applied first)."""
+    return "+".join(p for p in (prune or "none", quant or "none") if p != "none") or "none"
 
 
 class SpecError(ValueError):
@@ -57,6 +75,7 @@ class TrialSpec(BaseModel):
     zero_stage: int = Field(0, ge=0, le=3)
     offload: Offload = "none"
     quant: Quant = "none"
+    prune: str = Field("none", pattern=f"^({PRUNE_PATTERN})$")
     world_size: int = Field(2, ge=1)
     activation_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -88,6 +107,16 @@ class TrialSpec(BaseModel):
     comms_steps: int = Field(0, ge=0)  # extra steps recording every collective (synchronising; `--comms`)
     seed: int = 0
     lr: float = Field(1e-3, gt=0)
+    # The learning-rate schedule over the trial's optimizer steps (warm-up and window: DeepSpeed
+    # steps its scheduler after every optimizer step). Knobs: None = llmbench's default, made
+    # for a short trial (engine.scheduler_section): warm-up 10% of the total, total = every
+    # optimizer step of the trial through the window, DeepSpeed's cos_min_ratio (1e-4) and
+    # DeepSpeed's warmup_type (log).
+    lr_schedule: LrSchedule = "constant"
+    lr_warmup_steps: int | None = Field(None, ge=0)
+    lr_total_steps: int | None = Field(None, ge=1)
+    lr_min_ratio: float | None = Field(None, ge=0, le=1)
+    lr_warmup_type: Literal["log", "linear"] | None = None
     timeout_s: float = Field(600.0, gt=0)
     # Inference scenario: greedy decoding with the KV cache after a prompt of `prompt_len`
     # tokens, `new_tokens` generated per sequence, at each batch size of `decode_batches`;
@@ -117,7 +146,13 @@ class TrialSpec(BaseModel):
             return "offload=optimizer+params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)"
         if self.offload != "none" and self.zero_stage == 0:
             return f"offload={self.offload} needs zero_stage >= 1 (ZeRO-Offload offloads partitioned states)"
+        lr_knobs = [k for k in LR_KNOBS if getattr(self, k) is not None]
         if self.scenario == "inference":
+            if self.lr_schedule != "constant" or lr_knobs:
+                return "scenario=inference trains nothing: lr_schedule and its knobs are training settings"
+            if self.prune == "2:4" and self.quant not in PRUNE_WITH_24:
+                return (f"prune=2:4 combines with quant none or fp8-dyn (torchao's 2:4 formats); "
+                        f"not with quant={self.quant}")
             if self.quant in TRAIN_QUANT:
                 return f"quant={self.quant} is a training method; scenario=inference takes none, {', '.join(INFERENCE_QUANT)}"
             if self.world_size != 1:
@@ -128,6 +163,18 @@ class TrialSpec(BaseModel):
                 return (f"prompt_len + new_tokens = {self.prompt_len + self.new_tokens} exceeds seq_len={self.seq_len}, "
                         f"the context the model was trained on")
             return None
+        if self.prune != "none":
+            return f"prune={self.prune} is an inference method (a trained model pruned before it is measured); it needs scenario=inference"
+        if lr_knobs and self.lr_schedule == "constant":
+            return f"{lr_knobs[0]} shapes a learning-rate schedule; lr_schedule=constant has none"
+        if self.lr_schedule == "WarmupLR" and self.lr_total_steps is not None:
+            return "lr_total_steps: WarmupLR holds the peak after its warm-up and has no total; use WarmupDecayLR or WarmupCosineLR"
+        if self.lr_min_ratio is not None and self.lr_schedule != "WarmupCosineLR":
+            return f"lr_min_ratio is WarmupCosineLR's cos_min_ratio; {self.lr_schedule} decays to 0 or holds the peak"
+        if self.lr_schedule != "constant" and self.lr_warmup_steps is not None and \
+                self.lr_warmup_steps >= (self.lr_total_steps or self.warmup_steps + self.steps) and self.lr_schedule != "WarmupLR":
+            return (f"lr_warmup_steps={self.lr_warmup_steps} leaves no decay: it must be below lr_total_steps "
+                    f"({self.lr_total_steps or self.warmup_steps + self.steps})")
         if self.quant in INFERENCE_QUANT:
             return f"quant={self.quant} is an inference method (torchao post-training quantization); it needs scenario=inference"
         if self.quant.startswith("zeropp") and self.zero_stage != 3:
@@ -152,9 +199,10 @@ class TrialSpec(BaseModel):
                  "world_size": "ws", "offload": "off-", "precision": "", "model": "", "quant": "",
                  "activation_checkpointing": "ac-", "compile": "compile-", "attn_implementation": "",
                  "overlap_comm": "oc-", "contiguous_gradients": "cg-", "reduce_bucket_size": "rb",
-                 "allgather_bucket_size": "ab"}
+                 "allgather_bucket_size": "ab", "lr_schedule": "", "prune": ""}
         axes = [a for a in axes if a != "scenario"]
-        parts = [f"{short.get(a, a + '=')}{str(getattr(self, a)).lower()}" for a in axes]
+        parts = [f"{short.get(a, a + '=')}{str(getattr(self, a)) if a == 'lr_schedule' else str(getattr(self, a)).lower()}"
+                 for a in axes]
         if self.scenario == "inference":
             return "inf-" + ("-".join(parts) or f"{self.model}-{self.quant}-{self.precision}")
         return "-".join(parts) or f"{self.model}-z{self.zero_stage}-mb{self.micro_batch}-ga{self.grad_accum}-{self.precision}"

@@ -168,11 +168,13 @@ def _warm_up(t: _Trial, res: RankResult) -> None:
             probe = None
         t.watch = True  # from the first step's end on: the watchdog's clock starts at its third beat
         before = t.engine.skipped_steps
+        res.warmup_lrs.append(t.engine.get_lr()[0])  # the lr this step applies (DeepSpeed's scheduler steps after it)
         warm.append(t.step(i, probe))
         skipped.append(t.engine.skipped_steps > before)
     sync(t.accelerator)
     res.warmup_s = time.perf_counter() - t0
-    first = first_divergence([float(x) for x in torch.stack(warm).float().cpu()], skipped if t.spec.precision == "fp16" else [],
+    res.warmup_losses = [float(x) for x in torch.stack(warm).float().cpu()] if warm else []
+    first = first_divergence(res.warmup_losses, skipped if t.spec.precision == "fp16" else [],
                              0) if warm else None
     if first:
         raise Diverged(f"loss became {first[1]} at step {first[0]} (warm-up step {first[0] + 1} of {t.spec.warmup_steps})")

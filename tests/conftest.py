@@ -50,6 +50,26 @@ def gate_db(zero_sweep, tmp_path_factory):
     return db, a, b, c
 
 
+@pytest.fixture(scope="session")
+def quant_sweep(tmp_path_factory):
+    """One real `llmbench sweep quant`: ZeRO++ training trials on 2 gloo ranks, then the inference
+    trials in one process; the trained model's cache starts empty, so this trains once."""
+    root = tmp_path_factory.mktemp("quant")
+    db, out = root / "llmbench.db", root / "reports"
+    old = os.environ.get("LLMBENCH_CACHE")
+    os.environ["LLMBENCH_CACHE"] = str(root / "cache")
+    try:
+        p = llmbench("sweep", "quant", "--db", str(db), "--out", str(out), "--label", "ci-quant")
+        records = [json.loads(line) for line in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
+    finally:
+        if old is None:
+            os.environ.pop("LLMBENCH_CACHE", None)
+        else:
+            os.environ["LLMBENCH_CACHE"] = old
+    return {"db": db, "out": out, "stdout": p.stdout, "records": {r["trial_id"]: r for r in records},
+            "order": [r["trial_id"] for r in records]}
+
+
 def pytest_addoption(parser):
     parser.addoption("--gate-write-baseline", action="store_true",
                      help="Write the regenerated perf-gate baseline to tests/perf/baseline.json.")

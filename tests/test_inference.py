@@ -31,7 +31,10 @@ def test_quant_suite_covers_training_and_inference():
     trials = {t: (s, skip) for t, s, skip in expand(suite, src, DEFAULTS)}
     inf = {t: s for t, (s, _) in trials.items() if s.scenario == "inference"}
     train = {t: s for t, (s, _) in trials.items() if s.scenario == "train"}
-    assert {"inf-none", "inf-int8-wo", "inf-int8-dyn", "inf-int4-wo", "inf-fp8-wo", "inf-fp8-dyn"} == set(inf)
+    pruned = {"inf-magnitude-25-none", "inf-magnitude-25-int8-wo", "inf-magnitude-50-none", "inf-magnitude-50-int8-wo",
+              "inf-2:4-none", "inf-2:4-fp8-dyn"}
+    assert {"inf-none", "inf-int8-wo", "inf-int8-dyn", "inf-int4-wo", "inf-fp8-wo", "inf-fp8-dyn"} | pruned == set(inf)
+    assert {inf[t].prune for t in pruned} == {"magnitude-25", "magnitude-50", "2:4"}
     assert {"none", "zeropp-qw", "zeropp-qg", "zeropp-hpz", "fp8"} == set(train)
     assert all(s.world_size == 1 and s.zero_stage == 0 for s in inf.values())
     assert all(s.zero_stage == 3 and s.world_size == 2 for s in train.values())
@@ -136,28 +139,6 @@ def test_decode_tokens_per_s_is_batch_tokens_over_time():
 
 # -- one real sweep ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def quant_sweep(tmp_path_factory):
-    """One real `llmbench sweep quant`: ZeRO++ training trials on 2 gloo ranks, then the inference
-    trials in one process; the trained model's cache starts empty, so this trains once."""
-    import os
-
-    root = tmp_path_factory.mktemp("quant")
-    db, out = root / "llmbench.db", root / "reports"
-    old = os.environ.get("LLMBENCH_CACHE")
-    os.environ["LLMBENCH_CACHE"] = str(root / "cache")
-    try:
-        p = llmbench("sweep", "quant", "--db", str(db), "--out", str(out), "--label", "ci-quant")
-        records = [json.loads(line) for line in cli("results", "--db", str(db), "--format", "json").stdout.splitlines()]
-    finally:
-        if old is None:
-            os.environ.pop("LLMBENCH_CACHE", None)
-        else:
-            os.environ["LLMBENCH_CACHE"] = old
-    return {"db": db, "out": out, "stdout": p.stdout, "records": {r["trial_id"]: r for r in records},
-            "order": [r["trial_id"] for r in records]}
-
-
 def test_int8_methods_measure_real_numbers(quant_sweep):
     recs = quant_sweep["records"]
     none = recs["inf-none"]
@@ -182,7 +163,7 @@ def test_quantized_perplexity_is_on_the_baseline_batches(quant_sweep):
     recs = quant_sweep["records"]
     none = recs["inf-none"]
     inf = [r for r in recs.values() if r["scenario"] == "inference"]
-    assert len(inf) == 6
+    assert len(inf) == 12  # 6 quantization methods (none among them), 4 magnitude-pruned, 2 at 2:4
     assert all(r["eval_batches_sha256"] == none["eval_batches_sha256"] for r in inf)
     assert all(r["eval_tokens"] == 16 * 4 * 127 for r in inf)
     ok = [r for r in inf if r["status"] == "ok"]
@@ -218,10 +199,10 @@ def test_unsupported_methods_are_recorded_and_later_trials_run(quant_sweep):
 
 def test_report_has_the_quantization_section(quant_sweep):
     html = next(quant_sweep["out"].glob("report-*.html")).read_text()
-    assert 'id="quantization"' in html and "int8-wo: weights" in html
+    assert 'id="quantization"' in html and "int8-wo: weights" in html and "Compression (inference)" in html
     assert "rule: a method pays when perplexity rises by less than 1%" in html
     assert "int4-wo: unsupported here" in html
-    assert "Quantization: speed, memory and perplexity change" in html
+    assert "Compression: speed, memory and perplexity change" in html
     assert "Which configuration to use" in html  # the training half still has its recommendations
 
 
@@ -238,7 +219,7 @@ def test_results_and_api_handle_mixed_records(quant_sweep, tmp_path):
     cli("results", "--db", str(quant_sweep["db"]), "--format", "parquet", "--output", str(tmp_path / "q.parquet"))
     import pandas as pd
 
-    assert len(pd.read_parquet(tmp_path / "q.parquet")) == 11
+    assert len(pd.read_parquet(tmp_path / "q.parquet")) == 17
 
 
 def test_state_dict_bytes_is_a_real_file_size():

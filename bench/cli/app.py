@@ -150,13 +150,16 @@ def print_inference_table(records: list[dict]) -> None:
 
     t = Table(title="inference")
     batches = sorted({b for r in records for b in (r.get("decode_tokens_per_s") or {})}, key=int)
-    for col in ("trial", "status", "quant", "precision", "prefill ms", *[f"decode tok/s b{b}" for b in batches],
+    from ..spec import compression
+
+    for col in ("trial", "status", "method", "precision", "prefill ms", *[f"decode tok/s b{b}" for b in batches],
                 "weights MiB", "perplexity", "peak RSS MiB"):
         t.add_column(col, justify="right")
     for r in records:
         ok = r["status"] == "ok"
         tps = r.get("decode_tokens_per_s") or {}
-        t.add_row(shown(r["trial_id"], 80), r["status"] if ok else f"[red]{r['status']}[/]", shown(r["quant"]), shown(r["precision"]),
+        t.add_row(shown(r["trial_id"], 80), r["status"] if ok else f"[red]{r['status']}[/]", shown(compression(r.get("prune"), r["quant"])),
+                  shown(r["precision"]),
                   f"{1e3 * r['prefill_latency_s']:.2f}" if ok and r.get("prefill_latency_s") else "–",
                   *[f"{tps[b]:,.0f}" if b in tps else "–" for b in batches],
                   f"{r['weight_bytes'] / 2**20:.3f}" if r.get("weight_bytes") else "–",

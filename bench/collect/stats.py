@@ -113,3 +113,15 @@ def welch_log(a: list[float], b: list[float], shift: float = 0.0, greater: bool 
     df = (va + vb) ** 2 / (va ** 2 / (len(la) - 1) + vb ** 2 / (len(lb) - 1))
     stat = (diff - shift) / math.sqrt(va + vb)
     return diff, float(t.sf(stat, df) if greater else 2 * t.sf(abs(stat), df))
+
+
+def mean_ci95(xs: list[float]) -> tuple[float, float] | None:
+    """95% Student-t interval of the mean of independent replicates (Student, Biometrika 6,
+    1908): mean ± t(0.975, n−1)·s/√n. None below 2 replicates. Used on paired differences
+    across seeds (the learning-rate schedule report: report/schedule.py)."""
+    if len(xs) < 2:
+        return None
+    from scipy.stats import t
+
+    m, half = statistics.fmean(xs), t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return float(m - half), float(m + half)

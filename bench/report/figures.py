@@ -186,26 +186,26 @@ def failures(df: pd.DataFrame) -> str:
 
 
 def quant_changes(q: pd.DataFrame) -> str:
-    """One chart: each method's change against `none` in decode tokens/s (at the smallest and
-    largest decode batch), weight bytes and perplexity; methods this hardware refused are named
-    with their status instead of bars."""
+    """One chart: each compression method's change against `none` in decode tokens/s (at the
+    smallest and largest decode batch), weight bytes and perplexity; methods this hardware
+    refused are named with their status instead of bars."""
     rows, refused = [], []
-    methods = [m for m in q["quant"] if m != "none"]
-    for _, r in q[q["quant"] != "none"].iterrows():
+    methods = [m for m in q["method"] if m != "none"]
+    for _, r in q[q["method"] != "none"].iterrows():
         if r["status"] != "ok":
-            refused.append(r["quant"])
+            refused.append(r["method"])
             continue
         dc = r["decode_change"] or {}
         if dc:
             lo, hi = min(dc, key=int), max(dc, key=int)
-            rows.append({"method": r["quant"], "metric": f"decode tok/s, batch {lo}", "change": 100 * dc[lo]})
+            rows.append({"method": r["method"], "metric": f"decode tok/s, batch {lo}", "change": 100 * dc[lo]})
             if hi != lo:
-                rows.append({"method": r["quant"], "metric": f"decode tok/s, batch {hi}", "change": 100 * dc[hi]})
+                rows.append({"method": r["method"], "metric": f"decode tok/s, batch {hi}", "change": 100 * dc[hi]})
         if r["weight_change"] is not None:
-            rows.append({"method": r["quant"], "metric": "weight bytes", "change": 100 * r["weight_change"]})
+            rows.append({"method": r["method"], "metric": "weight bytes", "change": 100 * r["weight_change"]})
         if r["perplexity_change"] is not None:
-            rows.append({"method": r["quant"], "metric": "perplexity", "change": 100 * r["perplexity_change"]})
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+            rows.append({"method": r["method"], "metric": "perplexity", "change": 100 * r["perplexity_change"]})
+    fig, ax = plt.subplots(figsize=(max(7.2, 2 + 0.8 * len(methods)), 4.2))
     if rows:
         sns.barplot(data=pd.DataFrame(rows), x="method", y="change", hue="metric", order=methods, palette="viridis", ax=ax)
         for bars in ax.containers:
@@ -214,7 +214,33 @@ def quant_changes(q: pd.DataFrame) -> str:
     ax.axhline(0, color="black", linewidth=0.8)
     for m in refused:
         ax.text(methods.index(m), 0, "unsupported\nhere", ha="center", va="bottom", fontsize=7, color="#b42318")
-    ax.set(xlabel="quantization method (torchao)", ylabel="% change vs none (same weights, same batches)",
-           title="Quantization: speed, memory and perplexity against the unquantized model")
+    ax.set(xlabel="compression (torchao quantization, pruning)", ylabel="% change vs none (same weights, same batches)",
+           title="Compression: speed, memory and perplexity against the uncompressed model")
+    if len(methods) > 6:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     ax.set_xlim(-0.6, len(methods) - 0.4)
+    return _png(fig)
+
+
+def schedule_curves(curves: pd.DataFrame) -> str:
+    """Loss above the entropy floor per optimizer step for each learning-rate schedule (the
+    mean over seeds, the band their min to max), over the lr each step applied."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.2, 5.4), sharex=True, height_ratios=[3, 1.3])
+    palette = dict(zip(curves["schedule"].unique(), sns.color_palette("colorblind", curves["schedule"].nunique())))
+    for name, g in curves.groupby("schedule", sort=False):
+        per_step = g.groupby("step")["gap"]
+        mean, lo, hi = per_step.mean(), per_step.min(), per_step.max()
+        n = g["seed"].nunique()
+        floor = 1e-3  # a step's loss can fall below its floor by its batch's chance: the log axis shows those at 1e-3
+        top.plot(mean.index, mean.clip(lower=floor).values, color=palette[name],
+                 label=f"{_label(name)} ({n} seed{'s' if n != 1 else ''})")
+        top.fill_between(mean.index, lo.clip(lower=floor).values, hi.clip(lower=floor).values, color=palette[name],
+                         alpha=0.2, linewidth=0)
+        lr = g[g["seed"] == g["seed"].min()].sort_values("step")
+        bottom.plot(lr["step"], lr["lr"], color=palette[name])
+    top.set_yscale("log")
+    top.set(ylabel="loss − entropy floor (nats)", title="Learning-rate schedules: loss per step (mean over seeds, band min–max)")
+    top.legend(fontsize=7)
+    bottom.set(xlabel="optimizer step (warm-up steps included)", ylabel="lr applied")
+    bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     return _png(fig)

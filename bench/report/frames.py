@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..spec import compression
+
 MiB = 2**20
 
 COLUMNS = ["trial_id", "status", "model", "precision", "zero_stage", "micro_batch", "grad_accum", "global_batch",
@@ -65,23 +67,30 @@ def _change(new, old) -> float | None:
     return None if new is None or not old else new / old - 1
 
 
+def method(r: dict) -> str:
+    """An inference record's compression: none, int8-wo, magnitude-50, magnitude-50+int8-wo, 2:4+fp8-dyn."""
+    return compression(r.get("prune"), r.get("quant"))
+
+
 def quant_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per inference trial with its change against the `none` trial of the same run
-    (same model, family, precision and sequence length): decode tokens/s per batch size,
-    weight bytes, perplexity. Changes are fractions (+0.05 = 5% more)."""
+    """One row per inference trial (its compression `method`: quantization, pruning or both)
+    with its change against the uncompressed trial of the same run (same model, family,
+    precision and sequence length): decode tokens/s per batch size, weight bytes, perplexity.
+    Changes are fractions (+0.05 = 5% more)."""
     inf = [r for r in records if is_inference(r)]
-    cols = ["trial_id", "quant", "status", "error", "precision", "weight_bytes", "weight_bytes_reference", "perplexity",
-            "prefill_latency_s", "decode_tokens_per_s", "weight_change", "perplexity_change", "prefill_change",
-            "decode_change", "same_batches"]
+    cols = ["trial_id", "method", "quant", "prune", "status", "error", "precision", "weight_bytes", "weight_bytes_reference",
+            "weight_sparsity", "perplexity", "prefill_latency_s", "decode_tokens_per_s", "weight_change", "perplexity_change",
+            "prefill_change", "decode_change", "same_batches"]
     rows = []
     for r in inf:
         key = (r["model"], r.get("family"), r["precision"], r["seq_len"])
-        ref = next((x for x in inf if x["quant"] == "none" and x["status"] == "ok"
+        ref = next((x for x in inf if method(x) == "none" and x["status"] == "ok"
                     and (x["model"], x.get("family"), x["precision"], x["seq_len"]) == key), None)
         tps = r.get("decode_tokens_per_s") or {}
         ref_tps = (ref or {}).get("decode_tokens_per_s") or {}
         rows.append({
-            "trial_id": r["trial_id"], "quant": r["quant"], "status": r["status"], "error": r.get("error"),
+            "trial_id": r["trial_id"], "method": method(r), "quant": r["quant"], "prune": r.get("prune") or "none",
+            "weight_sparsity": r.get("weight_sparsity"), "status": r["status"], "error": r.get("error"),
             "precision": r["precision"], "weight_bytes": r.get("weight_bytes"),
             "weight_bytes_reference": r.get("weight_bytes_reference"), "perplexity": r.get("perplexity"),
             "prefill_latency_s": r.get("prefill_latency_s"), "decode_tokens_per_s": tps,

@@ -205,7 +205,7 @@ def default_memory_budget(env: dict) -> float | None:
     return mem if env.get("accelerator") == "cuda" else mem / max(1, env.get("world_size") or 1)
 
 
-# A quantization method pays on this model and hardware when its perplexity rises by less than
+# A compression method (quantization, pruning or both) pays on this model and hardware when its perplexity rises by less than
 # PPL_BUDGET against the unquantized model on the same batches, and it is faster (decode
 # tokens/s beyond the 95% intervals at some batch size) or its weights are at least
 # MIN_WEIGHT_SAVING smaller.
@@ -229,21 +229,48 @@ def _faster(r: dict, ref: dict, batch: str) -> bool | None:
     return None
 
 
+def _undominated(paying: list[tuple], records: list[dict], out: list[dict]) -> list[tuple]:
+    """Pruning stacked on a quantization (`magnitude-25+int8-wo`) that pays only as much as the
+    quantization alone: no smaller (by MIN_WEIGHT_SAVING) and not faster beyond the 95%
+    intervals at any batch size, while its perplexity is higher. Such a method is left out of
+    the summary (a noise-level speed difference must not pick it), and its statement says why."""
+    from .frames import method
+
+    ok = {method(r): r for r in records if r.get("scenario") == "inference" and r["status"] == "ok"}
+    names = {p[0] for p in paying}
+    keep = []
+    for p in paying:
+        alone = p[0].split("+", 1)[1] if "+" in p[0] else None
+        if alone in names and p[0] in ok:
+            r, a = ok[p[0]], ok[alone]
+            smaller = (r.get("weight_bytes") or 0) <= (1 - MIN_WEIGHT_SAVING) * (a.get("weight_bytes") or 0)
+            faster = any(_faster(r, a, b) is True for b in (r.get("decode_tokens_per_s_ci95") or {}))
+            if not smaller and not faster and (r.get("perplexity") or 0) >= (a.get("perplexity") or 0):
+                for s in out:
+                    if s["text"].startswith(f"{p[0]}: "):
+                        s["text"] = s["text"].rstrip(".") + (f"; but {alone} alone pays the same at a lower perplexity "
+                                                             f"({a['perplexity']:.4f}): the pruning adds error and saves "
+                                                             f"nothing more here.")
+                continue
+        keep.append(p)
+    return keep
+
+
 def quant_statements(records: list[dict]) -> list[dict]:
-    """One statement per quantization method of the inference scenario, against `none`
-    (weights, decode rate, perplexity, and whether it pays by QUANT_RULE), plus one per method
-    this hardware refused, with the reason."""
+    """One statement per compression method of the inference scenario (quantization, pruning,
+    both), against `none` (weights, decode rate, perplexity, and whether it pays by
+    QUANT_RULE), plus one per method this hardware refused, with the reason."""
     from .frames import quant_frame
 
     q = quant_frame(records)
     out: list[dict] = []
     paying = []
     for _, row in q.iterrows():
-        if row["quant"] == "none":
+        if row["method"] == "none":
             continue
         if row["status"] != "ok":
             reason = (row["error"] or "").splitlines()[0].removeprefix("Unsupported: ") if row["error"] else ""
-            out.append({"text": f"{row['quant']}: {row['status']} here — {reason}", "trials": [row["trial_id"]]})
+            out.append({"text": f"{row['method']}: {row['status']} here — {reason}", "trials": [row["trial_id"]]})
             continue
         ref = row["ref"]
         if ref is None:
@@ -268,13 +295,17 @@ def quant_statements(records: list[dict]) -> list[dict]:
             verdict = "pays for speed only: the weights are not smaller"
         else:
             verdict = "does not pay: neither smaller nor faster"
+        if row["prune"].startswith("magnitude-"):
+            verdict += (f"; {row['prune']} zeroed {row['weight_sparsity']:.0%} of the decoder's linear weights (counted), "
+                        f"kept dense: zeros stored in a dense tensor save no bytes and no time")
         if verdict.startswith("pays"):
             dchange = [tps[b] / ref_tps[b] - 1 for b in batches]
-            paying.append((row["quant"], faster, smaller, wchange, sum(dchange) / max(1, len(dchange)), pchange))
-        out.append({"text": f"{row['quant']}: weights {100 * wchange:+.0f}% ({fmt_mib(ref['weight_bytes'])} → "
+            paying.append((row["method"], faster, smaller, wchange, sum(dchange) / max(1, len(dchange)), pchange))
+        out.append({"text": f"{row['method']}: weights {100 * wchange:+.0f}% ({fmt_mib(ref['weight_bytes'])} → "
                             f"{fmt_mib(r['weight_bytes'])}, measured), decode tok/s {speed}, perplexity "
                             f"{100 * pchange:+.2f}% ({ref['perplexity']:.4f} → {r['perplexity']:.4f}): {verdict}.",
                     "trials": [ref["trial_id"], row["trial_id"]]})
+    paying = _undominated(paying, records, out)
     if out:
         both = [p for p in paying if p[1] and p[2]]
         small = [p for p in paying if p[2]]
@@ -299,7 +330,7 @@ def quant_statements(records: list[dict]) -> list[dict]:
             best = min(fast, key=rank)
             summary = f"For this model and hardware, {best[0]} pays for speed only ({100 * best[4]:+.0f}% decode tok/s)."
         else:
-            summary = "For this model and hardware, no quantization method pays: keep the unquantized model."
+            summary = "For this model and hardware, no compression method pays: keep the uncompressed model."
         cited = list(dict.fromkeys(t for s in out for t in s["trials"]))
         out.insert(0, {"text": f"{summary} ({QUANT_RULE}.)", "trials": cited})
     return out

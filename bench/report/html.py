@@ -10,8 +10,8 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from . import ReportWriteError, figures
-from .frames import MiB, loss_frame, quant_frame, split, trials_frame
+from . import ReportWriteError, figures, schedule
+from .frames import MiB, loss_frame, method, quant_frame, split, trials_frame
 from .guidance import OBJECTIVES, QUANT_RULE, default_memory_budget, quant_statements, recommend, statements, interval_label, tokens_ci
 from .kernels import findings as kernel_findings, kernel_figures
 from ..safetext import file_part, html_text
@@ -110,9 +110,12 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None, k
     everything = part("Failures at a glance", trials_frame, all_records)
     if everything is not None and not everything.empty and (everything["status"] != "ok").any():
         draw("Failures at a glance", figures.failures, everything)
+    sched_fig = None
+    if part("Learning-rate schedules", schedule.groups, records, default=None):
+        sched_fig = part("Learning-rate schedules: loss per step", lambda: figures.schedule_curves(schedule.curve_frame(records)))
     quant_fig = None
-    if any(r["quant"] != "none" for r in inference):
-        quant_fig = part("Quantization: speed, memory and perplexity change", lambda: figures.quant_changes(quant_frame(inference)))
+    if any(method(r) != "none" for r in inference):
+        quant_fig = part("Compression: speed, memory and perplexity change", lambda: figures.quant_changes(quant_frame(inference)))
     kernels = kernels or []
     budget = memory_budget or default_memory_budget(run["env"])
     recs = part("Which configuration to use", lambda: [recommend(records, o, budget) for o in OBJECTIVES], default=[]) \
@@ -120,8 +123,9 @@ def render(run: dict, records: list[dict], memory_budget: float | None = None, k
     env.globals["tokens_ci"] = tokens_ci
     env.globals["interval_label"] = interval_label
     return env.get_template("report.html.j2").render(
-        run=run, records=records, inference=inference, quant_figure=quant_fig,
-        quant_guidance=part("Quantization guidance", quant_statements, inference, default=[]),
+        run=run, records=records, inference=inference, quant_figure=quant_fig, schedule_figure=sched_fig,
+        schedule_guidance=part("Learning-rate schedule guidance", schedule.statements, records, default=[]),
+        quant_guidance=part("Compression guidance", quant_statements, inference, default=[]),
         quant_rule=QUANT_RULE, figures=figs, missing=missing,
         quant_batches=sorted({b for r in inference for b in (r.get("decode_tokens_per_s") or {})}, key=int), recommendations=recs, budget=budget,
         guidance=part("Tuning guidance from this run", statements, records, default=[]),

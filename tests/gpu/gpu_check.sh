@@ -100,11 +100,14 @@ PY
 # others). The training grid of `quant` is covered by the gpu suite's ZeRO runs.
 cat > "$dest/quant-inference.yaml" <<'YAML'
 name: quant-inference
-description: The inference grid of the quant suite, alone (GPU evidence).
+description: The inference grids of the quant suite, alone (GPU evidence), with 2:4 sparsity (cuSPARSELt).
 fixed: {scenario: inference, model: tiny, world_size: 1, zero_stage: 0, precision: bf16, seq_len: 128, micro_batch: 4,
-        prompt_len: 64, new_tokens: 32, decode_batches: [1, 4, 16], eval_batches: 16, repeats: 5}
+        prompt_len: 64, new_tokens: 32, decode_batches: [1, 4, 16], eval_batches: 16, repeats: 6}
 grid:
   quant: [none, int8-wo, int4-wo, int8-dyn, fp8-wo, fp8-dyn]
+also:
+  - grid: {prune: [magnitude-50], quant: [none, int8-wo]}
+  - grid: {prune: ["2:4"], quant: [none, fp8-dyn]}
 YAML
 LLMBENCH_CACHE="$dest/cache" python3 -m llmbench.cli sweep "$dest/quant-inference.yaml" --db "$dest/quant.db" --out "$dest" \
   --label gpu-quant 2>&1 | tee "$dest/quant.log"
