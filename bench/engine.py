@@ -99,7 +99,7 @@ def axes_from_base_config(base: dict) -> dict:
     return out
 
 
-def scheduler_section(spec: TrialSpec, peak_lr: float) -> dict | None:
+def scheduler_section(spec: TrialSpec, peak_lr: float, base_params: dict | None = None) -> dict | None:
     """DeepSpeed's `scheduler` section for the trial's lr_schedule (None: constant, no section).
 
     Parameter names and defaults are deepspeed.runtime.lr_schedules' (WarmupLR, WarmupDecayLR,
@@ -109,21 +109,27 @@ def scheduler_section(spec: TrialSpec, peak_lr: float) -> dict | None:
     timed; the extra passes after it run past the end), warm-up 10% of that (at least 2,
     DeepSpeed's own floor). WarmupLR and WarmupDecayLR rise from 0 to `peak_lr` (the optimizer's
     lr, which they would otherwise overwrite with their warmup_max_lr default 1e-3);
-    WarmupCosineLR scales the optimizer's lr by its ratios.
+    WarmupCosineLR scales the optimizer's lr by its ratios. `base_params`: a base config's
+    scheduler parameters of the same type, whose warmup_min_lr, warmup_max_lr and
+    warmup_min_ratio are kept (its other parameters are the trial's knobs, read into the axes).
+    DeepSpeed's defaults for warmup_type (log) and cos_min_ratio (1e-4) are written out, so one
+    schedule has one section (and one identity) whether the knob was given or not.
     """
     if spec.lr_schedule == "constant":
         return None
     total = spec.lr_total_steps or spec.warmup_steps + spec.steps
     warm = spec.lr_warmup_steps if spec.lr_warmup_steps is not None else max(2, round(0.1 * total))
-    params: dict = {"warmup_num_steps": warm}
-    if spec.lr_warmup_type is not None:
-        params["warmup_type"] = spec.lr_warmup_type
+    kept = {k: v for k, v in (base_params or {}).items()
+            if k in ("warmup_min_lr", "warmup_max_lr", "warmup_min_ratio") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    params: dict = {"warmup_num_steps": warm, "warmup_type": spec.lr_warmup_type or "log"}
     if spec.lr_schedule in ("WarmupLR", "WarmupDecayLR"):
-        params.update(warmup_min_lr=0.0, warmup_max_lr=peak_lr)
+        params.update(warmup_min_lr=kept.get("warmup_min_lr", 0.0), warmup_max_lr=kept.get("warmup_max_lr", peak_lr))
     if spec.lr_schedule in ("WarmupDecayLR", "WarmupCosineLR"):
         params["total_num_steps"] = total
-    if spec.lr_schedule == "WarmupCosineLR" and spec.lr_min_ratio is not None:
-        params["cos_min_ratio"] = spec.lr_min_ratio
+    if spec.lr_schedule == "WarmupCosineLR":
+        params["cos_min_ratio"] = spec.lr_min_ratio if spec.lr_min_ratio is not None else 1e-4
+        if "warmup_min_ratio" in kept:
+            params["warmup_min_ratio"] = kept["warmup_min_ratio"]
     return {"type": spec.lr_schedule, "params": params}
 
 
@@ -170,8 +176,11 @@ def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int, base: dict | 
         opt.setdefault("params", {})["torch_adam"] = True
     # The schedule is the trial's lr_schedule axis (a base config's own is read into it:
     # axes_from_base_config), so the base's section never survives beside it.
-    base.pop("scheduler", None)
-    sched = scheduler_section(spec, opt.get("params", {}).get("lr", spec.lr))
+    base_sched = base.pop("scheduler", None)
+    same = isinstance(base_sched, dict) and base_sched.get("type") == spec.lr_schedule
+    lr = opt.get("params", {}).get("lr", spec.lr)
+    sched = scheduler_section(spec, lr if isinstance(lr, (int, float)) else spec.lr,
+                              base_sched.get("params") if same and isinstance(base_sched.get("params"), dict) else None)
     if sched is not None:
         base["scheduler"] = sched
     fp16 = {"enabled": spec.precision == "fp16"}

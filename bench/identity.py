@@ -4,7 +4,8 @@ Two records describe the same trial when their `config_hash` is equal: a SHA-256
 canonical JSON (sorted keys, no whitespace, integral floats as integers) of
 - the settings its scenario reads (the TrialSpec, with the resolved precision: a training
   trial's without the decode settings, an inference trial's without DeepSpeed's), less what
-  cannot change a figure: the toggles of the extra passes after the window (`breakdown_steps`,
+  cannot change a figure or is counted elsewhere (the schedule's knobs: their resolved values
+  are in the DeepSpeed config's `scheduler` section): the toggles of the extra passes after the window (`breakdown_steps`,
   `comms_steps`), the time limit (`timeout_s`), what was asked before resolution
   (`requested_precision`) and how many times the trial is repeated (`rounds`: a one-round
   baseline and a five-round candidate are the same configuration); a local model directory counts by its config, not its path;
@@ -34,7 +35,10 @@ from typing import Any
 # settings added after schema version 7, with their defaults: left out of the identity at these values
 LATER_SETTINGS = {"lr_schedule": "constant", "lr_warmup_steps": None, "lr_total_steps": None, "lr_min_ratio": None,
                   "lr_warmup_type": None, "prune": "none"}
-NOT_IDENTITY = frozenset({"breakdown_steps", "comms_steps", "timeout_s", "requested_precision", "rounds"})
+NOT_IDENTITY = frozenset({"breakdown_steps", "comms_steps", "timeout_s", "requested_precision", "rounds",
+                          # the schedule's knobs: their resolved values are the DeepSpeed config's scheduler
+                          # section (engine.scheduler_section), so a default and its explicit value are one trial
+                          "lr_warmup_steps", "lr_total_steps", "lr_min_ratio", "lr_warmup_type"})
 COUNTS = ("n_params", "n_embedding_params", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "vocab_size")
 # transformers config keys that change what is computed (Llama and GPT-2 names)
 ARCHITECTURE = ("model_type", "intermediate_size", "n_inner", "hidden_act", "activation_function", "rms_norm_eps",
@@ -139,7 +143,8 @@ def config_hash(record: dict) -> str | None:
 def _lossy_pairs(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
     """Settings and model counts of two records where either lacks its configs: only the keys
     both carry (a CSV export drops list columns, an older record some settings)."""
-    fa, fb = _flat("", identity(a, configs=False), {}), _flat("", identity(b, configs=False), {})
+    later = {f"settings.{k}": v for k, v in LATER_SETTINGS.items()}  # left out at their default: compare them so
+    fa, fb = ({**later, **_flat("", identity(r, configs=False), {})} for r in (a, b))
     return [(k, fa[k], fb[k]) for k in sorted(set(fa) & set(fb)) if fa[k] is not None and fb[k] is not None]
 
 

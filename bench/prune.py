@@ -23,9 +23,17 @@ import torch
 from .failures import Unsupported
 
 
+def _linear_types() -> tuple[type, ...]:
+    """nn.Linear, and transformers' Conv1D: GPT-2's projections (c_attn, c_proj, c_fc) are
+    Conv1D, a linear layer whose weight is stored transposed ([in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    return torch.nn.Linear, Conv1D
+
+
 def is_decoder_linear(module: torch.nn.Module, name: str) -> bool:
-    """The layers pruning touches: every linear layer but the LM head."""
-    return isinstance(module, torch.nn.Linear) and not name.split(".")[-1] == "lm_head"
+    """The layers pruning touches: every linear layer (nn.Linear, GPT-2's Conv1D) but the LM head."""
+    return isinstance(module, _linear_types()) and not name.split(".")[-1] == "lm_head"
 
 
 def decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -55,6 +63,12 @@ def two_four(model: torch.nn.Module, quant: str) -> tuple[str, float]:
     where this device has no 2:4 kernels."""
     from torchao.sparsity import apply_fake_sparsity
 
+    layers = decoder_linears(model)
+    conv = [n for n, m in layers if not isinstance(m, torch.nn.Linear)]
+    if conv:
+        raise Unsupported(f"2:4 sparsity needs nn.Linear layers: {len(conv)} of this model's ({conv[0]}, ...) are "
+                          f"transformers Conv1D (GPT-2), whose transposed weight torchao's sparsify_ does not convert")
+    _check_semi_structured(layers)
     apply_fake_sparsity(model, filter_fn=is_decoder_linear)
     sparsity = weight_sparsity(model)
     kind = "Float8DynamicActivationFloat8WeightConfig(2:4 packing)" if quant == "fp8-dyn" else "SemiSparseWeightConfig"
@@ -74,7 +88,28 @@ def two_four(model: torch.nn.Module, quant: str) -> tuple[str, float]:
     except Exception as e:  # noqa: BLE001 - torch and torchao refuse with RuntimeError, AssertionError, ...
         raise Unsupported(f"2:4 sparsity refused on this machine (torchao {kind}): "
                           f"{type(e).__name__}: {e}") from None
-    return repr(config), sparsity
+    converted = [n for n, m in decoder_linears(model) if type(m.weight) not in (torch.Tensor, torch.nn.Parameter)]
+    if len(converted) != len(layers):  # torchao skips a layer it has no kernel for, silently (fp8: _fp8_mm_compat)
+        left = [n for n, _ in layers if n not in converted]
+        raise Unsupported(f"2:4: torchao converted {len(converted)} of {len(layers)} decoder linear layers ({kind}); "
+                          f"{left[0]} and {len(left) - 1} more stayed dense: a 2:4 label would not describe the model")
+    return type(config).__name__, sparsity
+
+
+def _check_semi_structured(layers: list[tuple[str, torch.nn.Module]]) -> None:
+    """What torch's semi-structured format accepts, checked on every layer by torch's own
+    validation (device, dtype, and both dimensions multiples of its backend's minimum: CUTLASS
+    or cuSPARSELt), before anything is changed; `Unsupported` naming the first layer refused."""
+    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cls = SparseSemiStructuredTensorCUTLASS if SparseSemiStructuredTensor._FORCE_CUTLASS else SparseSemiStructuredTensorCUSPARSELT
+    for name, m in layers:
+        try:
+            cls._validate_device_dim_dtype_shape(m.weight)
+        except Exception as e:  # noqa: BLE001 - torch refuses with RuntimeError
+            raise Unsupported(f"2:4 sparsity refused on this machine: {name} {tuple(m.weight.shape)} "
+                              f"{str(m.weight.dtype).removeprefix('torch.')} on {m.weight.device.type}: "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def apply(model: torch.nn.Module, prune: str, quant: str) -> tuple[str, float | None, bool]:
@@ -83,6 +118,8 @@ def apply(model: torch.nn.Module, prune: str, quant: str) -> tuple[str, float | 
     step)."""
     if prune == "none":
         return "none", None, False
+    if not decoder_linears(model):
+        raise Unsupported(f"prune={prune}: the model has no linear layer outside its LM head to prune")
     if prune.startswith("magnitude-"):
         fraction = int(prune.removeprefix("magnitude-")) / 100
         magnitude(model, fraction)

@@ -65,6 +65,9 @@ def check_searchable(plan: Plan) -> None:
     fewer than two trials to choose from."""
     if any(t.spec.scenario != "train" for t in plan.trials):
         raise SpecError("--search: the suite has inference trials; the search ranks training configurations only")
+    if any(t.spec.lr_schedule != "constant" for t in plan.trials):
+        raise SpecError("--search: it shortens each trial's window, which would change a learning-rate schedule's "
+                        "length; sweep lr_schedule without --search")
     sizes = {t.spec.world_size for t in plan.trials}
     if len(sizes) > 1:
         raise SpecError(f"--search: the grid has {len(sizes)} world sizes ({', '.join(map(str, sorted(sizes)))}); "

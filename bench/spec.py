@@ -113,7 +113,7 @@ class TrialSpec(BaseModel):
     # optimizer step of the trial through the window, DeepSpeed's cos_min_ratio (1e-4) and
     # DeepSpeed's warmup_type (log).
     lr_schedule: LrSchedule = "constant"
-    lr_warmup_steps: int | None = Field(None, ge=0)
+    lr_warmup_steps: int | None = Field(None, ge=2)  # DeepSpeed refuses 0 and raises 1 to 2
     lr_total_steps: int | None = Field(None, ge=1)
     lr_min_ratio: float | None = Field(None, ge=0, le=1)
     lr_warmup_type: Literal["log", "linear"] | None = None
@@ -357,6 +357,16 @@ def parse_override(text: str) -> tuple[str, list[str]]:
     return key, values
 
 
+def _drop_base_schedule(values: dict[str, Any], defaults: dict[str, Any], explicit: set) -> None:
+    """A base config's schedule (engine.axes_from_base_config: the `defaults`) applies to the
+    trials that train with it: none to an inference trial, and its knobs only to a trial whose
+    lr_schedule is the base's type (a suite sweeping lr_schedule keeps its constant trials)."""
+    for k in ("lr_schedule",) + LR_KNOBS:
+        if k in defaults and k not in explicit:
+            if values.get("scenario") == "inference" or (k != "lr_schedule" and values.get("lr_schedule") != defaults.get("lr_schedule")):
+                values.pop(k, None)
+
+
 def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[str] = (),
            resolve_precision: Callable[[str], str] | None = None) -> list[tuple[str, TrialSpec, str | None]]:
     """Expand the grid (after `--set` overrides) into (trial_id, TrialSpec, skip reason).
@@ -370,7 +380,7 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
     """
     parsed = [parse_override(text) for text in overrides]
     from_cli = {key for key, _ in parsed}
-    combos: list[tuple[dict[str, Any], list[str], tuple, str]] = []
+    combos: list[tuple[dict[str, Any], list[str], tuple, set]] = []
     for _, block_fixed, block_grid in suite.blocks():
         fixed = {**defaults, **{k: v for k, v in block_fixed.items() if v != "auto"}}
         grid = dict(block_grid)
@@ -387,10 +397,11 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
         explicit = {k for k, v in block_fixed.items() if v != "auto"} | set(grid) | from_cli
         if "world_size" not in explicit and (fixed.get("scenario") == "inference" or "scenario" in grid):
             fixed["world_size"] = None
-        combos += [(fixed, axes, combo, source) for combo in itertools.product(*(grid[a] for a in axes))]
+        combos += [(fixed, axes, combo, explicit) for combo in itertools.product(*(grid[a] for a in axes))]
     trials: list[tuple[str, TrialSpec, str | None]] = []
-    for fixed, axes, combo, _ in combos:
+    for fixed, axes, combo, explicit in combos:
         values = {**fixed, **dict(zip(axes, combo))}
+        _drop_base_schedule(values, defaults, explicit)
         if values.get("world_size", 0) is None:  # the default for this trial's scenario
             values["world_size"] = 1 if values.get("scenario") == "inference" else defaults.get("world_size", 2)
         where = ", ".join(f"{a}={v}" for a, v in zip(axes, combo)) or "fixed"

@@ -45,18 +45,54 @@ def test_magnitude_zeroes_each_layers_smallest_weights(amount):
     assert prune.weight_sparsity(model) == pytest.approx(expected)
 
 
-def test_two_four_keeps_the_two_largest_of_four_and_is_refused_on_cpu():
+def test_two_four_is_refused_on_cpu_before_anything_changes_and_its_pattern_keeps_two_of_four():
+    from torchao.sparsity import apply_fake_sparsity
+
     model = _tiny()
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if prune.is_decoder_linear(m, n)}
-    with pytest.raises(Unsupported, match="CUDA") as info:
+    with pytest.raises(Unsupported, match="Only CUDA tensors") as info:
         prune.apply(model, "2:4", "none")
-    assert "2:4 sparsity refused on this machine" in str(info.value) and "\n" not in str(info.value)
+    h = model.config.hidden_size
+    assert f"2:4 sparsity refused on this machine: model.layers.0.self_attn.q_proj ({h}, {h}) float32 on cpu" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(m.weight, before[n]) for n, m in model.named_modules() if n in before)  # untouched
+    apply_fake_sparsity(model, filter_fn=prune.is_decoder_linear)  # the pattern prune.two_four writes on CUDA
     for n, m in model.named_modules():
-        if n in before:  # the 2:4 pattern was written before the conversion was refused
+        if n in before:
             w0, w = before[n].reshape(-1, 4), m.weight.detach().reshape(-1, 4)
             assert ((w == 0).sum(1) == 2).all(), n
             kept = w0.abs().topk(2, dim=1).indices.sort(1).values
             assert torch.equal((w != 0).nonzero()[:, 1].reshape(-1, 2), kept), n
+
+
+def test_gpt2_conv1d_layers_are_pruned_and_refused_for_two_four():
+    """GPT-2's projections are transformers Conv1D, not nn.Linear: magnitude pruning finds them;
+    2:4 refuses them by name (their transposed weight is not what torchao converts)."""
+    model = build_model(build_config("tiny", "gpt2", 64))
+    initialize_weights(model, 0)
+    from transformers.pytorch_utils import Conv1D
+
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 4 * model.config.n_layer  # c_attn, attn c_proj, c_fc, mlp c_proj
+    done, sparsity, _ = prune.apply(model, "magnitude-25", "none")
+    n = sum(m.weight.numel() for _, m in convs)
+    assert sparsity == pytest.approx(sum(round(0.25 * m.weight.numel()) for _, m in convs) / n)
+    assert sum(int((m.weight == 0).sum()) for _, m in convs) == sum(round(0.25 * m.weight.numel()) for _, m in convs)
+    assert f"on {len(convs)} decoder linear layers" in done
+    with pytest.raises(Unsupported, match="transformers Conv1D"):
+        prune.apply(model, "2:4", "none")
+
+
+def test_old_inference_records_still_render(quant_sweep):
+    """Records stored before pruning existed (no prune, weight_sparsity, prune_config keys) render."""
+    from llmbench.report.html import render
+
+    recs = list(quant_sweep["records"].values())
+    run = {"run_id": "old", "suite": "quant", "label": None, "status": "finished", "env": recs[0]["env"]}
+    old = [{k: v for k, v in r.items() if k not in ("prune", "weight_sparsity", "prune_config", "warmup_losses", "warmup_lrs")}
+           for r in quant_sweep["records"].values() if r.get("prune", "none") == "none"]
+    html = render(run, old)
+    assert 'id="quantization"' in html and "int8-wo: weights" in html and 'id="missing"' not in html
 
 
 def test_pruned_trials_measured_against_the_same_baseline(quant_sweep):

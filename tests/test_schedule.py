@@ -131,7 +131,45 @@ def test_the_scheduler_section_is_what_deepspeed_reads(kind):
     assert axes_from_base_config(base) == {"lr_schedule": kind, "lr_warmup_steps": 7}
 
 
+def test_a_knob_at_its_default_is_the_same_trial(schedule_sweep):
+    """The knobs are resolved into the scheduler section, which the identity holds: naming
+    DeepSpeed's default (warmup_type log) changes nothing, naming another value does."""
+    r = schedule_sweep["records"]["WarmupCosineLR-seed=0"]
+    params = r["ds_config"]["scheduler"]["params"]
+    assert params["warmup_type"] == "log" and params["cos_min_ratio"] == 1e-4
+    assert config_hash(dict(r, lr_warmup_type="log")) == r["config_hash"]
+    linear = ds_config(TrialSpec(precision="fp32", lr_schedule="WarmupCosineLR", lr_warmup_type="linear",
+                                 steps=10, warmup_steps=2, seq_len=32, micro_batch=2, lr=3e-3), "cpu", 64)
+    assert config_hash(dict(r, lr_warmup_type="linear", ds_config=linear)) != r["config_hash"]
+
+
+def test_a_base_config_schedule_applies_only_where_it_runs():
+    base = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 5, "total_num_steps": 50,
+                                                              "warmup_min_lr": 1e-5, "warmup_max_lr": 3e-4}}}
+    defaults = {"model": "tiny", "world_size": 2, **axes_from_base_config(base)}
+    assert defaults["lr_schedule"] == "WarmupDecayLR" and defaults["lr_total_steps"] == 50
+    trials = {t: (s, skip) for t, s, skip in expand(*load_suite("schedule"), defaults)}
+    assert all(skip is None for _, skip in trials.values())  # constant and WarmupLR trials are not refused
+    assert trials["constant-seed=0"][0].lr_total_steps is None
+    assert trials["WarmupDecayLR-seed=0"][0].lr_total_steps == 50 and trials["WarmupDecayLR-seed=0"][0].lr_warmup_steps == 5
+    assert trials["WarmupCosineLR-seed=0"][0].lr_total_steps is None  # the base's knobs are WarmupDecayLR's
+    quant = expand(*load_suite("quant"), defaults)
+    assert all(skip is None for _, _, skip in quant)  # inference trials do not inherit a training schedule
+    decay = ds_config(trials["WarmupDecayLR-seed=0"][0].model_copy(update={"precision": "fp32"}), "cpu", 64, base)
+    assert decay["scheduler"]["params"] == {"warmup_num_steps": 5, "warmup_type": "log", "warmup_min_lr": 1e-5,
+                                            "warmup_max_lr": 3e-4, "total_num_steps": 50}  # the base's bounds kept
+    const = ds_config(trials["constant-seed=0"][0].model_copy(update={"precision": "fp32"}), "cpu", 64, base)
+    assert "scheduler" not in const
+
+
+def test_search_refuses_a_schedule(tmp_path):
+    p = cli("sweep", "schedule", "--search", "--db", str(tmp_path / "x.db"), "--out", str(tmp_path), check=False)
+    assert p.returncode == 2 and "--search: it shortens each trial's window" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("args, match", [
+    (["--set", "lr_schedule=WarmupLR", "--set", "lr_warmup_steps=1"], "lr_warmup_steps=1"),
     (["--set", "lr_warmup_steps=3"], "lr_warmup_steps shapes a learning-rate schedule; lr_schedule=constant has none"),
     (["--set", "lr_schedule=WarmupDecayLR", "--set", "lr_min_ratio=0.1"], "lr_min_ratio is WarmupCosineLR's cos_min_ratio"),
     (["--set", "lr_schedule=WarmupCosineLR", "--set", "lr_warmup_steps=40", "--set", "lr_total_steps=40"], "leaves no decay"),

@@ -17,6 +17,7 @@ number of tokens.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pandas as pd
@@ -24,8 +25,8 @@ import pandas as pd
 from ..collect.stats import mean_ci95
 
 LAST_STEPS = 5
-GROUP = ("model", "family", "precision", "zero_stage", "offload", "micro_batch", "grad_accum", "world_size", "seq_len",
-         "lr", "warmup_steps", "steps", "quant", "activation_checkpointing")
+# what the schedule and the seed leave out of a trial's identity (identity.settings_fields): the group
+SCHEDULE_KEYS = frozenset({"seed", "lr_schedule", "lr_warmup_steps", "lr_total_steps", "lr_min_ratio", "lr_warmup_type"})
 KNOBS = (("lr_warmup_steps", "warmup"), ("lr_total_steps", "total"), ("lr_min_ratio", "min ratio"),
          ("lr_warmup_type", "warm-up"))
 
@@ -37,15 +38,23 @@ def label(r: dict) -> str:
 
 
 def _ok(records: list[dict]) -> list[dict]:
-    return [r for r in records if r["status"] == "ok" and r.get("entropy_floor") is not None and r.get("losses")]
+    """Finished trials whose loss at the budget is a number (an fp16 step skipped for overflow
+    can leave a NaN among the last steps: such a trial is left out, not averaged)."""
+    return [r for r in records if r["status"] == "ok" and r.get("entropy_floor") is not None and r.get("losses")
+            and all(math.isfinite(x) for x in r["losses"][-LAST_STEPS:]) and (r.get("tokens_per_s") or 0) > 0]
 
 
 def groups(records: list[dict]) -> list[list[dict]]:
-    """Groups of finished training trials that differ only in schedule and seed, with at least
-    two schedules."""
-    out: dict[tuple, list[dict]] = {}
+    """Groups of finished training trials that differ only in schedule and seed (every other
+    setting of their identity equal), with at least two schedules; one trial per schedule and
+    seed (the first)."""
+    from ..identity import settings_fields
+
+    keys = [k for k in settings_fields("train") if k not in SCHEDULE_KEYS]
+    out: dict[tuple, dict[tuple, dict]] = {}
     for r in _ok(records):
-        out.setdefault(tuple(r.get(k) for k in GROUP), []).append(r)
+        out.setdefault(tuple(json.dumps(r.get(k), default=str) for k in keys), {}).setdefault((label(r), r["seed"]), r)
+    out = {k: list(v.values()) for k, v in out.items()}
     return [g for g in out.values() if len({label(r) for r in g}) > 1]
 
 
@@ -90,14 +99,17 @@ def _interval(diffs: list[float], fmt) -> tuple[str, bool | None]:
 
 
 def statements(records: list[dict]) -> list[dict]:
-    """Per group: a summary (the schedule with the lowest loss at the budget, and whether it
+    """Per group: a summary (the schedule with the lowest mean loss at the budget, and whether it
     beats the reference beyond the seed noise), one statement per schedule against the
-    reference (constant where the group has it), and one on throughput."""
+    reference (constant where the group has it), and one on throughput. Every comparison is
+    over the seeds both schedules ran; each 95% interval is for its own comparison (no
+    correction for the several made)."""
     out: list[dict] = []
     for g in groups(records):
         labels = list(dict.fromkeys(label(r) for r in g))
         ref = "constant" if "constant" in labels else labels[0]
         mean_gap = {lab: statistics.fmean(budget_gap(r) for r in g if label(r) == lab) for lab in labels}
+        seeds = {lab: sum(1 for r in g if label(r) == lab) for lab in labels}
         tokens = budget_tokens(g[0])
         lines, beats = [], []
         for lab in labels:
@@ -108,6 +120,8 @@ def statements(records: list[dict]) -> list[dict]:
                 continue
             text, apart = _interval(d, lambda x: f"{x:+.3f}")
             mean = statistics.fmean(d)
+            a = statistics.fmean(budget_gap(r) for r in g if label(r) == lab and r["seed"] in _seeds(g, ref, lab))
+            b = statistics.fmean(budget_gap(r) for r in g if label(r) == ref and r["seed"] in _seeds(g, ref, lab))
             if apart is None:
                 verdict = "untested"
             elif apart:
@@ -116,27 +130,28 @@ def statements(records: list[dict]) -> list[dict]:
                 verdict = f"no difference from {ref} beyond the seed noise"
             if apart and mean < 0:
                 beats.append(lab)
-            lines.append({"text": f"{lab}: loss {mean_gap[lab]:.3f} nats above the floor at the budget against {ref}'s "
-                                  f"{mean_gap[ref]:.3f} (mean of {len(d)} seeds); paired difference {mean:+.3f} nats "
-                                  f"{text}: {verdict}.",
+            lines.append({"text": f"{lab}: loss {a:.3f} nats above the floor at the budget against {ref}'s {b:.3f} "
+                                  f"(means over the {len(d)} seed{'s' if len(d) != 1 else ''} both ran); paired "
+                                  f"difference {mean:+.3f} nats {text}: {verdict}.",
                           "trials": [r["trial_id"] for r in g if label(r) in (ref, lab)]})
         best = min(mean_gap, key=mean_gap.get)
         head = (f"At this token budget ({tokens:,} tokens: {g[0]['warmup_steps'] + g[0]['steps']} optimizer steps, "
                 f"loss = mean of the last {LAST_STEPS} steps, as a gap to each seed's entropy floor), ")
-        if beats:
-            win = min(beats, key=mean_gap.get)
-            tied = []  # schedules that beat the reference too and are within the seed noise of the winner
+        if best in beats:
+            tied = []  # schedules that beat the reference too and are within the seed noise of the best
             for lab in beats:
-                if lab != win:
-                    ci = mean_ci95(_paired(g, win, lab, budget_gap))
-                    if ci is None or ci[0] <= 0 <= ci[1]:
-                        tied.append(f"{lab} ({mean_gap[lab]:.3f}; {lab} − {win}: 95% interval {ci[0]:+.3f} to {ci[1]:+.3f})"
-                                    if ci else f"{lab} ({mean_gap[lab]:.3f})")
-            head += (f"{win} reaches the lowest loss, {mean_gap[win]:.3f} nats above the floor against {ref}'s "
-                     f"{mean_gap[ref]:.3f}, beyond the seed noise")
-            head += (f"; tied with {', '.join(tied)}: no difference between them beyond the seed noise" if tied else "")
-            section = next(r for r in g if label(r) == win).get("ds_config", {}).get("scheduler")
+                if lab != best:
+                    ci = mean_ci95(_paired(g, best, lab, budget_gap))
+                    if ci is not None and ci[0] <= 0 <= ci[1]:
+                        tied.append(f"{lab} ({mean_gap[lab]:.3f}; {lab} − {best}: 95% interval {ci[0]:+.3f} to {ci[1]:+.3f})")
+            head += (f"{best} reaches the lowest loss, {mean_gap[best]:.3f} nats above the floor against {ref}'s "
+                     f"{mean_gap[ref]:.3f} (means over {seeds[best]} and {seeds[ref]} seeds), beyond the seed noise")
+            head += f"; tied with {', '.join(tied)}: no difference between them beyond the seed noise" if tied else ""
+            section = next(r for r in g if label(r) == best).get("ds_config", {}).get("scheduler")
             head += f". Its DeepSpeed config section: \"scheduler\": {json.dumps(section)}." if section else "."
+        elif beats:
+            head += (f"{', '.join(beats)} reach{'es' if len(beats) == 1 else ''} a lower loss than {ref} beyond the seed "
+                     f"noise; the lowest mean, {best}'s {mean_gap[best]:.3f} nats, is not shown lower than {ref} beyond it.")
         else:
             head += (f"no schedule reaches a lower loss than {ref} beyond the seed noise"
                      f"{f' (lowest mean: {best}, {mean_gap[best]:.3f} nats)' if best != ref else ''}.")
@@ -144,6 +159,11 @@ def statements(records: list[dict]) -> list[dict]:
         out += lines
         out.append(_throughput(g, labels, ref))
     return out
+
+
+def _seeds(g: list[dict], a: str, b: str) -> set:
+    """The seeds both schedules ran."""
+    return {r["seed"] for r in g if label(r) == a} & {r["seed"] for r in g if label(r) == b}
 
 
 def _throughput(g: list[dict], labels: list[str], ref: str) -> dict:
