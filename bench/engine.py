@@ -81,6 +81,9 @@ def axes_from_base_config(base: dict) -> dict:
                 out[k] = val("fp16", k)
     elif "bf16" in base or "fp16" in base:
         out["precision"] = "fp32"
+    lr = val("optimizer", "params", "lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        out["lr"] = lr  # the optimizer's lr, which runs; a WarmupLR/WarmupDecayLR peak replaces it below
     sched = base.get("scheduler")
     if isinstance(sched, dict) and sched.get("type") is not None:
         kind = sched["type"]
@@ -88,6 +91,9 @@ def axes_from_base_config(base: dict) -> dict:
             raise SpecError(f"--base-config: scheduler type {kind!r} is not a schedule llmbench sweeps; "
                             f"lr_schedule takes {', '.join(get_args(LrSchedule))}")
         out["lr_schedule"] = kind
+        peak = val("scheduler", "params", "warmup_max_lr")
+        if kind in ("WarmupLR", "WarmupDecayLR") and isinstance(peak, (int, float)) and not isinstance(peak, bool):
+            out["lr"] = peak  # these schedulers overwrite the optimizer's lr with their warmup_max_lr
         for axis, key in (("lr_warmup_steps", "warmup_num_steps"), ("lr_total_steps", "total_num_steps"),
                           ("lr_min_ratio", "cos_min_ratio"), ("lr_warmup_type", "warmup_type")):
             if val("scheduler", "params", key) is not None and not (kind == "WarmupLR" and axis == "lr_total_steps"):
@@ -110,8 +116,8 @@ def scheduler_section(spec: TrialSpec, peak_lr: float, base_params: dict | None 
     DeepSpeed's own floor). WarmupLR and WarmupDecayLR rise from 0 to `peak_lr` (the optimizer's
     lr, which they would otherwise overwrite with their warmup_max_lr default 1e-3);
     WarmupCosineLR scales the optimizer's lr by its ratios. `base_params`: a base config's
-    scheduler parameters of the same type, whose warmup_min_lr, warmup_max_lr and
-    warmup_min_ratio are kept (its other parameters are the trial's knobs, read into the axes).
+    scheduler parameters of the same type, whose warmup_min_lr and warmup_min_ratio are kept
+    (its warmup_max_lr is the `lr` axis, its other parameters the knobs: axes_from_base_config).
     DeepSpeed's defaults for warmup_type (log) and cos_min_ratio (1e-4) are written out, so one
     schedule has one section (and one identity) whether the knob was given or not.
     """
@@ -120,10 +126,10 @@ def scheduler_section(spec: TrialSpec, peak_lr: float, base_params: dict | None 
     total = spec.lr_total_steps or spec.warmup_steps + spec.steps
     warm = spec.lr_warmup_steps if spec.lr_warmup_steps is not None else max(2, round(0.1 * total))
     kept = {k: v for k, v in (base_params or {}).items()
-            if k in ("warmup_min_lr", "warmup_max_lr", "warmup_min_ratio") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if k in ("warmup_min_lr", "warmup_min_ratio") and isinstance(v, (int, float)) and not isinstance(v, bool)}
     params: dict = {"warmup_num_steps": warm, "warmup_type": spec.lr_warmup_type or "log"}
     if spec.lr_schedule in ("WarmupLR", "WarmupDecayLR"):
-        params.update(warmup_min_lr=kept.get("warmup_min_lr", 0.0), warmup_max_lr=kept.get("warmup_max_lr", peak_lr))
+        params.update(warmup_min_lr=kept.get("warmup_min_lr", 0.0), warmup_max_lr=peak_lr)
     if spec.lr_schedule in ("WarmupDecayLR", "WarmupCosineLR"):
         params["total_num_steps"] = total
     if spec.lr_schedule == "WarmupCosineLR":
@@ -171,6 +177,8 @@ def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int, base: dict | 
     if "optimizer" not in base:
         base["optimizer"] = {"type": "AdamW", "params": {"lr": spec.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
     opt = base["optimizer"]
+    if "lr" in opt.get("params", {}):
+        opt["params"]["lr"] = spec.lr  # the lr axis (a base's own lr is its default: axes_from_base_config)
     if accelerator == "cpu" and spec.offload == "none" and opt.get("type", "").lower() in ("adam", "adamw"):
         # FusedAdam would JIT-build a CUDA-style op on CPU (~30 s); torch's AdamW is the CPU path.
         opt.setdefault("params", {})["torch_adam"] = True
@@ -178,8 +186,7 @@ def ds_config(spec: TrialSpec, accelerator: str, hidden_size: int, base: dict | 
     # axes_from_base_config), so the base's section never survives beside it.
     base_sched = base.pop("scheduler", None)
     same = isinstance(base_sched, dict) and base_sched.get("type") == spec.lr_schedule
-    lr = opt.get("params", {}).get("lr", spec.lr)
-    sched = scheduler_section(spec, lr if isinstance(lr, (int, float)) else spec.lr,
+    sched = scheduler_section(spec, spec.lr,
                               base_sched.get("params") if same and isinstance(base_sched.get("params"), dict) else None)
     if sched is not None:
         base["scheduler"] = sched

@@ -7,6 +7,7 @@ one language. Bad input raises `SpecError` with one line naming the file, key an
 from __future__ import annotations
 
 import itertools
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Literal, get_args
@@ -75,7 +76,7 @@ class TrialSpec(BaseModel):
     zero_stage: int = Field(0, ge=0, le=3)
     offload: Offload = "none"
     quant: Quant = "none"
-    prune: str = Field("none", pattern=f"^({PRUNE_PATTERN})$")
+    prune: str = "none"
     world_size: int = Field(2, ge=1)
     activation_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -128,6 +129,16 @@ class TrialSpec(BaseModel):
     eval_batches: int = Field(16, ge=1)
     repeats: int = Field(6, ge=2)  # 6: the fewest with a 95% interval of the median (collect/stats.py)
 
+    @field_validator("prune", mode="before")
+    @classmethod
+    def _prune(cls, v: Any) -> Any:
+        """none, magnitude-NN (1-99) or 2:4; YAML 1.1 reads an unquoted 2:4 as the base-60 number 124."""
+        if v == 124 and not isinstance(v, bool):
+            raise ValueError('YAML read 2:4 as the base-60 number 124: quote it, "2:4"')
+        if not isinstance(v, str) or not re.fullmatch(PRUNE_PATTERN, v):
+            raise ValueError("prune takes none, magnitude-NN (NN from 1 to 99: the percent of each layer zeroed) or 2:4")
+        return v
+
     @field_validator("decode_batches", mode="before")
     @classmethod
     def _batches(cls, v: Any) -> Any:
@@ -170,11 +181,13 @@ class TrialSpec(BaseModel):
         if self.lr_schedule == "WarmupLR" and self.lr_total_steps is not None:
             return "lr_total_steps: WarmupLR holds the peak after its warm-up and has no total; use WarmupDecayLR or WarmupCosineLR"
         if self.lr_min_ratio is not None and self.lr_schedule != "WarmupCosineLR":
-            return f"lr_min_ratio is WarmupCosineLR's cos_min_ratio; {self.lr_schedule} decays to 0 or holds the peak"
-        if self.lr_schedule != "constant" and self.lr_warmup_steps is not None and \
-                self.lr_warmup_steps >= (self.lr_total_steps or self.warmup_steps + self.steps) and self.lr_schedule != "WarmupLR":
-            return (f"lr_warmup_steps={self.lr_warmup_steps} leaves no decay: it must be below lr_total_steps "
-                    f"({self.lr_total_steps or self.warmup_steps + self.steps})")
+            return (f"lr_min_ratio is WarmupCosineLR's cos_min_ratio; "
+                    f"{'WarmupLR holds the peak' if self.lr_schedule == 'WarmupLR' else 'WarmupDecayLR decays to 0'}")
+        total = self.lr_total_steps or self.warmup_steps + self.steps
+        warm = self.lr_warmup_steps if self.lr_warmup_steps is not None else max(2, round(0.1 * total))  # engine.scheduler_section
+        if self.lr_schedule in ("WarmupDecayLR", "WarmupCosineLR") and warm >= total:
+            return (f"a warm-up of {warm} steps{'' if self.lr_warmup_steps is not None else ' (the default, at least 2)'} "
+                    f"leaves no decay: lr_total_steps ({total}) must exceed it")
         if self.quant in INFERENCE_QUANT:
             return f"quant={self.quant} is an inference method (torchao post-training quantization); it needs scenario=inference"
         if self.quant.startswith("zeropp") and self.zero_stage != 3:
@@ -351,7 +364,11 @@ def parse_override(text: str) -> tuple[str, list[str]]:
     key = key.strip()
     if key not in AXES:
         raise SpecError(f"--set {key}: unknown axis; known axes are {', '.join(AXES)}")
-    values = [parse_yaml(v, f"--set {key}={v}") for v in vals.split(",") if v.strip() != ""]
+    field = TrialSpec.model_fields.get(key)
+    if field is not None and field.annotation is str:  # text as typed: YAML would read prune=2:4 as the number 124
+        values = [v.strip().strip("'\"") for v in vals.split(",") if v.strip() != ""]
+    else:
+        values = [parse_yaml(v, f"--set {key}={v}") for v in vals.split(",") if v.strip() != ""]
     if not values:
         raise SpecError(f"--set {key}: no values given")
     return key, values

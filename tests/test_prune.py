@@ -146,3 +146,17 @@ def test_pruning_stacked_on_a_quantization_that_adds_only_error_is_not_recommend
     recs[2] = _inf("int8-wo", "magnitude-25", 550, 5.010, 360)
     head, *_ = [s["text"] for s in quant_statements(recs)]
     assert head.startswith("For this model and hardware, magnitude-25+int8-wo pays for memory")
+
+
+def test_prune_values_as_typed_in_set_and_in_a_suite(tmp_path):
+    """YAML 1.1 reads an unquoted 2:4 as the base-60 number 124: `--set` takes the text as
+    typed; a suite file that writes it unquoted is told to quote it."""
+    from llmbench.spec import SpecError, expand, load_suite, parse_override
+
+    assert parse_override("prune=2:4,none") == ("prune", ["2:4", "none"])
+    p = tmp_path / "p.yaml"
+    p.write_text("name: p\nfixed: {scenario: inference, world_size: 1}\ngrid: {prune: [none, 2:4]}\n")
+    with pytest.raises(SpecError, match='YAML read 2:4 as the base-60 number 124: quote it, "2:4"'):
+        expand(*load_suite(str(p)), {"model": "tiny"})
+    with pytest.raises(SpecError, match=r"prune takes none, magnitude-NN \(NN from 1 to 99"):
+        expand(*load_suite("quant"), {"model": "tiny"}, ["prune=magnitude-100"])

@@ -149,6 +149,7 @@ def test_a_base_config_schedule_applies_only_where_it_runs():
                                                               "warmup_min_lr": 1e-5, "warmup_max_lr": 3e-4}}}
     defaults = {"model": "tiny", "world_size": 2, **axes_from_base_config(base)}
     assert defaults["lr_schedule"] == "WarmupDecayLR" and defaults["lr_total_steps"] == 50
+    assert defaults["lr"] == 3e-4  # WarmupDecayLR runs its warmup_max_lr, not the optimizer's 1e-3: that is the lr axis
     trials = {t: (s, skip) for t, s, skip in expand(*load_suite("schedule"), defaults)}
     assert all(skip is None for _, skip in trials.values())  # constant and WarmupLR trials are not refused
     assert trials["constant-seed=0"][0].lr_total_steps is None
@@ -157,8 +158,10 @@ def test_a_base_config_schedule_applies_only_where_it_runs():
     quant = expand(*load_suite("quant"), defaults)
     assert all(skip is None for _, _, skip in quant)  # inference trials do not inherit a training schedule
     decay = ds_config(trials["WarmupDecayLR-seed=0"][0].model_copy(update={"precision": "fp32"}), "cpu", 64, base)
+    # the suite's lr (3e-3) overrides the base's peak, in the scheduler and the optimizer alike; the base's floor is kept
     assert decay["scheduler"]["params"] == {"warmup_num_steps": 5, "warmup_type": "log", "warmup_min_lr": 1e-5,
-                                            "warmup_max_lr": 3e-4, "total_num_steps": 50}  # the base's bounds kept
+                                            "warmup_max_lr": 3e-3, "total_num_steps": 50}
+    assert decay["optimizer"]["params"]["lr"] == 3e-3
     const = ds_config(trials["constant-seed=0"][0].model_copy(update={"precision": "fp32"}), "cpu", 64, base)
     assert "scheduler" not in const
 
@@ -170,6 +173,7 @@ def test_search_refuses_a_schedule(tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--set", "lr_schedule=WarmupLR", "--set", "lr_warmup_steps=1"], "lr_warmup_steps=1"),
+    (["--set", "lr_schedule=WarmupDecayLR", "--set", "lr_total_steps=2"], "a warm-up of 2 steps (the default, at least 2) leaves no decay"),
     (["--set", "lr_warmup_steps=3"], "lr_warmup_steps shapes a learning-rate schedule; lr_schedule=constant has none"),
     (["--set", "lr_schedule=WarmupDecayLR", "--set", "lr_min_ratio=0.1"], "lr_min_ratio is WarmupCosineLR's cos_min_ratio"),
     (["--set", "lr_schedule=WarmupCosineLR", "--set", "lr_warmup_steps=40", "--set", "lr_total_steps=40"], "leaves no decay"),

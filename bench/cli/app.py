@@ -154,7 +154,7 @@ def print_inference_table(records: list[dict]) -> None:
 
     for col in ("trial", "status", "method", "precision", "prefill ms", *[f"decode tok/s b{b}" for b in batches],
                 "weights MiB", "perplexity", "peak RSS MiB"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", overflow="fold" if col in ("trial", "method") else "ellipsis")
     for r in records:
         ok = r["status"] == "ok"
         tps = r.get("decode_tokens_per_s") or {}

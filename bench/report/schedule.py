@@ -195,7 +195,7 @@ def _throughput(g: list[dict], labels: list[str], ref: str) -> dict:
     elif few:
         verdict = "one seed: no interval, so no statement on throughput (run 3 or more seeds)"
     else:
-        verdict = (f"no schedule changes throughput beyond the noise across seeds (intervals up to ±{max(widths):.0f}% "
+        verdict = (f"no schedule changes throughput beyond the noise across seeds (intervals up to ±{max(widths):.1f}% "
                    f"wide: a smaller change would not show)")
     return {"text": f"Throughput against {ref}, tokens/s paired by seed (95% interval): {'; '.join(parts)}: {verdict}.",
             "trials": [r["trial_id"] for r in g]}
