@@ -364,11 +364,11 @@ def parse_override(text: str) -> tuple[str, list[str]]:
     key = key.strip()
     if key not in AXES:
         raise SpecError(f"--set {key}: unknown axis; known axes are {', '.join(AXES)}")
+    texts = [v for v in vals.split(",") if v.strip() != ""]
+    values = [parse_yaml(v, f"--set {key}={v}") for v in texts]
     field = TrialSpec.model_fields.get(key)
-    if field is not None and field.annotation is str:  # text as typed: YAML would read prune=2:4 as the number 124
-        values = [v.strip().strip("'\"") for v in vals.split(",") if v.strip() != ""]
-    else:
-        values = [parse_yaml(v, f"--set {key}={v}") for v in vals.split(",") if v.strip() != ""]
+    if field is not None and field.annotation is str:  # a text axis keeps the text as typed: YAML reads 2:4 as 124
+        values = [x if isinstance(x, str) else t.strip() for x, t in zip(values, texts)]
     if not values:
         raise SpecError(f"--set {key}: no values given")
     return key, values
