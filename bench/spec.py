@@ -416,6 +416,7 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
             fixed["world_size"] = None
         combos += [(fixed, axes, combo, explicit) for combo in itertools.product(*(grid[a] for a in axes))]
     trials: list[tuple[str, TrialSpec, str | None]] = []
+    combos_blocks = suite.blocks()
     for fixed, axes, combo, explicit in combos:
         values = {**fixed, **dict(zip(axes, combo))}
         _drop_base_schedule(values, defaults, explicit)
@@ -445,5 +446,7 @@ def expand(suite: Suite, source: str, defaults: dict[str, Any], overrides: list[
         trials.append((spec.trial_id([a if a != "global_batch" else "grad_accum" for a in axes]), spec, reason))
     ids = [t[0] for t in trials]
     if len(set(ids)) != len(ids):
-        raise SpecError(f"{source}: the grid repeats a configuration ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))})")
+        why = (f"; --set applies to each of the suite's {len(combos_blocks)} grids (its `also` blocks), which then make "
+               f"the same trials: write a suite with one grid" if len(combos_blocks) > 1 and parsed else "")
+        raise SpecError(f"{source}: the grid repeats a configuration ({', '.join(sorted({i for i in ids if ids.count(i) > 1}))}){why}")
     return trials

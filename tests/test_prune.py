@@ -160,3 +160,10 @@ def test_prune_values_as_typed_in_set_and_in_a_suite(tmp_path):
         expand(*load_suite(str(p)), {"model": "tiny"})
     with pytest.raises(SpecError, match=r"prune takes none, magnitude-NN \(NN from 1 to 99"):
         expand(*load_suite("quant"), {"model": "tiny"}, ["prune=magnitude-100"])
+
+
+def test_set_on_a_suite_of_several_grids_says_why_trials_repeat():
+    from llmbench.spec import SpecError, expand, load_suite
+
+    with pytest.raises(SpecError, match=r"repeats a configuration \(inf-2:4-none.*--set applies to each of the suite's 4 grids"):
+        expand(*load_suite("quant"), {"model": "tiny"}, ["prune=2:4,magnitude-50"])
