@@ -110,10 +110,8 @@ def scheduler_section(spec: TrialSpec, peak_lr: float, base_params: dict | None 
 
     Parameter names and defaults are deepspeed.runtime.lr_schedules' (WarmupLR, WarmupDecayLR,
     WarmupCosineLR; https://www.deepspeed.ai/docs/config-json/#scheduler-parameters). Defaults
-    made for a trial of tens of steps (DeepSpeed's warmup_num_steps default, 1000, would be
-    longer than the trial): total = the trial's optimizer steps through the window (warm-up and
-    timed; the extra passes after it run past the end), warm-up 10% of that (at least 2,
-    DeepSpeed's own floor). WarmupLR and WarmupDecayLR rise from 0 to `peak_lr` (the optimizer's
+    made for a trial of tens of steps: TrialSpec.lr_steps (the extra passes after the window
+    run past the total). WarmupLR and WarmupDecayLR rise from 0 to `peak_lr` (the optimizer's
     lr, which they would otherwise overwrite with their warmup_max_lr default 1e-3);
     WarmupCosineLR scales the optimizer's lr by its ratios. `base_params`: a base config's
     scheduler parameters of the same type, whose warmup_min_lr and warmup_min_ratio are kept
@@ -123,8 +121,7 @@ def scheduler_section(spec: TrialSpec, peak_lr: float, base_params: dict | None 
     """
     if spec.lr_schedule == "constant":
         return None
-    total = spec.lr_total_steps or spec.warmup_steps + spec.steps
-    warm = spec.lr_warmup_steps if spec.lr_warmup_steps is not None else max(2, round(0.1 * total))
+    warm, total = spec.lr_steps()
     kept = {k: v for k, v in (base_params or {}).items()
             if k in ("warmup_min_lr", "warmup_min_ratio") and isinstance(v, (int, float)) and not isinstance(v, bool)}
     params: dict = {"warmup_num_steps": warm, "warmup_type": spec.lr_warmup_type or "log"}

@@ -33,8 +33,7 @@ import os
 from typing import Any
 
 # settings added after schema version 7, with their defaults: left out of the identity at these values
-LATER_SETTINGS = {"lr_schedule": "constant", "lr_warmup_steps": None, "lr_total_steps": None, "lr_min_ratio": None,
-                  "lr_warmup_type": None, "prune": "none"}
+LATER_SETTINGS = {"lr_schedule": "constant", "prune": "none"}
 NOT_IDENTITY = frozenset({"breakdown_steps", "comms_steps", "timeout_s", "requested_precision", "rounds",
                           # the schedule's knobs: their resolved values are the DeepSpeed config's scheduler
                           # section (engine.scheduler_section), so a default and its explicit value are one trial

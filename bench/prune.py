@@ -1,7 +1,7 @@
 """Pruning a trained model before it is measured (the inference scenario's `prune` axis).
 
-What is pruned: every `nn.Linear` of the decoder (attention and MLP projections), not the LM
-head nor the embeddings, which the pruning literature leaves dense (Frantar & Alistarh 2023,
+What is pruned: every linear layer of the decoder (attention and MLP projections: `nn.Linear`,
+GPT-2's transformers `Conv1D`), not the LM head nor the embeddings, which the pruning literature leaves dense (Frantar & Alistarh 2023,
 SparseGPT §4; Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks", the 2:4 recipe).
 
 - `magnitude-NN`: in each layer, the NN% of weights with the smallest |w| are zeroed
@@ -12,8 +12,9 @@ SparseGPT §4; Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks", t
   (torchao's `apply_fake_sparsity`, torch.ao's WeightNormSparsifier with 1×4 blocks), then
   the weights are stored in torch's semi-structured sparse format (torchao `sparsify_` with
   `SemiSparseWeightConfig`: half the values plus metadata, run by cuSPARSELt/CUTLASS), or,
-  with quant=fp8-dyn, quantized to fp8 in torchao's 2:4 packing. Both need CUDA: elsewhere
-  the library refuses, and the trial is recorded `unsupported` with its message.
+  with quant=fp8-dyn, quantized to fp8 in torchao's 2:4 packing. Both need CUDA and shapes
+  torch's semi-structured format accepts, checked by torch before anything changes; a refusal,
+  a Conv1D layer or a layer torchao leaves dense records the trial `unsupported` with why.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def magnitude(model: torch.nn.Module, fraction: float) -> None:
 
 def two_four(model: torch.nn.Module, quant: str) -> tuple[str, float]:
     """2:4 pattern by magnitude, then torchao's semi-structured storage (or its 2:4 fp8 packing
-    with quant=fp8-dyn). Returns the torchao config's repr and the sparsity counted on the
+    with quant=fp8-dyn). Returns the torchao config's name and the sparsity counted on the
     dense weights before they are converted; `Unsupported` with torchao's or torch's message
     where this device has no 2:4 kernels."""
     from torchao.sparsity import apply_fake_sparsity
@@ -118,14 +119,15 @@ def apply(model: torch.nn.Module, prune: str, quant: str) -> tuple[str, float | 
     step)."""
     if prune == "none":
         return "none", None, False
-    if not decoder_linears(model):
+    n = len(decoder_linears(model))
+    if not n:
         raise Unsupported(f"prune={prune}: the model has no linear layer outside its LM head to prune")
     if prune.startswith("magnitude-"):
         fraction = int(prune.removeprefix("magnitude-")) / 100
         magnitude(model, fraction)
-        return (f"torch.nn.utils.prune.l1_unstructured(amount={fraction}) + prune.remove on "
-                f"{len(decoder_linears(model))} decoder linear layers (dense: zeros stored)"), weight_sparsity(model), False
+        return (f"torch.nn.utils.prune.l1_unstructured(amount={fraction}) + prune.remove on {n} decoder linear layers "
+                f"(dense: zeros stored)"), weight_sparsity(model), False
     if prune == "2:4":
         done, sparsity = two_four(model, quant)
-        return f"2:4 by magnitude on {len(decoder_linears(model))} decoder linear layers, then {done}", sparsity, quant == "fp8-dyn"
+        return f"2:4 by magnitude on {n} decoder linear layers, then {done}", sparsity, quant == "fp8-dyn"
     raise ValueError(f"prune={prune!r}")

@@ -183,8 +183,7 @@ class TrialSpec(BaseModel):
         if self.lr_min_ratio is not None and self.lr_schedule != "WarmupCosineLR":
             return (f"lr_min_ratio is WarmupCosineLR's cos_min_ratio; "
                     f"{'WarmupLR holds the peak' if self.lr_schedule == 'WarmupLR' else 'WarmupDecayLR decays to 0'}")
-        total = self.lr_total_steps or self.warmup_steps + self.steps
-        warm = self.lr_warmup_steps if self.lr_warmup_steps is not None else max(2, round(0.1 * total))  # engine.scheduler_section
+        warm, total = self.lr_steps()
         if self.lr_schedule in ("WarmupDecayLR", "WarmupCosineLR") and warm >= total:
             return (f"a warm-up of {warm} steps{'' if self.lr_warmup_steps is not None else ' (the default, at least 2)'} "
                     f"leaves no decay: lr_total_steps ({total}) must exceed it")
@@ -196,6 +195,14 @@ class TrialSpec(BaseModel):
         if knobs and self.precision != "fp16":
             return f"{knobs[0]} is an fp16 loss-scaling setting; precision={self.precision} does not scale the loss"
         return None
+
+    def lr_steps(self) -> tuple[int, int]:
+        """(warm-up, total) optimizer steps of the schedule as DeepSpeed gets them
+        (engine.scheduler_section): the knobs, else warm-up 10% of the total (at least 2,
+        DeepSpeed's floor; its own default, 1000, outlasts a trial) and total = the trial's
+        optimizer steps through the window."""
+        total = self.lr_total_steps or self.warmup_steps + self.steps
+        return (self.lr_warmup_steps if self.lr_warmup_steps is not None else max(2, round(0.1 * total))), total
 
     @property
     def global_batch(self) -> int:
