@@ -69,6 +69,9 @@ METRICS: list[Metric] = [
     Metric("step_cpu_rel", "CPU ÷ reference", False, "time", 0.15),
     Metric("model_state_bytes", "model-state bytes", False, "count", 0.01),
     Metric("trial_peak_mem_bytes", "trial's peak memory", False, "level", 0.10),
+    # the tensors' own peak as torch's allocator counts it: a count, the same in every run of the
+    # same configuration (docs/plan.md), so a 1% change is a change in what the trial allocates
+    Metric("trial_allocated_peak_bytes", "tensors' peak memory", False, "count", 0.01),
     Metric("final_loss", "final loss", False, "level", 0.02),
     Metric("weight_bytes", "weight bytes", False, "count", 0.01),
     Metric("perplexity", "perplexity", False, "level", 0.02),

@@ -89,6 +89,8 @@ def _common(ranks: list[RankResult]) -> dict:
         peak_mem_bytes=max((m for m in peaks if m is not None), default=None),
         trial_peak_mem_bytes=max((own_peak(r.memory) for r in ranks if r.memory.get("peak_mem_bytes") is not None),
                                  default=None),
+        trial_allocated_peak_bytes=max((r.memory["allocated_peak_bytes"] for r in ranks
+                                        if r.memory.get("allocated_peak_bytes") is not None), default=None),
         fp32_matmul_precision=first.fp32_matmul_precision,
         ds_global_steps=first.ds_global_steps,
     )
@@ -216,7 +218,8 @@ def prediction_fields(pred) -> dict:
     """The record's predicted_* fields from a plan/memory.MemoryPrediction (None: no prediction)."""
     if pred is None:
         return {}
-    return dict(predicted_peak_bytes=pred.peak, predicted_model_state_bytes=pred.states_device + pred.states_host,
+    return dict(predicted_peak_bytes=pred.peak, predicted_allocated_peak_bytes=pred.allocated_peak,
+                predicted_model_state_bytes=pred.states_device + pred.states_host,
                 predicted_activation_bytes=pred.activations, predicted_buffer_bytes=pred.buffers,
                 predicted_device_bytes=pred.device_total, predicted_host_bytes=pred.host_total,
                 predicted_memory=pred.to_dict())
@@ -233,7 +236,8 @@ def _prediction_error(rec: dict, ranks: list[RankResult], stats) -> dict:
         out["buffer_bytes"] = max(r.model_state.get("buffers", 0) for r in ranks)
     pairs = {"activations": ("predicted_activation_bytes", out.get("activation_bytes")),
              "model_states": ("predicted_model_state_bytes", rec.get("model_state_bytes")),
-             "peak": ("predicted_peak_bytes", rec.get("trial_peak_mem_bytes"))}
+             "peak": ("predicted_peak_bytes", rec.get("trial_peak_mem_bytes")),
+             "allocated_peak": ("predicted_allocated_peak_bytes", rec.get("trial_allocated_peak_bytes"))}
     err = {k: rec[p] / m - 1 for k, (p, m) in pairs.items() if rec.get(p) is not None and m}
     if err:
         out["prediction_error"] = err

@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field, create_model
 
 from .spec import TrialSpec
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 def F(default: Any = None, unit: str = "", definition: str = "", part: str = "measurements"):  # noqa: N802
@@ -178,6 +178,7 @@ class TrialRecord(_Settings):
     peak_mem_bytes_per_rank: list = F([], "bytes", "the same per rank")
     peak_mem_baseline_bytes: Optional[float] = F(None, "bytes", "what was held when the trial began")
     trial_peak_mem_bytes: Optional[float] = F(None, "bytes", "the trial's own peak: peak − what its rank held when it began, the largest over ranks (CPU: RSS, most of which is the process itself); what the gate judges")
+    trial_allocated_peak_bytes: Optional[float] = F(None, "bytes", "the tensors' own peak: the most bytes torch's allocator held at once above what it held when the trial began, largest rank (CUDA: max_memory_allocated; CPU: llmbench's counting allocator, collect/allocated.py); what the memory model predicts")
     other_mem_bytes: Optional[float] = F(None, "bytes", "peak − baseline − the model states in that memory (on a GPU the device part; on the CPU accelerator all): activations, buckets, temporaries")
     model_state_host_bytes: Optional[float] = F(None, "bytes", "of model_state_bytes, what ZeRO-Offload keeps on the host (the tensor's device on a GPU; DeepSpeed's offload settings on the CPU accelerator, collect/memory.offloaded), largest rank")
     model_state_device_bytes: Optional[float] = F(None, "bytes", "model_state_bytes − the host part: the model states on the device, largest rank; what the memory objective and the offload guidance use")
@@ -187,13 +188,14 @@ class TrialRecord(_Settings):
     buffer_bytes: Optional[float] = F(None, "bytes", "DeepSpeed's communication buckets and ZeRO-3's gathered parameters the engine held when its model states were probed, largest rank")
     # -- the memory prediction (plan/memory.py), made before launch -----------------------------------
     predicted_peak_bytes: Optional[float] = F(None, "bytes", "predicted trial_peak_mem_bytes (the trial's own peak per rank)")
+    predicted_allocated_peak_bytes: Optional[float] = F(None, "bytes", "predicted trial_allocated_peak_bytes (buckets whole, as allocated)")
     predicted_model_state_bytes: Optional[float] = F(None, "bytes", "predicted model_state_bytes (device + host)")
     predicted_activation_bytes: Optional[float] = F(None, "bytes", "predicted activation_bytes")
     predicted_buffer_bytes: Optional[float] = F(None, "bytes", "predicted DeepSpeed buckets (pages written on a CPU)")
     predicted_device_bytes: Optional[float] = F(None, "bytes", "predicted memory a rank needs of its device: the own peak plus the process (CPU) or the CUDA context, NCCL and allocator slack")
     predicted_host_bytes: Optional[float] = F(None, "bytes", "predicted host memory per rank: ZeRO-Offload's states (the whole process on a CPU)")
     predicted_memory: Optional[dict] = F(None, "bytes", "every term of the prediction (plan/memory.MemoryPrediction), the phase that sets the peak, DeepSpeed's own estimate")
-    prediction_error: Optional[dict] = F(None, "", "predicted / measured − 1 per term: activations, model_states, peak")
+    prediction_error: Optional[dict] = F(None, "", "predicted / measured − 1 per term: activations, model_states, peak, allocated_peak")
     # -- the throughput prediction and the guided search (plan/throughput.py, search.py) ----------------
     predicted_step_s: Optional[float] = F(None, "s", "the throughput model's step time (`sweep --search`: from its last calibration)")
     predicted_tokens_per_s: Optional[float] = F(None, "tokens/s", "the throughput model's tokens/s, all ranks")
@@ -293,7 +295,8 @@ def migrate(record: dict) -> dict:
     DeepSpeed configs (a setting the record predates ran at its default). Versions 1-3: one
     round (`rounds`, `rounds_done`); versions 1-4: no memory prediction; versions 1-5: no
     throughput prediction nor search decision; versions 1-6: no `nodes` (empty); versions 1-7: no
-    learning-rate schedule (constant), warm-up losses (empty) nor pruning (none)."""
+    learning-rate schedule (constant), warm-up losses (empty) nor pruning (none); versions 1-8: no
+    allocator peak (None)."""
     version = record.get("schema_version", 1)
     if version >= SCHEMA_VERSION:
         return record
@@ -312,7 +315,8 @@ def migrate(record: dict) -> dict:
     if version <= 3:
         out["rounds_done"] = 1 if out.get("status") == "ok" else 0
     # version 4 had no memory prediction, version 5 no throughput prediction, version 6 no nodes, version 7 no
-    # schedule nor pruning: their fields keep their defaults (the settings above: constant, none)
+    # schedule nor pruning, version 8 no allocator peak: their fields keep their defaults (the settings above:
+    # constant, none; None)
     out["schema_version"] = SCHEMA_VERSION
     return out
 

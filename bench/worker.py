@@ -159,9 +159,11 @@ def main() -> None:
     if args.accelerator == "cuda":
         torch.cuda.set_device(local_rank)
     else:  # a trial's speed must not depend on what the process ran before (collect/memory.STEADY_MALLOC)
+        from .collect import allocated
         from .collect.memory import STEADY_MALLOC, set_malloc
 
         set_malloc(STEADY_MALLOC)
+        allocated.install()  # the tensors' own peak beside the RSS (collect/allocated.py)
     import deepspeed
 
     from .spec import TrialSpec

@@ -49,6 +49,10 @@ def test_rule_status_counts_and_configuration():
     out = {(v.trial_id, v.metric): v for v in gate(base, cand).verdicts}
     assert out[("a", "status")].outcome == "regression"
     assert out[("b", "model-state bytes")].outcome == "regression"      # +10% > 1%
+    assert ("b", "tensors' peak memory") not in out  # a figure neither run has is not judged
+    more = gate([rec("e", noisy(8, 0.1), trial_allocated_peak_bytes=50_000_000)],
+                [rec("e", noisy(8, 0.1), trial_allocated_peak_bytes=51_000_000)]).verdicts
+    assert next(v for v in more if v.metric == "tensors' peak memory").outcome == "regression"  # +2% > 1%
     assert out[("c", "configuration")].outcome == "not compared"
     assert out[("d", "status")].outcome == "regression" and out[("d", "status")].candidate == "absent"
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import allocated
 from .collector import Base
 
 _KB = 1024
@@ -241,7 +242,9 @@ def set_malloc(settings: dict[int, int]) -> str:
 
 class PeakMemory(Base):
     """Each trial's own peak, a collector (collector.py) over the span it watches: the process
-    RSS high-water mark (the peak on a CPU); `CudaPeakMemory` adds the allocator's peaks.
+    RSS high-water mark (the peak on a CPU) and, where collect/allocated.py's counter is
+    installed, torch's allocator's own peak (`allocated_peak_bytes`, what the memory model
+    predicts); `CudaPeakMemory` takes both from CUDA's caching allocator.
 
     RSS's high-water mark (VmHWM) never falls by itself, so a trial in a warm worker would see
     its predecessors' peak; Linux resets it when "5" is written to /proc/self/clear_refs
@@ -251,6 +254,7 @@ class PeakMemory(Base):
     def __init__(self) -> None:
         self.hwm_reset = False
         self.rss_at_reset: int | None = None
+        self.allocated_at_reset = 0
 
     def start(self) -> None:
         try:
@@ -262,6 +266,8 @@ class PeakMemory(Base):
         import psutil
 
         self.rss_at_reset = psutil.Process().memory_info().rss
+        allocated.reset_peak()
+        self.allocated_at_reset = allocated.current()
 
     @staticmethod
     def rss_peak_bytes() -> int | None:
@@ -278,9 +284,13 @@ class PeakMemory(Base):
 
     def stop(self) -> dict:
         rss = self.rss_peak_bytes()
+        counted = allocated.installed()
         return {"memory": {"rss_peak_bytes": rss, "rss_peak_reset": self.hwm_reset,
                            "rss_at_start_bytes": self.rss_at_reset, "peak_mem_bytes": rss,
-                           "baseline_bytes": self.rss_at_reset, "malloc": malloc_setting}}
+                           "baseline_bytes": self.rss_at_reset, "malloc": malloc_setting,
+                           "allocated_peak_bytes": allocated.peak() - self.allocated_at_reset if counted else None,
+                           "allocated_at_start_bytes": self.allocated_at_reset if counted else None,
+                           **({} if counted else {"allocated_error": allocated.error or "not installed"})}}
 
 
 class CudaPeakMemory(PeakMemory):
@@ -306,6 +316,9 @@ class CudaPeakMemory(PeakMemory):
         )
         mem["peak_mem_bytes"] = mem["cuda_peak_allocated_bytes"]
         mem["baseline_bytes"] = self.cuda_at_reset
+        mem.update(allocated_peak_bytes=max(0, mem["cuda_peak_allocated_bytes"] - self.cuda_at_reset),
+                   allocated_at_start_bytes=self.cuda_at_reset)
+        mem.pop("allocated_error", None)
         return out
 
 

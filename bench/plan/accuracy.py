@@ -38,47 +38,61 @@ def rows(records: list[dict]) -> list[dict]:
         p = repredict(r)
         out.append(dict(trial=r["trial_id"], act_m=r["activation_bytes"], act_p=p.activations,
                         states_m=r["model_state_bytes"], states_p=p.states_device + p.states_host,
+                        alloc_m=r.get("trial_allocated_peak_bytes"), alloc_p=p.allocated_peak,
                         peak_m=r["trial_peak_mem_bytes"], peak_p=p.peak, one_time=p.one_time, phase=p.phase, ds=p.deepspeed_estimate,
                         residual=r["trial_peak_mem_bytes"] - (p.peak - p.fixed)))
     return out
 
 
+def _summary(errs: list[float], what: str) -> str:
+    within = sum(abs(e) <= 0.20 for e in errs)
+    under = sum(e < -0.10 for e in errs)
+    return (f"{what} within ±20% on {within} ({within / len(errs):.0%}), under-predicted by more than 10% on {under}, "
+            f"median error {statistics.median(errs):+.1%}, largest {max(errs, key=abs):+.1%}")
+
+
 def markdown(table: list[dict]) -> str:
-    lines = ["| trial | activations measured / predicted MiB | model states measured / predicted MiB | DeepSpeed's estimate MiB | own peak measured / predicted MiB | peak error | phase |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| trial | activations measured / predicted MiB | model states measured / predicted MiB | DeepSpeed's estimate MiB | allocator peak measured / predicted MiB | error | RSS peak measured / predicted MiB | error | phase |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         ds = f"{r['ds'] / MiB:.1f}" if r["ds"] is not None else "—"
+        alloc = (f"{r['alloc_m'] / MiB:.1f} / {r['alloc_p'] / MiB:.1f} | {r['alloc_p'] / r['alloc_m'] - 1:+.1%}"
+                 if r["alloc_m"] else "— | —")
         lines.append(f"| {r['trial']} | {r['act_m'] / MiB:.2f} / {r['act_p'] / MiB:.2f} | {r['states_m'] / MiB:.2f} / "
-                     f"{r['states_p'] / MiB:.2f} | {ds} | {r['peak_m'] / MiB:.1f} / {r['peak_p'] / MiB:.1f} | "
+                     f"{r['states_p'] / MiB:.2f} | {ds} | {alloc} | {r['peak_m'] / MiB:.1f} / {r['peak_p'] / MiB:.1f} | "
                      f"{r['peak_p'] / r['peak_m'] - 1:+.1%} | {r['phase']} |")
-    errs = [r["peak_p"] / r["peak_m"] - 1 for r in table]
     acts = [abs(r["act_p"] / r["act_m"] - 1) for r in table]
-    if errs:
-        within = sum(abs(e) <= 0.20 for e in errs)
-        under = sum(e < -0.10 for e in errs)
-        lines += ["", f"{len(table)} trials: activations within ±10% on {sum(a <= 0.10 for a in acts)} (largest "
-                      f"{max(acts):.2%}); own peak within ±20% on {within} ({within / len(errs):.0%}); under-predicted by more "
-                      f"than 10% on {under}; median peak error {statistics.median(errs):+.1%}, residual beyond the modelled "
-                      f"terms median {statistics.median(r['residual'] for r in table) / MiB:.0f} MiB."]
+    allocs = [r["alloc_p"] / r["alloc_m"] - 1 for r in table if r["alloc_m"]]
+    if table:
+        lines += ["", f"{len(table)} trials: activations within ±10% on {sum(a <= 0.10 for a in acts)} (largest {max(acts):.2%}); "
+                      + (_summary(allocs, "allocator peak") + f" ({len(allocs)} measured)" if allocs else "no allocator peak measured")
+                      + "; " + _summary([r["peak_p"] / r["peak_m"] - 1 for r in table], "RSS peak")
+                      + f"; RSS residual beyond the modelled terms median {statistics.median(r['residual'] for r in table) / MiB:.0f} MiB."]
     return "\n".join(lines) + "\n"
 
 
-def pruning(table: list[dict], margin: float | None = None) -> str:
+def pruning(table: list[dict], margin: float | None = None, measure: str = "peak") -> str:
     """The issue's pruning test on a --no-prune run: a budget at the median measured own peak;
     which trials the planner would prune (predicted above the budget by more than the margin),
-    how many of those measured above it, how many it admits measured above it."""
+    how many of those measured above it, how many it admits measured above it. `measure`:
+    "peak" (the RSS on a CPU; what --memory-budget judges) or "alloc" (the allocator's peak)."""
     from .prune import PRUNE_MARGIN
 
     margin = PRUNE_MARGIN if margin is None else margin
-    budget = statistics.median(r["peak_m"] for r in table)
-    pruned = [r for r in table if r["peak_p"] - r["one_time"] > budget * (1 + margin)]  # as prune.predicted_bytes
+    table = [r for r in table if r[f"{measure}_m"]]
+    if not table:
+        return f"{measure}: nothing measured\n"
+    budget = statistics.median(r[f"{measure}_m"] for r in table)
+    one_time = (lambda r: r["one_time"]) if measure == "peak" else (lambda r: 0.0)  # as prune.predicted_bytes
+    pruned = [r for r in table if r[f"{measure}_p"] - one_time(r) > budget * (1 + margin)]
     admitted = [r for r in table if r not in pruned]
-    right = sum(r["peak_m"] > budget for r in pruned)
-    wrong_in = sum(r["peak_m"] > budget for r in admitted)
-    return (f"budget {budget / MiB:.1f} MiB (median measured own peak of {len(table)} trials), margin {margin:.0%}: "
+    right = sum(r[f"{measure}_m"] > budget for r in pruned)
+    wrong_in = sum(r[f"{measure}_m"] > budget for r in admitted)
+    name = {"peak": "own peak (RSS on a CPU)", "alloc": "allocator peak"}[measure]
+    return (f"{name}: budget {budget / MiB:.1f} MiB (the median measured over {len(table)} trials), margin {margin:.0%}: "
             f"pruned {len(pruned)} ({len(pruned) / len(table):.0%} of the grid), of which {right} measured above the "
             f"budget ({right / len(pruned):.0%}); admitted {len(admitted)}, of which {wrong_in} measured above it.\n"
-            if pruned else f"budget {budget / MiB:.1f} MiB: nothing pruned\n")
+            if pruned else f"{name}: budget {budget / MiB:.1f} MiB: nothing pruned\n")
 
 
 def main(argv: list[str]) -> None:
@@ -91,7 +105,7 @@ def main(argv: list[str]) -> None:
         print(f"run {run['run_id']}: no finished training trial with a measured activation count")
         return
     print(markdown(table))
-    print(pruning(table))
+    print("".join(pruning(table, margin, "alloc") for margin in (0.0, 0.05, None)) + pruning(table, measure="peak"))
 
 
 if __name__ == "__main__":

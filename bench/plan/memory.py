@@ -24,28 +24,41 @@ Model states (the ZeRO paper's, Rajbhandari et al. 2020 §3, as DeepSpeed holds 
 - ZeRO++ hpZ: a secondary partition of p·Ψ/(ranks per node) per rank (partition_parameters.py:1912).
 
 DeepSpeed's buffers: the reduce (ipg) bucket of B elements in the model dtype, doubled by
-overlap_comm at stage 1/2 (s12:3256-3280; allocated at the first gradient hook, freed after
-backward), one bucket at stage 3 kept for the whole run (s3:780, overlap_comm only picks a
+overlap_comm at stage 1/2 (s12:3256-3280 `setup_buckets`; allocated at the first gradient hook,
+freed by the epilogue after backward, `_release_ipg_buffers` s12:1061, so never alive in the
+step), one bucket at stage 3 kept for the whole run (s3:780, overlap_comm only picks a
 stream); ZeRO-3's gathered parameters: the module in use plus the prefetch bucket
 (`stage3_prefetch_bucket_size`, bounded by `stage3_max_live_parameters`), gathered twice over
-during the coalesced all-gather (partition_parameters.py:1343, 795). A CUDA allocator reserves
-a bucket whole; on a CPU only the pages written count in RSS, so a bucket costs what the
-gradients fill of it (at most Ψ elements).
+during the coalesced all-gather (partition_parameters.py:1343, 795). An allocator counts a
+bucket whole (`allocated_peak`; a CUDA allocator also reserves it whole); on a CPU only the
+pages written count in RSS, so there a bucket costs what the gradients fill of it (at most Ψ
+elements).
 
 Temporaries, by phase (the peak is the largest phase):
 - build: the Hugging Face model is built in fp32 (4Ψ) before DeepSpeed casts it (CPU: in the
   process's RSS; on a GPU the cast happens on the host);
-- backward: activations (plan/activations.py) + the loss's logits (forward: the p-byte logits
-  and their fp32 copy; backward: two fp32 gradients of bsV) + one layer's activations
-  recomputed under checkpointing + buckets + ZeRO-3's gathered parameters; at its end stage 0/1
-  hold every p·Ψ gradient;
+- backward: activations (plan/activations.py) + the larger of the loss's transient (forward:
+  the p-byte logits and their fp32 copy; backward: two fp32 gradients of bsV), which is gone
+  before the first layer's backward, and under checkpointing one layer's activations
+  recomputed + buckets + ZeRO-3's gathered parameters. Autograd frees a layer's saved tensors
+  as its backward runs, about as fast as their gradients appear: on the 62 configurations of
+  docs/plan.md the measured allocator peak less states and activations was the loss's
+  transient to within 0.5 MiB without checkpointing, and 0.76-1.33 layers with it. At the end
+  of backward stage 0/1 hold every p·Ψ gradient (with the bucket: ZeRO-1's peak);
 - step: stage 0 mixed precision: fp32 copies of every gradient (4Ψ; FusedAdam's FP16_Optimizer
-  also flattens them: 8Ψ, fused_optimizer.py:283-291); stage 1/2: the partition flattened in p
-  bytes and cast to fp32 (6S, s12:3117); stage 3: a sub-group's the same (s3:2683);
+  also flattens them: 8Ψ, fused_optimizer.py:283-291); stage 1/2 (s12:3101-3133): the larger of
+  two moments, the partition flattened (a p·S copy at stage 1; stage 2's contiguous buffer is
+  used as is) and cast to fp32 (4S) beside the 16-bit gradients, then the optimizer running on
+  that fp32 gradient after every 16-bit one is freed; stage 3: a sub-group's flatten and cast
+  ((p + 4)·sub, s3:2683);
   torch's single-tensor AdamW (`torch_adam`, the CPU path: torch/optim/adam.py
   `_single_tensor_adam`, `denom = (exp_avg_sq.sqrt() / c).add_(e)`) holds two fp32 temporaries
   as large as the tensor it updates (the flat partition at ZeRO-1/2); DeepSpeed's CPU Adam and
   FusedAdam update in place.
+
+`allocated_peak` is the largest phase with the buckets whole: what torch's allocator counts
+(trial_allocated_peak_bytes, on a CPU and on CUDA). `peak` is the record's trial_peak_mem_bytes:
+on a CPU the RSS, which adds the fixed costs below and whatever glibc's heap keeps.
 
 Fixed: on the CPU accelerator, what a trial's process adds beyond these (allocator slack,
 DeepSpeed's and gloo's own objects): a constant calibrated on the set stated in docs/plan.md;
@@ -97,6 +110,7 @@ class MemoryPrediction:
     activations: float
     fixed: float
     peak: float  # the trial's own peak on the device (CPU: its RSS above the process baseline)
+    allocated_peak: float  # the tensors' own peak, buckets whole: the record's trial_allocated_peak_bytes (CPU and CUDA)
     one_time: float  # of fixed: the processes' one-time costs a pool's first trial pays (not held against a budget)
     device_total: float  # what must fit a device: baseline/context + peak (+ allocator slack on CUDA)
     host_total: float  # per rank on the host: offloaded states (+ the whole process on a CPU)
@@ -204,15 +218,16 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     states_device = par_dev + grads_dev + opt_dev + hpz + extra_device
     # -- DeepSpeed's buffers -------------------------------------------------------------------
     b = float(knobs["reduce_bucket_size"])
+    # as allocated (what an allocator's count holds, and a CUDA allocator reserves), and on a
+    # CPU as pages written (what its RSS holds)
     if stage == 0 or not knobs["contiguous_gradients"]:
-        buckets = 0.0
-    elif stage in (1, 2):
-        if cpu:  # pages written: bucket 0 fills with up to B gradient elements, bucket 1 with the next B
-            buckets = p * (min(b, psi) + (min(b, max(0.0, psi - b)) if knobs["overlap_comm"] else 0.0))
-        else:
-            buckets = p * b * (2 if knobs["overlap_comm"] else 1)
+        allocated_buckets = written_buckets = 0.0
+    elif stage in (1, 2):  # bucket 0 fills with up to B gradient elements, bucket 1 with the next B
+        allocated_buckets = p * b * (2 if knobs["overlap_comm"] else 1)
+        written_buckets = p * (min(b, psi) + (min(b, max(0.0, psi - b)) if knobs["overlap_comm"] else 0.0))
     else:
-        buckets = p * (min(b, psi) if cpu else b)
+        allocated_buckets, written_buckets = p * b, p * min(b, psi)
+    buckets = written_buckets if cpu else allocated_buckets
     gathered = 0.0
     if stage == 3:
         ahead = min(float(knobs["prefetch_bucket_size"]), float(knobs["max_live_parameters"]))
@@ -225,23 +240,15 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         notes.append("quant=fp8: torchao's float8 casts are not modelled (activations at the trial's precision)")
     if spec.compile:
         notes.append("compile: the activations predicted are eager's; torch.compile's saved tensors may differ")
+    # checkpointing: a layer's saved tensors recomputed for its backward (after the loss's
+    # transient is gone, so the larger of the two counts)
     recompute = acts.per_layer if spec.activation_checkpointing else 0.0
-    # a layer's backward holds the gradients of its saved tensors beside them: one layer's worth
-    working = acts.per_layer
     # states held from step to step (on the CPU accelerator the offloaded ones sit in the same process)
     resident = par_dev + opt_dev + (resident_grads - (grads if off_opt and stage == 3 else 0.0)) + hpz + extra_device \
         + (host if cpu else 0.0)
-    kept_buffers = buckets if stage == 3 else 0.0  # ZeRO-3 keeps its bucket; ZeRO-1/2 allocate theirs per backward
-    bwd_buckets = buckets if stage in (1, 2) else 0.0
     held = grads if stage in (0, 1) else 0.0  # stage 0/1 gradients: complete at the end of backward, gone after the step
-    act_branch = acts.total + max(acts.logits_transient, working) + recompute + gathered
+    act_branch = acts.total + max(acts.logits_transient, recompute) + gathered
     grad_branch = held + (p * min(5e8, psi) if stage == 0 else 0.0)  # stage 0's all-reduce flattens up to 5e8 elements
-    if act_branch >= grad_branch:
-        backward = {"states": resident, "buffers": kept_buffers + bwd_buckets, "activations": acts.total,
-                    "temporaries": act_branch - acts.total}
-    else:
-        backward = {"states": resident + held, "buffers": kept_buffers + bwd_buckets, "activations": 0.0,
-                    "temporaries": grad_branch - held}
     # the optimizer step's temporaries; Adam's: torch's single-tensor AdamW (CPU tensors) two fp32
     # copies of the tensor it updates, its foreach path (CUDA) one of all it updates, FusedAdam
     # and DeepSpeed's CPU Adam none (in place)
@@ -252,18 +259,39 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     if stage == 0:
         step_tmp = ((8.0 if fused_adam else 4.0) * psi) if mixed else 0.0  # fp32 gradient copies (flattened by FusedAdam's wrapper)
         step_tmp += adam_tmp(largest, psi, False)
+    elif stage in (1, 2) and not off_opt:
+        step_tmp = 0.0  # set below: the step's two moments
     elif stage in (1, 2):
-        step_tmp = ((p + 4.0) * s if not off_opt else 0.0) + adam_tmp(s, s, off_opt)
+        step_tmp = adam_tmp(s, s, off_opt)
     else:
         sub = min(float(knobs["sub_group_size"]), float(s))
         step_tmp = ((p + 4.0) * sub if not off_opt else 0.0) + adam_tmp(sub, sub, off_opt)
-    step = {"states": resident + held, "buffers": kept_buffers + (buckets if stage == 1 else 0.0),
-            "activations": 0.0, "temporaries": step_tmp}
     build = {"states": 0.0, "buffers": 0.0, "activations": 0.0, "temporaries": 4.0 * psi if (cpu and stage < 3) else 0.0}
-    phases = {"build": build, "backward": backward, "step": step}
+
+    def phases_with(bucket_bytes: float) -> dict[str, dict[str, float]]:
+        kept = bucket_bytes if stage == 3 else 0.0  # ZeRO-3 keeps its bucket; ZeRO-1/2 allocate theirs per backward
+        bwd = kept + (bucket_bytes if stage in (1, 2) else 0.0)
+        if act_branch >= grad_branch:
+            backward = {"states": resident, "buffers": bwd, "activations": acts.total, "temporaries": act_branch - acts.total}
+        else:
+            backward = {"states": resident + held, "buffers": bwd, "activations": 0.0, "temporaries": grad_branch - held}
+        step = {"states": resident + held, "buffers": kept, "activations": 0.0, "temporaries": step_tmp}
+        if stage in (1, 2) and not off_opt:
+            # s12 step(): the gradients outside the partition are freed, the partition's are
+            # flattened (stage 1: a copy; stage 2: its contiguous buffer, no copy) and cast to fp32
+            # (4S), then every 16-bit gradient is freed before the optimizer runs on the fp32 one
+            flatten = {"states": resident + (p * s if stage == 1 else 0.0), "buffers": kept, "activations": 0.0,
+                       "temporaries": (p * s if stage == 1 else 0.0) + 4.0 * s}
+            optimizer_step = {"states": resident - resident_grads, "buffers": kept, "activations": 0.0,
+                              "temporaries": 4.0 * s + adam_tmp(s, s, False)}
+            step = max(flatten, optimizer_step, key=lambda d: sum(d.values()))
+        return {"build": build, "backward": backward, "step": step}
+
+    phases = phases_with(buckets)
     totals = {k: sum(v.values()) for k, v in phases.items()}
     phase = max(totals, key=totals.get)
     own = totals[phase]
+    allocated_peak = max(sum(v.values()) for v in phases_with(allocated_buckets).values())
     if cpu:
         fixed = CPU_FIXED_BYTES + (CPU_FIRST_TRIAL_BYTES if first_in_process else 0)
         own_peak = own + fixed
@@ -277,7 +305,7 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     peak_terms = dict(phases[phase], fixed=fixed if cpu else 0.0)
     return MemoryPrediction(
         states_device=states_device, states_host=host, params=params, grads=grads, optimizer=optimizer,
-        buffers=buckets, activations=acts.total, fixed=fixed, peak=own_peak,
+        buffers=buckets, activations=acts.total, fixed=fixed, peak=own_peak, allocated_peak=allocated_peak,
         one_time=CPU_FIRST_TRIAL_BYTES if (cpu and first_in_process) else 0.0,
         device_total=device_total, host_total=host_total, phase=phase, phases=totals, peak_terms=peak_terms,
         activation_terms={k: v for k, v in asdict(acts).items() if k != "notes"},

@@ -65,6 +65,8 @@ for line in open(sys.argv[1]):
     print(f"CHECK {r['trial_id']} own peak predicted within 20%: {'PASS' if abs(e.get('peak', 1)) <= 0.20 else 'FAIL'} "
           f"{e.get('peak')} (phase {r['predicted_memory']['phase']}); slack reserved/allocated {reserved / max(alloc, 1) - 1:+.1%}; "
           f"context+NCCL (NVML used - reserved) {(used - reserved) / 2**20:.0f} MiB vs assumed 1112 MiB")
+    print(f"CHECK {r['trial_id']} allocator peak predicted within -10%..+20%: "
+          f"{'PASS' if -0.10 <= e.get('allocated_peak', 1) <= 0.20 else 'FAIL'} {e.get('allocated_peak')}")
 PY
 # ZeRO-Offload's split on CUDA (#15): ZeRO-2 with and without offload=optimizer (torch's AdamW on
 # the host partitions, so no DeepSpeedCPUAdam build): the host part is the tensors on the CPU, the
@@ -131,4 +133,5 @@ python3 -m llmbench.cli gate "$run" "$run" --db "$dest/gpu.db" 2>&1 | tee "$dest
 # a + b·F; the achieved TFLOP/s it fits beside the datasheet's), and a guided search over the
 # suite at two micro-batches, which must finish with a winner (docs/search.md).
 python3 -m llmbench.plan.throughput_accuracy "$dest/gpu.db" "$run" 2>&1 | tee "$dest/throughput.txt"
+python3 -m llmbench.plan.accuracy "$dest/gpu.db" "$run" 2>&1 | tee "$dest/memory-accuracy.txt"  # docs/plan.md's table, on CUDA
 python3 -m llmbench.cli sweep gpu --set micro_batch=4,8 --search --db "$dest/search.db" --out "$dest" 2>&1 | tee "$dest/search.log"
