@@ -6,7 +6,7 @@ whatever glibc's heap kept from before: the same trial measured 69 to 392 MiB in
 processes (docs/plan.md). c10 keeps no counter for CPU tensors, so llmbench installs one:
 csrc/counting_allocator.cpp wraps c10's CPU allocator (c10::SetCPUAllocator), counts the bytes
 every block asked for until its deleter runs, and keeps the peak. It is compiled once by
-torch's JIT extension builder (about 20 s; cached in TORCH_EXTENSIONS_DIR like DeepSpeed's
+torch's JIT extension builder (3 s on the 2-core VM: it includes c10's headers only; cached in TORCH_EXTENSIONS_DIR like DeepSpeed's
 ops) and costs an atomic add and a hash-map entry per allocation.
 
 Blocks allocated before `install()` are not counted, and freeing them does not lower the count,

@@ -284,13 +284,16 @@ class PeakMemory(Base):
 
     def stop(self) -> dict:
         rss = self.rss_peak_bytes()
-        counted = allocated.installed()
         return {"memory": {"rss_peak_bytes": rss, "rss_peak_reset": self.hwm_reset,
                            "rss_at_start_bytes": self.rss_at_reset, "peak_mem_bytes": rss,
-                           "baseline_bytes": self.rss_at_reset, "malloc": malloc_setting,
-                           "allocated_peak_bytes": allocated.peak() - self.allocated_at_reset if counted else None,
-                           "allocated_at_start_bytes": self.allocated_at_reset if counted else None,
-                           **({} if counted else {"allocated_error": allocated.error or "not installed"})}}
+                           "baseline_bytes": self.rss_at_reset, "malloc": malloc_setting, **self.allocator_peak()}}
+
+    def allocator_peak(self) -> dict:
+        """The tensors' own peak from llmbench's counting CPU allocator, or why there is none."""
+        if not allocated.installed():
+            return {"allocated_peak_bytes": None, "allocated_error": allocated.error or "not installed"}
+        return {"allocated_peak_bytes": allocated.peak() - self.allocated_at_reset,
+                "allocated_at_start_bytes": self.allocated_at_reset}
 
 
 class CudaPeakMemory(PeakMemory):
@@ -316,10 +319,12 @@ class CudaPeakMemory(PeakMemory):
         )
         mem["peak_mem_bytes"] = mem["cuda_peak_allocated_bytes"]
         mem["baseline_bytes"] = self.cuda_at_reset
-        mem.update(allocated_peak_bytes=max(0, mem["cuda_peak_allocated_bytes"] - self.cuda_at_reset),
-                   allocated_at_start_bytes=self.cuda_at_reset)
-        mem.pop("allocated_error", None)
         return out
+
+    def allocator_peak(self) -> dict:
+        """The caching allocator's own counters."""
+        return {"allocated_peak_bytes": max(0, torch.cuda.max_memory_allocated() - self.cuda_at_reset),
+                "allocated_at_start_bytes": self.cuda_at_reset}
 
 
 def peak_memory(accelerator: str) -> PeakMemory:
