@@ -316,7 +316,10 @@ def migrate(record: dict) -> dict:
         out["rounds_done"] = 1 if out.get("status") == "ok" else 0
     # version 4 had no memory prediction, version 5 no throughput prediction, version 6 no nodes, version 7 no
     # schedule nor pruning, version 8 no allocator peak: their fields keep their defaults (the settings above:
-    # constant, none; None)
+    # constant, none); a field added since, that the record lacks, is None
+    if version <= 8:
+        out.setdefault("trial_allocated_peak_bytes", None)
+        out.setdefault("predicted_allocated_peak_bytes", None)
     out["schema_version"] = SCHEMA_VERSION
     return out
 

@@ -20,7 +20,7 @@ from .collect.breakdown import Breakdown
 from .collect.collector import Base, observe
 from .collect.memory import peak_memory, probe_model_states
 from .collect.peak import model_peak
-from .collect.reference import ReferenceSpeed
+from .collect.reference import ReferenceSpeed, reference_operands
 from .collect.signals import TrainingSignals
 from .collect.telemetry import telemetry_sampler
 from .collect.timing import step_timer
@@ -300,6 +300,7 @@ def run_trial(spec: TrialSpec, rank: int, world_size: int, accelerator: str, hos
         res.notes.append(f"test-only slowdown injected ({SLOWDOWN_ENV}): every step sleeps {slowdown:.0%} of its time")
     with recorded(res, memory, t.teardown):
         config, cfg = _prepare(t, rank, world_size, device, base_config, ranks_per_node or world_size, res)
+        reference_operands(accelerator)  # the window's reference GEMM operands exist before its memory window
         memory.start()  # the peak from here to the window's end is this trial's
         _build(t, config, cfg, res)
         _warm_up(t, res)

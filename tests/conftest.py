@@ -23,14 +23,11 @@ def zero_sweep(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fp32_sweep(tmp_path_factory):
-    """A small `llmbench sweep zero` pinned to fp32: the same figures on every kind of CPU. Its
-    reduce bucket (20,000 elements) is below the model's size, so at ZeRO 1-3 the allocator's
-    peak is set by gradients, activations and the step, not by a 1 GiB bucket (plan tests)."""
+    """A small `llmbench sweep zero` pinned to fp32: the same figures on every kind of CPU."""
     root = tmp_path_factory.mktemp("fp32")
     db = str(root / "f.db")
     llmbench("sweep", "zero", "--set", "precision=fp32", "--set", "micro_batch=2", "--set", "seq_len=32",
-             "--set", "steps=3", "--set", "warmup_steps=2", "--set", "reduce_bucket_size=20000",
-             "--db", db, "--out", str(root))
+             "--set", "steps=3", "--set", "warmup_steps=2", "--db", db, "--out", str(root))
     return [json.loads(x) for x in cli("results", "--db", db, "--format", "json").stdout.splitlines()]
 
 

@@ -16,14 +16,38 @@ def raised(fn) -> BaseException:
     raise AssertionError("no exception")
 
 
-def test_prelaunch_asks_deepspeeds_cpu_accelerator():
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+# oneDNN's ISA ceiling (its documented ONEDNN_MAX_CPU_ISA): AVX2 makes this machine answer as
+# an AVX2-only CPU does, without fp16 (tests/test_cli.py uses it the same way)
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
-    dtypes = CPU_Accelerator().supported_dtypes()
-    assert torch.float16 not in dtypes and torch.bfloat16 in dtypes
+
+def test_prelaunch_asks_deepspeeds_cpu_accelerator():
+    """DeepSpeed's CPU accelerator offers fp16 where oneDNN computes it (AVX512-FP16, AMX-FP16:
+    `torch.ops.mkldnn._is_mkldnn_fp16_supported()`, asked here independently); the prelaunch
+    check follows it on whichever CPU runs the test."""
+    fp16_here = torch.ops.mkldnn._is_mkldnn_fp16_supported()
     reason = prelaunch_unsupported("fp16", "cpu")
-    assert "fp16" in reason and "supported_dtypes" in reason
+    if fp16_here:
+        assert reason is None
+    else:
+        assert "fp16" in reason and "supported_dtypes" in reason
     assert prelaunch_unsupported("bf16", "cpu") is None and prelaunch_unsupported("fp32", "cpu") is None
+
+
+def test_prelaunch_refuses_fp16_on_a_cpu_without_it():
+    """The same check in a process whose oneDNN is capped at AVX2: fp16 refused, bf16 and fp32 not."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from llmbench.failures import prelaunch_unsupported as u; "
+            "print(torch.ops.mkldnn._is_mkldnn_fp16_supported()); print(u('fp16', 'cpu')); "
+            "print(u('bf16', 'cpu'), u('fp32', 'cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, **AVX2_ONLY)).stdout.splitlines()
+    assert out[0] == "False"
+    assert "fp16" in out[1] and "supported_dtypes" in out[1]
+    assert out[2] == "None None"
 
 
 def test_deepspeed_refusals_in_the_table_exist_in_the_pinned_deepspeed():

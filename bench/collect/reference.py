@@ -20,10 +20,10 @@ from .collector import Base
 _OPERANDS: dict[str, tuple] = {}
 
 
-def reference_samples(accelerator: str, n: int = 5) -> tuple[list[float], list[float]]:
-    """Seconds of a fixed reference workload (a fp32 256³ matmul ×16 on a CPU rank's threads;
-    a 16-bit 4096³ matmul ×10 on a GPU: bf16, fp16 before Ampere), `n` samples after one
-    warmup; with the CPU seconds of each sample on a CPU (empty on a GPU)."""
+def reference_operands(accelerator: str) -> tuple:
+    """The reference's operands, made once per process. A trial makes them before its memory
+    window opens (trial.py): made inside it they were counted in its allocator peak (0.5 MiB
+    on a CPU, 64 MiB on a GPU)."""
     if accelerator not in _OPERANDS:
         if accelerator == "cuda":
             dtype = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16  # native only
@@ -32,7 +32,14 @@ def reference_samples(accelerator: str, n: int = 5) -> tuple[list[float], list[f
         else:
             g = torch.Generator().manual_seed(0)
             _OPERANDS[accelerator] = (torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g), 16)
-    a, b, reps = _OPERANDS[accelerator]
+    return _OPERANDS[accelerator]
+
+
+def reference_samples(accelerator: str, n: int = 5) -> tuple[list[float], list[float]]:
+    """Seconds of a fixed reference workload (a fp32 256³ matmul ×16 on a CPU rank's threads;
+    a 16-bit 4096³ matmul ×10 on a GPU: bf16, fp16 before Ampere), `n` samples after one
+    warmup; with the CPU seconds of each sample on a CPU (empty on a GPU)."""
+    a, b, reps = reference_operands(accelerator)
     wall, cpu = [], []
     for i in range(n + 1):  # the first is a warmup
         sync(accelerator)

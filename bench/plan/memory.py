@@ -27,9 +27,12 @@ DeepSpeed's buffers: the reduce (ipg) bucket of B elements in the model dtype, d
 overlap_comm at stage 1/2 (s12:3256-3280 `setup_buckets`; allocated at the first gradient hook,
 freed by the epilogue after backward, `_release_ipg_buffers` s12:1061, so never alive in the
 step), one bucket at stage 3 kept for the whole run (s3:780, overlap_comm only picks a
-stream); ZeRO-3's gathered parameters: the module in use plus the prefetch bucket
-(`stage3_prefetch_bucket_size`, bounded by `stage3_max_live_parameters`), gathered twice over
-during the coalesced all-gather (partition_parameters.py:1343, 795). An allocator counts a
+stream); ZeRO-3's gathered parameters: the module in use, the prefetch bucket
+(`stage3_prefetch_bucket_size`, bounded by `stage3_max_live_parameters`) and the parameters
+kept for reuse (`stage3_max_reuse_distance` R: the last R/2 elements of the forward stay
+gathered into backward), plus the coalesced all-gather's flat output, which each parameter is
+copied out of and which lives until its last parameter is used (partition_parameters.py:795;
+partitioned_param_coordinator.py:452-484, 609, 634-670). An allocator counts a
 bucket whole (`allocated_peak`; a CUDA allocator also reserves it whole); on a CPU only the
 pages written count in RSS, so there a bucket costs what the gradients fill of it (at most Ψ
 elements).
@@ -37,6 +40,9 @@ elements).
 Temporaries, by phase (the peak is the largest phase):
 - build: the Hugging Face model is built in fp32 (4Ψ) before DeepSpeed casts it (CPU: in the
   process's RSS; on a GPU the cast happens on the host);
+- forward (stage 3): every activation saved, the gathered parameters and the last prefetch's
+  all-gather output (measured on the tiny model: the forward's peak was the states + the
+  activations + two copies of the parameters, 18.61 MiB against 18.7 predicted);
 - backward: activations (plan/activations.py) + the larger of the loss's transient (forward:
   the p-byte logits and their fp32 copy; backward: two fp32 gradients of bsV), which is gone
   before the first layer's backward, and under checkpointing one layer's activations
@@ -50,7 +56,11 @@ Temporaries, by phase (the peak is the largest phase):
   two moments, the partition flattened (a p·S copy at stage 1; stage 2's contiguous buffer is
   used as is) and cast to fp32 (4S) beside the 16-bit gradients, then the optimizer running on
   that fp32 gradient after every 16-bit one is freed; stage 3: a sub-group's flatten and cast
-  ((p + 4)·sub, s3:2683);
+  ((p + 4)·sub, s3:2683; p·sub in fp32, where the cast is no copy);
+- the stage-3 gradient reduce (in backward): reduce_scatter_coalesced copies the bucket's
+  gradients into one flat tensor (coalesced_collectives.py:81-128) and the reduce-scatter adds
+  a 1/N output (NCCL) or, on gloo, a second full copy (measured, 125M fp32: 2·p·Ψ above the
+  bucket at the epilogue's reduce, 4303.3 MiB measured and predicted);
   torch's single-tensor AdamW (`torch_adam`, the CPU path: torch/optim/adam.py
   `_single_tensor_adam`, `denom = (exp_avg_sq.sqrt() / c).add_(e)`) holds two fp32 temporaries
   as large as the tensor it updates (the flat partition at ZeRO-1/2); DeepSpeed's CPU Adam and
@@ -228,10 +238,25 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     else:
         allocated_buckets, written_buckets = p * b, p * min(b, psi)
     buckets = written_buckets if cpu else allocated_buckets
-    gathered = 0.0
+    gathered = inflight = inflight_bwd = 0.0
     if stage == 3:
+        # ZeRO-3's gathered parameters (partitioned_param_coordinator.py): a module's fetch
+        # all-gathers its parameters and prefetches the trace's next ones, up to
+        # `stage3_prefetch_bucket_size` elements (bounded by `stage3_max_live_parameters`),
+        # in one coalesced all-gather (:452-484, :609); a parameter is released after its
+        # module only if its next use is more than `stage3_max_reuse_distance` elements of
+        # the trace away (:634-670). After its forward a parameter's next use is its backward,
+        # 2·(elements after it) away: the last R/2 elements stay gathered into backward.
         ahead = min(float(knobs["prefetch_bucket_size"]), float(knobs["max_live_parameters"]))
-        gathered = p * min(psi - persist, 2 * largest + ahead)
+        partitioned = psi - persist
+        kept_for_reuse = float(knobs["max_reuse_distance"]) / 2
+        gathered = p * min(partitioned, largest + ahead + kept_for_reuse)
+        # the coalesced all-gather's flat output: each parameter is copied out of it
+        # (torch.cat, partition_parameters.py:795) and it is freed when the last parameter
+        # it holds is used, so during a forward it sits beside the gathered copies; in
+        # backward only where parameters were released after their forward
+        inflight = p * min(partitioned, largest + ahead)
+        inflight_bwd = inflight if partitioned > kept_for_reuse else 0.0
     # -- activations and the phases ---------------------------------------------------------------
     acts: Activations = activation_bytes(shape_of(config), spec.micro_batch, spec.seq_len, p,
                                          spec.attn_implementation, spec.activation_checkpointing, device)
@@ -247,8 +272,22 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     resident = par_dev + opt_dev + (resident_grads - (grads if off_opt and stage == 3 else 0.0)) + hpz + extra_device \
         + (host if cpu else 0.0)
     held = grads if stage in (0, 1) else 0.0  # stage 0/1 gradients: complete at the end of backward, gone after the step
-    act_branch = acts.total + max(acts.logits_transient, recompute) + gathered
+    act_branch = acts.total + max(acts.logits_transient, recompute) + gathered + inflight_bwd
     grad_branch = held + (p * min(5e8, psi) if stage == 0 else 0.0)  # stage 0's all-reduce flattens up to 5e8 elements
+    if stage == 3 and knobs["contiguous_gradients"] and not off_opt:
+        # ZeRO-3 reduces a full bucket with reduce_scatter_coalesced (s3:1912-1931,
+        # runtime/comm/coalesced_collectives.py:81-128): the bucket's gradients are copied into one
+        # padded flat tensor (torch.cat), and the reduce-scatter writes a 1/N partition (NCCL); on
+        # gloo the reduce-scatter held a second full copy (measured: 2·p·E above the bucket, 125M
+        # fp32, docs/plan.md). A bucket holding the whole model is reduced once, by the epilogue
+        # after backward, when the activations are gone and the last module's parameters are
+        # still gathered; a smaller one fills and is reduced during backward.
+        def reduce_tmp(elements: float) -> float:
+            return p * elements * (2.0 if cpu else 1.0 + 1.0 / n)
+        if b >= psi:
+            grad_branch = p * largest + reduce_tmp(psi)
+        else:
+            act_branch += reduce_tmp(b)
     # the optimizer step's temporaries; Adam's: torch's single-tensor AdamW (CPU tensors) two fp32
     # copies of the tensor it updates, its foreach path (CUDA) one of all it updates, FusedAdam
     # and DeepSpeed's CPU Adam none (in place)
@@ -265,7 +304,8 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         step_tmp = adam_tmp(s, s, off_opt)
     else:
         sub = min(float(knobs["sub_group_size"]), float(s))
-        step_tmp = ((p + 4.0) * sub if not off_opt else 0.0) + adam_tmp(sub, sub, off_opt)
+        # the sub-group's gradients flattened (p·sub) and cast to fp32 (4·sub; `.to` is no copy in fp32)
+        step_tmp = ((p + (4.0 if mixed else 0.0)) * sub if not off_opt else 0.0) + adam_tmp(sub, sub, off_opt)
     build = {"states": 0.0, "buffers": 0.0, "activations": 0.0, "temporaries": 4.0 * psi if (cpu and stage < 3) else 0.0}
 
     def phases_with(bucket_bytes: float) -> dict[str, dict[str, float]]:
@@ -276,6 +316,9 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         else:
             backward = {"states": resident + held, "buffers": bwd, "activations": 0.0, "temporaries": grad_branch - held}
         step = {"states": resident + held, "buffers": kept, "activations": 0.0, "temporaries": step_tmp}
+        # ZeRO-3's forward ends with every activation saved, the parameters gathered and the
+        # last prefetch's all-gather output still alive (the loss's transient comes after it)
+        forward = {"states": resident, "buffers": kept, "activations": acts.total, "temporaries": gathered + inflight}
         if stage in (1, 2) and not off_opt:
             # s12 step(): the gradients outside the partition are freed, the partition's are
             # flattened (stage 1: a copy; stage 2: its contiguous buffer, no copy) and cast to fp32
@@ -285,7 +328,8 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
             optimizer_step = {"states": resident - resident_grads, "buffers": kept, "activations": 0.0,
                               "temporaries": 4.0 * s + adam_tmp(s, s, False)}
             step = max(flatten, optimizer_step, key=lambda d: sum(d.values()))
-        return {"build": build, "backward": backward, "step": step}
+        phases = {"build": build, "backward": backward, "step": step}
+        return {"build": build, "forward": forward, **phases} if stage == 3 else phases
 
     phases = phases_with(buckets)
     totals = {k: sum(v.values()) for k, v in phases.items()}
