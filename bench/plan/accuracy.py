@@ -7,6 +7,7 @@ code as it is now, so a changed model is judged on the same measurements.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 
@@ -100,6 +101,8 @@ def main(argv: list[str]) -> None:
 
     store = Store(argv[0])
     run = store.run(argv[1] if len(argv) > 1 else None)
+    # the run's accelerator for DeepSpeed's config classes, which otherwise log their auto-detection
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if str(run["env"].get("accelerator")) == "cuda" else "cpu")
     table = rows(store.trials(run["run_id"]))
     if not table:
         print(f"run {run['run_id']}: no finished training trial with a measured activation count")

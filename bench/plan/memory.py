@@ -50,7 +50,8 @@ Temporaries, by phase (the peak is the largest phase):
   as its backward runs, about as fast as their gradients appear: on the 62 configurations of
   docs/plan.md the measured allocator peak less states and activations was the loss's
   transient to within 0.5 MiB without checkpointing, and 0.76-1.33 layers with it. At the end
-  of backward stage 0/1 hold every p·Ψ gradient (with the bucket: ZeRO-1's peak);
+  of backward stage 0/1 hold every p·Ψ gradient (with the bucket: ZeRO-1's peak), and ZeRO-1's
+  boundary reduce allocates its p·S partition-gradient buffer beside them (s12:2282, 2192);
 - step: stage 0 mixed precision: fp32 copies of every gradient (4Ψ; FusedAdam's FP16_Optimizer
   also flattens them: 8Ψ, fused_optimizer.py:283-291); stage 1/2 (s12:3101-3133): the larger of
   two moments, the partition flattened (a p·S copy at stage 1; stage 2's contiguous buffer is
@@ -274,6 +275,13 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     held = grads if stage in (0, 1) else 0.0  # stage 0/1 gradients: complete at the end of backward, gone after the step
     act_branch = acts.total + max(acts.logits_transient, recompute) + gathered + inflight_bwd
     grad_branch = held + (p * min(5e8, psi) if stage == 0 else 0.0)  # stage 0's all-reduce flattens up to 5e8 elements
+    if stage == 1 and knobs["contiguous_gradients"] and not off_opt:
+        # ZeRO-1's boundary reduce copies its partition's gradients into a p·S buffer allocated at
+        # the first one (s12:2282-2284, copy_grads_in_partition s12:2192). Measured beside the
+        # held gradients on the tiny model (+4S in fp32, on one rank of two or on both, with
+        # buckets of 20,000 and 1,000,000 elements), not on two 125M trials (5.7% and 6.9% over
+        # with it): counted, since which moment is larger depends on the order of the reduce
+        grad_branch += p * s
     if stage == 3 and knobs["contiguous_gradients"] and not off_opt:
         # ZeRO-3 reduces a full bucket with reduce_scatter_coalesced (s3:1912-1931,
         # runtime/comm/coalesced_collectives.py:81-128): the bucket's gradients are copied into one
