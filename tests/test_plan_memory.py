@@ -186,19 +186,26 @@ def test_a_failed_prediction_leaves_the_trial_planned(tmp_path):
     assert all(r["prediction"] is None and r["status"] == "planned" for r in out["trials"])
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_each_phase_against_the_allocator_counted_phase_by_phase(tmp_path, stage):
+@pytest.mark.parametrize("stage, zero", [
+    (0, {}), (1, {}), (2, {}), (3, {}),
+    (1, {"overlap_comm": True}),  # ZeRO-1 reducing from the backward's hooks
+    (1, {"reduce_bucket_size": 1_000_000}),  # a bucket above Ψ: every gradient moved into it before the reduce
+    (3, {"stage3_prefetch_bucket_size": 50_000, "stage3_max_reuse_distance": 0}),  # re-fetched in backward
+    (3, {"reduce_bucket_size": 200_000, "contiguous_gradients": False}),  # gradients wait as separate tensors
+])
+def test_each_phase_against_the_allocator_counted_phase_by_phase(tmp_path, stage, zero):
     """The model's forward, backward and step, each against the counting allocator read around
     that phase (plan/phase_peaks.py: a real 2-rank gloo engine, steady state after two steps), on
-    a bucket below the model's size so the bucket does not hide the rest. The counts are
-    deterministic: a phase that moves by more than 5% means the model or DeepSpeed changed."""
+    buckets below or near the model's size so the bucket does not hide the rest. The counts
+    repeat to within 0.1 MiB. Bars: never under by more than 5%, over by at most 10% (the
+    reduce during backward is counted beside activations that are partly freed by then)."""
     import re
     import subprocess
     import sys
 
     ds = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "gradient_clipping": 1.0,
           "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": stage, "reduce_bucket_size": 20000, "stage3_param_persistence_threshold": 128},
+          "zero_optimization": {"stage": stage, "reduce_bucket_size": 20000, "stage3_param_persistence_threshold": 128, **zero},
           "bf16": {"enabled": False}, "steps_per_print": 10**9}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
@@ -206,22 +213,24 @@ def test_each_phase_against_the_allocator_counted_phase_by_phase(tmp_path, stage
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     MiB = 2**20
-    measured = {}
+    measured, ranks = {}, set()
     for line in out.stdout.splitlines():
-        m = re.match(r"rank (\d) step 2: start ([\d.]+)  forward \+([\d.]+)  held after forward \+[\d.]+  "
-                     r"backward \+([\d.]+)  step \+([\d.]+)", line)
+        m = re.match(r"rank (\d) step 2: start ([-\d.]+)  forward \+([-\d.]+)  held after forward \+[-\d.]+  "
+                     r"backward \+([-\d.]+)  step \+([-\d.]+)", line)
         if m:
+            ranks.add(m[1])
             start = float(m[2])
             for phase, delta in zip(("forward", "backward", "step"), map(float, m.group(3, 4, 5))):
                 measured[phase] = max(measured.get(phase, 0.0), (start + delta) * MiB)
-    assert set(measured) == {"forward", "backward", "step"}, out.stdout
+    assert ranks == {"0", "1"} and set(measured) == {"forward", "backward", "step"}, out.stdout
     config = build_config("tiny", "llama", 32)
-    spec = TrialSpec(model="tiny", zero_stage=stage, micro_batch=2, seq_len=32, precision="fp32", reduce_bucket_size=20000)
-    pred = predict(spec, model_stats(config), config, "cpu", ds).phases
+    spec = TrialSpec(model="tiny", zero_stage=stage, micro_batch=2, seq_len=32, precision="fp32",
+                     reduce_bucket_size=ds["zero_optimization"]["reduce_bucket_size"])
+    pred = predict(spec, model_stats(config), config, "cpu", ds).allocated_phases
     # the phases the model names for this stage; without one for the forward (stages 0-2) the
     # forward's measured peak must sit below the predicted peak
     for phase, got in measured.items():
         if phase in pred:
-            assert pred[phase] / got - 1 == pytest.approx(0, abs=0.05), (phase, pred[phase] / MiB, got / MiB)
+            assert -0.05 <= pred[phase] / got - 1 <= 0.10, (phase, pred[phase] / MiB, got / MiB)
         else:
             assert got <= max(pred.values()) * 1.05, (phase, got / MiB, pred)

@@ -93,14 +93,29 @@ def pruning(table: list[dict], margin: float | None = None, measure: str = "peak
     return (f"{name}: budget {budget / MiB:.1f} MiB (the median measured over {len(table)} trials), margin {margin:.0%}: "
             f"pruned {len(pruned)} ({len(pruned) / len(table):.0%} of the grid), of which {right} measured above the "
             f"budget ({right / len(pruned):.0%}); admitted {len(admitted)}, of which {wrong_in} measured above it.\n"
-            if pruned else f"{name}: budget {budget / MiB:.1f} MiB: nothing pruned\n")
+            if pruned else f"{name}: budget {budget / MiB:.1f} MiB, margin {margin:.0%}: nothing pruned\n")
+
+
+USAGE = "usage: python -m llmbench.plan.accuracy DB [RUN]  (RUN: a run id in the store; default: its latest run)"
 
 
 def main(argv: list[str]) -> None:
+    from pathlib import Path
+
     from ..store import Store
 
+    if not argv or argv[0] in ("-h", "--help") or len(argv) > 2:
+        print(USAGE)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if not Path(argv[0]).is_file():
+        print(f"error: {argv[0]}: no such store", file=sys.stderr)
+        raise SystemExit(2)
     store = Store(argv[0])
     run = store.run(argv[1] if len(argv) > 1 else None)
+    if run is None:
+        print(f"error: {argv[0]}: " + (f"no run {argv[1]}" if len(argv) > 1 else "no run stored"), file=sys.stderr)
+        raise SystemExit(2)
+    print(f"run {run['run_id']}" + ("" if len(argv) > 1 else " (the store's latest; pass a run id to choose another)"))
     # the run's accelerator for DeepSpeed's config classes, which otherwise log their auto-detection
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if str(run["env"].get("accelerator")) == "cuda" else "cpu")
     table = rows(store.trials(run["run_id"]))

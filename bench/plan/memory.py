@@ -27,12 +27,12 @@ DeepSpeed's buffers: the reduce (ipg) bucket of B elements in the model dtype, d
 overlap_comm at stage 1/2 (s12:3256-3280 `setup_buckets`; allocated at the first gradient hook,
 freed by the epilogue after backward, `_release_ipg_buffers` s12:1061, so never alive in the
 step), one bucket at stage 3 kept for the whole run (s3:780, overlap_comm only picks a
-stream); ZeRO-3's gathered parameters: the module in use, the prefetch bucket
-(`stage3_prefetch_bucket_size`, bounded by `stage3_max_live_parameters`) and the parameters
-kept for reuse (`stage3_max_reuse_distance` R: the last R/2 elements of the forward stay
-gathered into backward), plus the coalesced all-gather's flat output, which each parameter is
-copied out of and which lives until its last parameter is used (partition_parameters.py:795;
-partitioned_param_coordinator.py:452-484, 609, 634-670). An allocator counts a
+stream); ZeRO-3's gathered parameters: prefetches (`stage3_prefetch_bucket_size` at a time)
+pile up to `stage3_max_live_parameters`, and the parameters kept for reuse
+(`stage3_max_reuse_distance` R: the last R/2 elements of the forward stay gathered into
+backward) can exceed that cap; plus one coalesced all-gather's flat output, which each
+parameter is copied out of and which lives until its last parameter is used
+(partition_parameters.py:795; partitioned_param_coordinator.py:452-484, 609, 634-670). An allocator counts a
 bucket whole (`allocated_peak`; a CUDA allocator also reserves it whole); on a CPU only the
 pages written count in RSS, so there a bucket costs what the gradients fill of it (at most Ψ
 elements).
@@ -51,17 +51,18 @@ Temporaries, by phase (the peak is the largest phase):
   docs/plan.md the measured allocator peak less states and activations was the loss's
   transient to within 0.5 MiB without checkpointing, and 0.76-1.33 layers with it. At the end
   of backward stage 0/1 hold every p·Ψ gradient (with the bucket: ZeRO-1's peak), and ZeRO-1's
-  boundary reduce allocates its p·S partition-gradient buffer beside them (s12:2282, 2192);
+  boundary reduce allocates its p·S partition-gradient buffer (s12:2272-2274, 2142-2192):
+  beside them with a bucket below Ψ, beside the activations with overlap_comm;
+  the stage-3 gradient reduce: reduce_scatter_coalesced copies a bucket's gradients into one
+  flat tensor whose views the reduce-scatter writes (coalesced_collectives.py:81-137); on gloo
+  the reduce-scatter held a second full copy (measured, 125M fp32: 2·p·Ψ above the bucket at
+  the epilogue's reduce, 4303.3 MiB measured and predicted);
 - step: stage 0 mixed precision: fp32 copies of every gradient (4Ψ; FusedAdam's FP16_Optimizer
   also flattens them: 8Ψ, fused_optimizer.py:283-291); stage 1/2 (s12:3101-3133): the larger of
   two moments, the partition flattened (a p·S copy at stage 1; stage 2's contiguous buffer is
   used as is) and cast to fp32 (4S) beside the 16-bit gradients, then the optimizer running on
   that fp32 gradient after every 16-bit one is freed; stage 3: a sub-group's flatten and cast
   ((p + 4)·sub, s3:2683; p·sub in fp32, where the cast is no copy);
-- the stage-3 gradient reduce (in backward): reduce_scatter_coalesced copies the bucket's
-  gradients into one flat tensor (coalesced_collectives.py:81-128) and the reduce-scatter adds
-  a 1/N output (NCCL) or, on gloo, a second full copy (measured, 125M fp32: 2·p·Ψ above the
-  bucket at the epilogue's reduce, 4303.3 MiB measured and predicted);
   torch's single-tensor AdamW (`torch_adam`, the CPU path: torch/optim/adam.py
   `_single_tensor_adam`, `denom = (exp_avg_sq.sqrt() / c).add_(e)`) holds two fp32 temporaries
   as large as the tensor it updates (the flat partition at ZeRO-1/2); DeepSpeed's CPU Adam and
@@ -125,8 +126,9 @@ class MemoryPrediction:
     one_time: float  # of fixed: the processes' one-time costs a pool's first trial pays (not held against a budget)
     device_total: float  # what must fit a device: baseline/context + peak (+ allocator slack on CUDA)
     host_total: float  # per rank on the host: offloaded states (+ the whole process on a CPU)
-    phase: str  # which phase sets the peak: build, backward or step
+    phase: str  # which phase sets the peak: build, forward (ZeRO-3), backward or step
     phases: dict = field(default_factory=dict)  # each phase's own bytes (resident states included)
+    allocated_phases: dict = field(default_factory=dict)  # the same with the buckets whole: allocated_peak is their largest
     peak_terms: dict = field(default_factory=dict)  # the peak phase's parts: states, buffers, activations, temporaries, fixed (sum: peak)
     activation_terms: dict = field(default_factory=dict)
     deepspeed_estimate: float | None = None  # DeepSpeed's own model-state estimator, device bytes
@@ -146,7 +148,7 @@ def zero_knobs(ds_config: dict | None, stage: int) -> dict:
     return dict(reduce_bucket_size=int(z.reduce_bucket_size), overlap_comm=bool(z.overlap_comm),
                 contiguous_gradients=bool(z.contiguous_gradients), sub_group_size=int(z.sub_group_size),
                 prefetch_bucket_size=int(z.prefetch_bucket_size), max_live_parameters=int(z.max_live_parameters),
-                persistence_threshold=int(z.param_persistence_threshold),
+                persistence_threshold=int(z.param_persistence_threshold), reduce_scatter=bool(z.reduce_scatter),
                 allgather_bucket_size=int(z.allgather_bucket_size), max_reuse_distance=int(z.max_reuse_distance),
                 offload_optimizer=z.offload_optimizer is not None and str(getattr(z.offload_optimizer.device, "value",
                                                                                    z.offload_optimizer.device)) != "none",
@@ -241,21 +243,23 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     buckets = written_buckets if cpu else allocated_buckets
     gathered = inflight = inflight_bwd = 0.0
     if stage == 3:
-        # ZeRO-3's gathered parameters (partitioned_param_coordinator.py): a module's fetch
-        # all-gathers its parameters and prefetches the trace's next ones, up to
-        # `stage3_prefetch_bucket_size` elements (bounded by `stage3_max_live_parameters`),
-        # in one coalesced all-gather (:452-484, :609); a parameter is released after its
-        # module only if its next use is more than `stage3_max_reuse_distance` elements of
-        # the trace away (:634-670). After its forward a parameter's next use is its backward,
-        # 2·(elements after it) away: the last R/2 elements stay gathered into backward.
+        # ZeRO-3's gathered parameters (partitioned_param_coordinator.py). Every module's fetch
+        # (parameterless ones too) all-gathers its parameters and prefetches the trace's next
+        # ones, up to `stage3_prefetch_bucket_size` elements at a time, in one coalesced
+        # all-gather (:452-484, :609), while fewer than `stage3_max_live_parameters` are
+        # available (:453): prefetched parameters pile up to that cap. A parameter is released
+        # after its module only if its next use is more than `stage3_max_reuse_distance` (R)
+        # elements of the trace away (:634-670); after its forward its next use is its backward,
+        # 2·(elements after it) away (about 3× under checkpointing, whose recompute fetches
+        # again), so the last R/2 elements stay gathered into backward, beyond the cap.
         ahead = min(float(knobs["prefetch_bucket_size"]), float(knobs["max_live_parameters"]))
         partitioned = psi - persist
         kept_for_reuse = float(knobs["max_reuse_distance"]) / 2
-        gathered = p * min(partitioned, largest + ahead + kept_for_reuse)
-        # the coalesced all-gather's flat output: each parameter is copied out of it
-        # (torch.cat, partition_parameters.py:795) and it is freed when the last parameter
-        # it holds is used, so during a forward it sits beside the gathered copies; in
-        # backward only where parameters were released after their forward
+        gathered = p * min(partitioned, max(float(knobs["max_live_parameters"]), kept_for_reuse) + largest)
+        # one coalesced all-gather's flat output beside the copies of its parameters: each is
+        # copied out of it (torch.cat, partition_parameters.py:795) and it is freed when the
+        # last one is used. In a forward always; in backward only where parameters were
+        # released after their forward and are fetched again.
         inflight = p * min(partitioned, largest + ahead)
         inflight_bwd = inflight if partitioned > kept_for_reuse else 0.0
     # -- activations and the phases ---------------------------------------------------------------
@@ -272,30 +276,49 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     # states held from step to step (on the CPU accelerator the offloaded ones sit in the same process)
     resident = par_dev + opt_dev + (resident_grads - (grads if off_opt and stage == 3 else 0.0)) + hpz + extra_device \
         + (host if cpu else 0.0)
-    held = grads if stage in (0, 1) else 0.0  # stage 0/1 gradients: complete at the end of backward, gone after the step
-    act_branch = acts.total + max(acts.logits_transient, recompute) + gathered + inflight_bwd
+    # stage 0/1 gradients: complete at the end of backward, gone after the step. ZeRO-1 with
+    # overlap_comm reduces them from the backward's hooks at the accumulation boundary
+    # (s12:2290, 2296), so with no accumulation they are never all held.
+    overlap_1 = stage == 1 and knobs["overlap_comm"] and spec.grad_accum == 1
+    held = grads if stage == 0 or (stage == 1 and not overlap_1) else 0.0
     grad_branch = held + (p * min(5e8, psi) if stage == 0 else 0.0)  # stage 0's all-reduce flattens up to 5e8 elements
+    during_backward = 0.0  # transients of a gradient reduce that runs beside the activations
     if stage == 1 and knobs["contiguous_gradients"] and not off_opt:
-        # ZeRO-1's boundary reduce copies its partition's gradients into a p·S buffer allocated at
-        # the first one (s12:2282-2284, copy_grads_in_partition s12:2192). Measured beside the
-        # held gradients on the tiny model (+4S in fp32, on one rank of two or on both, with
-        # buckets of 20,000 and 1,000,000 elements), not on two 125M trials (5.7% and 6.9% over
-        # with it): counted, since which moment is larger depends on the order of the reduce
-        grad_branch += p * s
-    if stage == 3 and knobs["contiguous_gradients"] and not off_opt:
-        # ZeRO-3 reduces a full bucket with reduce_scatter_coalesced (s3:1912-1931,
-        # runtime/comm/coalesced_collectives.py:81-128): the bucket's gradients are copied into one
-        # padded flat tensor (torch.cat), and the reduce-scatter writes a 1/N partition (NCCL); on
-        # gloo the reduce-scatter held a second full copy (measured: 2·p·E above the bucket, 125M
-        # fp32, docs/plan.md). A bucket holding the whole model is reduced once, by the epilogue
-        # after backward, when the activations are gone and the last module's parameters are
-        # still gathered; a smaller one fills and is reduced during backward.
+        # ZeRO-1 copies its partition's reduced gradients into a p·S buffer allocated at the first
+        # one (s12:2272-2274, copy_grads_in_partition s12:2142-2192). With a bucket smaller than
+        # Ψ the first reduce comes while most gradients are still held; with a larger one every
+        # gradient is moved into the bucket first (s12:1455-1459) and freed before the epilogue's
+        # reduce. With overlap_comm it is allocated during backward, beside the activations.
+        if overlap_1:
+            during_backward = p * s
+        elif b < psi:
+            grad_branch += p * s
+    if stage == 3 and (knobs["reduce_scatter"] or not knobs["contiguous_gradients"]):
+        # ZeRO-3 reduces a bucket with reduce_scatter_coalesced (s3:1673-1678, 1912-1931;
+        # runtime/comm/coalesced_collectives.py:81-137): its gradients are copied into one padded
+        # flat tensor (torch.cat) and the reduce-scatter's output is a view of it; on gloo the
+        # reduce-scatter held a second full copy (measured: 2·p·E above the bucket, 125M fp32,
+        # docs/plan.md). Without contiguous gradients the E elements wait as separate tensors.
+        # The gradients stay on the device when the optimizer is offloaded. A bucket holding the
+        # whole model is reduced once, by the epilogue after backward, when the activations are
+        # gone and the last module's parameters are still gathered; a smaller one fills and is
+        # reduced during backward, after the loss's transient is gone.
         def reduce_tmp(elements: float) -> float:
-            return p * elements * (2.0 if cpu else 1.0 + 1.0 / n)
+            waiting = 0.0 if knobs["contiguous_gradients"] else p * elements
+            return waiting + p * elements * (2.0 if cpu else 1.0)
         if b >= psi:
             grad_branch = p * largest + reduce_tmp(psi)
         else:
-            act_branch += reduce_tmp(b)
+            during_backward = reduce_tmp(b)
+    elif stage == 3:
+        # contiguous gradients all-reduced in place (s3:1863-1886); postscale_gradients (the
+        # default) multiplies into a copy when gradient_predivide_factor differs from N
+        e = min(b, psi)
+        if b >= psi:
+            grad_branch = p * largest + p * e
+        else:
+            during_backward = p * e
+    act_branch = acts.total + max(acts.logits_transient, recompute + during_backward) + gathered + inflight_bwd
     # the optimizer step's temporaries; Adam's: torch's single-tensor AdamW (CPU tensors) two fp32
     # copies of the tensor it updates, its foreach path (CUDA) one of all it updates, FusedAdam
     # and DeepSpeed's CPU Adam none (in place)
@@ -343,7 +366,8 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     totals = {k: sum(v.values()) for k, v in phases.items()}
     phase = max(totals, key=totals.get)
     own = totals[phase]
-    allocated_peak = max(sum(v.values()) for v in phases_with(allocated_buckets).values())
+    allocated_phases = {k: sum(v.values()) for k, v in phases_with(allocated_buckets).items()}
+    allocated_peak = max(allocated_phases.values())
     if cpu:
         fixed = CPU_FIXED_BYTES + (CPU_FIRST_TRIAL_BYTES if first_in_process else 0)
         own_peak = own + fixed
@@ -359,6 +383,7 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         states_device=states_device, states_host=host, params=params, grads=grads, optimizer=optimizer,
         buffers=buckets, activations=acts.total, fixed=fixed, peak=own_peak, allocated_peak=allocated_peak,
         one_time=CPU_FIRST_TRIAL_BYTES if (cpu and first_in_process) else 0.0,
-        device_total=device_total, host_total=host_total, phase=phase, phases=totals, peak_terms=peak_terms,
+        device_total=device_total, host_total=host_total, phase=phase, phases=totals, allocated_phases=allocated_phases,
+        peak_terms=peak_terms,
         activation_terms={k: v for k, v in asdict(acts).items() if k != "notes"},
         deepspeed_estimate=deepspeed_estimate(stats, stage, n, ranks_per_node, spec.offload), notes=notes)

@@ -19,7 +19,7 @@ import os
 MiB = 2**20
 
 
-def _rank(rank: int, args: argparse.Namespace, port: int) -> None:
+def _rank(rank: int, args: argparse.Namespace, port: int, lines) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import deepspeed
@@ -55,9 +55,9 @@ def _rank(rank: int, args: argparse.Namespace, port: int) -> None:
         allocated.reset_peak()
         engine.step()
         opt = allocated.peak()
-        print(f"rank {rank} step {step}: start {start / MiB:.2f}  forward +{(fwd - start) / MiB:.2f}  "
-              f"held after forward +{(held - start) / MiB:.2f}  backward +{(bwd - start) / MiB:.2f}  "
-              f"step +{(opt - start) / MiB:.2f}", flush=True)
+        lines.put((step, rank, f"rank {rank} step {step}: start {start / MiB:.2f}  forward +{(fwd - start) / MiB:.2f}  "
+                   f"held after forward +{(held - start) / MiB:.2f}  backward +{(bwd - start) / MiB:.2f}  "
+                   f"step +{(opt - start) / MiB:.2f}"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--checkpointing", action="store_true")
     args = ap.parse_args(argv)
-    mp.spawn(_rank, args=(args, free_port()), nprocs=2)
+    # the ranks hand their lines back and this process prints them, whole and in order (two
+    # ranks printing at once can join their lines)
+    lines = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank, args=(args, free_port(), lines), nprocs=2)
+    got = []
+    while not lines.empty():
+        got.append(lines.get())
+    for _, _, line in sorted(got):
+        print(line)
 
 
 if __name__ == "__main__":
