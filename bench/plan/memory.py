@@ -286,12 +286,14 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     if stage == 1 and knobs["contiguous_gradients"] and not off_opt:
         # ZeRO-1 copies its partition's reduced gradients into a p·S buffer allocated at the first
         # one (s12:2272-2274, copy_grads_in_partition s12:2142-2192). With a bucket smaller than
-        # Ψ the first reduce comes while most gradients are still held; with a larger one every
-        # gradient is moved into the bucket first (s12:1455-1459) and freed before the epilogue's
-        # reduce. With overlap_comm it is allocated during backward, beside the activations.
+        # Ψ the first reduce comes while most gradients are still held. With a larger one every
+        # gradient is moved into the bucket first (s12:1455-1459), but on gloo the moved
+        # gradients were sometimes still alive when the buffer came (+4S on one rank, in some
+        # runs of the same configuration: docs/plan.md), so it is counted there too. With
+        # overlap_comm it is allocated during backward, beside the activations.
         if overlap_1:
             during_backward = p * s
-        elif b < psi:
+        else:
             grad_branch += p * s
     if stage == 3 and (knobs["reduce_scatter"] or not knobs["contiguous_gradients"]):
         # ZeRO-3 reduces a bucket with reduce_scatter_coalesced (s3:1673-1678, 1912-1931;
