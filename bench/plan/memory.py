@@ -52,7 +52,8 @@ Temporaries, by phase (the peak is the largest phase):
   transient to within 0.5 MiB without checkpointing, and 0.76-1.33 layers with it. At the end
   of backward stage 0/1 hold every p·Ψ gradient (with the bucket: ZeRO-1's peak), and ZeRO-1's
   boundary reduce allocates its p·S partition-gradient buffer (s12:2272-2274, 2142-2192):
-  beside them with a bucket below Ψ, beside the activations with overlap_comm;
+  beside them (with a bucket above Ψ only in some runs on gloo; counted), beside the
+  activations with overlap_comm;
   the stage-3 gradient reduce: reduce_scatter_coalesced copies a bucket's gradients into one
   flat tensor whose views the reduce-scatter writes (coalesced_collectives.py:81-137); on gloo
   the reduce-scatter held a second full copy (measured, 125M fp32: 2·p·Ψ above the bucket at
