@@ -202,8 +202,8 @@ def test_each_phase_against_the_allocator_counted_phase_by_phase(tmp_path, stage
     below or near the model's size so the bucket does not hide the rest. Bars: never under by
     more than 5%, over by at most 15% (the reduce during backward is counted beside activations
     partly freed by then; ZeRO-1's partition buffer beside gradients that are not always still
-    alive). Each phase is only bounded above: gloo frees some of a phase's tensors after the
-    call returns, so what a phase holds at its start varies from run to run."""
+    alive). The peak is compared over all phases, not phase by phase: gloo frees some of a
+    phase's tensors after the call returns, so what a phase holds at its start varies."""
     import re
     import subprocess
     import sys
@@ -233,5 +233,3 @@ def test_each_phase_against_the_allocator_counted_phase_by_phase(tmp_path, stage
                      reduce_bucket_size=ds["zero_optimization"]["reduce_bucket_size"])
     pred = predict(spec, model_stats(config), config, "cpu", ds)
     assert -0.05 <= pred.allocated_peak / max(measured.values()) - 1 <= 0.15, (pred.allocated_phases, measured)
-    for phase, got in measured.items():
-        assert got <= pred.allocated_peak * 1.05, (phase, got / MiB, pred.allocated_phases)

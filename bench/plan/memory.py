@@ -296,31 +296,30 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
             during_backward = p * s
         else:
             grad_branch += p * s
-    if stage == 3 and (knobs["reduce_scatter"] or not knobs["contiguous_gradients"]):
-        # ZeRO-3 reduces a bucket with reduce_scatter_coalesced (s3:1673-1678, 1912-1931;
+    if stage == 3:
+        # ZeRO-3 reduces a bucket with reduce_scatter_coalesced when reduce_scatter is on (the
+        # default) or gradients are not contiguous (s3:1673-1678, 1912-1931;
         # runtime/comm/coalesced_collectives.py:81-137): its gradients are copied into one padded
         # flat tensor (torch.cat) and the reduce-scatter's output is a view of it; on gloo the
         # reduce-scatter held a second full copy (measured: 2·p·E above the bucket, 125M fp32,
         # docs/plan.md). Without contiguous gradients the E elements wait as separate tensors.
-        # The gradients stay on the device when the optimizer is offloaded. A bucket holding the
-        # whole model is reduced once, by the epilogue after backward, when the activations are
-        # gone and the last module's parameters are still gathered; a smaller one fills and is
-        # reduced during backward, after the loss's transient is gone.
+        # Otherwise the contiguous bucket is all-reduced in place and postscale_gradients (the
+        # default) multiplies it into a copy when gradient_predivide_factor differs from N
+        # (s3:1863-1886). The gradients stay on the device when the optimizer is offloaded. A
+        # bucket holding the whole model is reduced once, by the epilogue after backward, when
+        # the activations are gone and the last module's parameters are still gathered; a
+        # smaller one fills and is reduced during backward, after the loss's transient is gone.
+        coalesced = knobs["reduce_scatter"] or not knobs["contiguous_gradients"]
+
         def reduce_tmp(elements: float) -> float:
+            if not coalesced:
+                return p * elements
             waiting = 0.0 if knobs["contiguous_gradients"] else p * elements
             return waiting + p * elements * (2.0 if cpu else 1.0)
         if b >= psi:
             grad_branch = p * largest + reduce_tmp(psi)
         else:
             during_backward = reduce_tmp(b)
-    elif stage == 3:
-        # contiguous gradients all-reduced in place (s3:1863-1886); postscale_gradients (the
-        # default) multiplies into a copy when gradient_predivide_factor differs from N
-        e = min(b, psi)
-        if b >= psi:
-            grad_branch = p * largest + p * e
-        else:
-            during_backward = p * e
     act_branch = acts.total + max(acts.logits_transient, recompute + during_backward) + gathered + inflight_bwd
     # the optimizer step's temporaries; Adam's: torch's single-tensor AdamW (CPU tensors) two fp32
     # copies of the tensor it updates, its foreach path (CUDA) one of all it updates, FusedAdam
@@ -362,8 +361,10 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
             optimizer_step = {"states": resident - resident_grads, "buffers": kept, "activations": 0.0,
                               "temporaries": 4.0 * s + adam_tmp(s, s, False)}
             step = max(flatten, optimizer_step, key=lambda d: sum(d.values()))
-        phases = {"build": build, "backward": backward, "step": step}
-        return {"build": build, "forward": forward, **phases} if stage == 3 else phases
+        phases = {"build": build, "forward": forward, "backward": backward, "step": step}
+        if stage != 3:
+            del phases["forward"]  # only ZeRO-3 gathers in its forward
+        return phases
 
     phases = phases_with(buckets)
     totals = {k: sum(v.values()) for k, v in phases.items()}
