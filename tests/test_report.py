@@ -55,7 +55,9 @@ def test_guidance_cites_real_trials(zero_sweep):
 def test_best_config_initialises_deepspeed(zero_sweep, tmp_path):
     p = cli("best", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
     cfg_path = next(tmp_path.glob("ds_config-*-throughput.json"))
-    assert str(cfg_path.name) in p.stdout and "launch: deepspeed" in p.stdout
+    # the sweep ran on DeepSpeed's CPU accelerator: the launch line says so, or DeepSpeed would
+    # auto-detect CUDA wherever a GPU is visible
+    assert str(cfg_path.name) in p.stdout and "launch: DS_ACCELERATOR=cpu deepspeed --num_gpus 2" in p.stdout, p.stdout
     rec = next(r for r in zero_sweep["records"] if r["trial_id"] in p.stdout.split(":")[1])
     script = f"""
 import json, torch, deepspeed

@@ -61,7 +61,7 @@ def plan(
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory to plan for (e.g. 80GiB), instead of a named device."),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1, help="GPUs (ranks) per node \\[default: 8 for a described GPU, else the local ranks]."),
     nodes: int = typer.Option(1, "--nodes", min=1, help="Nodes; world size = GPUs per node × nodes."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Judge each trial's own peak per rank against this (e.g. 2GiB) instead of the device's memory."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Judge each trial's allocator peak per rank (its tensors, buckets whole: what a GPU's allocator holds; on a CPU llmbench's counting allocator) against this (e.g. 2GiB) instead of the device's memory."),
     base_config: Optional[Path] = typer.Option(None, "--base-config", help="Your DeepSpeed config JSON as every trial's starting point."),
     cpu: bool = typer.Option(False, "--cpu", help="Plan for DeepSpeed's CPU accelerator even if GPUs are visible."),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
@@ -110,8 +110,11 @@ def plan(
     title = (f"{len(rows)} trials planned for {hw.world_size} × {hw.device_name} ({_gib(hw.device_memory_bytes)} GiB"
              f"{' shared' if budget.shared else ' each'}); GiB per rank")
     table = Table(title=title)
+    # with --memory-budget the table shows the allocator's peak (buckets whole), which is judged;
+    # else the own peak (on a CPU its RSS: buckets as pages written, fixed costs)
+    alloc = budget.what == "budget"
     for col in ("trial", "zero", "micro", "seq", "states dev", "states host", "at peak: states", "buffers", "activations",
-                "temporaries", "fixed", "own peak", "needs", "fits", "headroom"):
+                "temporaries", "fixed", "allocator peak" if alloc else "own peak", "needs", "fits", "headroom"):
         table.add_column(col, justify="right")
     table.add_column("note")
     for r, t in zip(rows, the_plan.trials):
@@ -120,20 +123,21 @@ def plan(
             table.add_row(shown(r["trial_id"], 80), str(t.spec.zero_stage), str(t.spec.micro_batch), str(t.spec.seq_len),
                           *[""] * 11, shown(f"{r['status']}: {r['reason'] or t.plan_note or 'no prediction (inference)'}"))
             continue
-        terms = p.peak_terms
+        terms, phase, peak = ((p.allocated_peak_terms, p.allocated_phase, p.allocated_peak) if alloc
+                              else (p.peak_terms, p.phase, p.peak))
         if t.pruned:
-            note = f"pruned; peak in {p.phase}"
+            note = f"pruned; peak in {phase}"
         elif r["reason"]:
             note = f"{r['status']}: {r['reason']}"
         elif not r["fits"]:
             note = f"over by {-r['headroom']:.0%}, within the {budget.margin:.0%} margin: launched"
         else:
-            note = f"peak in {p.phase}"
+            note = f"peak in {phase}"
         table.add_row(shown(r["trial_id"], 80), str(t.spec.zero_stage), str(t.spec.micro_batch), str(t.spec.seq_len),
                       _gib(p.states_device), _gib(p.states_host), _gib(terms.get("states")), _gib(terms.get("buffers")),
-                      _gib(terms.get("activations")), _gib(terms.get("temporaries")), _gib(terms.get("fixed")), _gib(p.peak),
+                      _gib(terms.get("activations")), _gib(terms.get("temporaries")), _gib(terms.get("fixed")), _gib(peak),
                       _gib(predicted_bytes(p, budget)), "[green]yes[/]" if r["fits"] else "[red]no[/]", f"{r['headroom']:+.0%}", shown(note))
     console.print(table)
-    console.print(f"states dev/host: the model states held; at peak: the parts of the own peak in its phase. needs = "
-                  f"{'the own peak (--memory-budget)' if budget.what == 'budget' else 'own peak + process/context, NCCL, allocator slack'}; "
+    console.print(f"states dev/host: the model states held; at peak: the parts of the {'allocator' if alloc else 'own'} peak in its phase. needs = "
+                  f"{'the allocator peak, buckets whole (--memory-budget)' if budget.what == 'budget' else 'own peak + process/context, NCCL, allocator slack'}; "
                   f"a trial is pruned above {1 + budget.margin:.0%} of the budget. Terms: docs/plan.md.")

@@ -133,7 +133,10 @@ def best(
                   f"accumulation {w['grad_accum']}, {shown(w['precision'])}): {w['tokens_per_s']:,.0f} tokens/s; {shown(rec.reason)}")
     console.print(f"config: {path}")
     n = w["world_size"]
-    console.print(f"launch: deepspeed --num_gpus {n} your_train.py --deepspeed --deepspeed_config {path}", soft_wrap=True)
+    # the run's accelerator: DeepSpeed's launcher takes --num_gpus as the ranks on a CPU too, but
+    # its auto-detection would pick CUDA wherever a GPU is visible
+    env = "DS_ACCELERATOR=cpu " if run["env"].get("accelerator") == "cpu" else ""
+    console.print(f"launch: {env}deepspeed --num_gpus {n} your_train.py --deepspeed --deepspeed_config {path}", soft_wrap=True)
 
 
 @app.command()

@@ -257,7 +257,8 @@ def _run_plan(plan, hw, suite_name, label, db, out, options, resume=None, warm_p
 
     def ended(seq, rec):
         mark = "[green]ok[/]" if rec["status"] == "ok" else f"[red]{rec['status']}[/]"
-        extra = ok_summary(rec) if rec["status"] == "ok" else error_summary(rec["error"])
+        # a prune's reason is one sentence, its numbers at the end (and `--no-prune runs it`): whole
+        extra = ok_summary(rec) if rec["status"] == "ok" else error_summary(rec["error"], 400 if rec["status"] == "pruned" else 160)
         train = rec["scenario"] == "train"
         rounds = f" (round {rec['rounds_done']} of {rec['rounds']})" if train and rec["rounds"] > 1 and rec["status"] == "ok" else ""
         progress.console.print(f"  {shown(rec['trial_id'], 80):<24} {mark} {shown(extra)}{rounds}", highlight=False)
@@ -377,7 +378,7 @@ def sweep(
     profile: bool = typer.Option(False, "--profile",
                                  help="Record a torch.profiler trace of 2 steps per rank (after the timed window) under OUT/traces/RUN/ (open in Perfetto)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget",
-                                                help="Prune trials whose predicted own peak per rank exceeds this (e.g. 2GiB) by more than 10%; default: the device's memory."),
+                                                help="Prune trials whose predicted allocator peak per rank (the tensors, buckets whole: what a GPU's allocator holds; on a CPU llmbench's counting allocator) exceeds this (e.g. 2GiB) by more than 10%; default: the device's memory."),
     no_prune: bool = typer.Option(False, "--no-prune", help="Launch every trial, even those predicted not to fit."),
     rank_memory: str = typer.Option("auto", "--rank-memory",
                                     help="CPU ranks' memory limit (RLIMIT_DATA, address space): auto (a guard against a runaway trial: what the rank maps plus the larger of 90% of the host's memory over its ranks and 8 GiB), off, or a size (12GiB). A trial past it is recorded oom."),

@@ -76,7 +76,8 @@ def pruning(table: list[dict], margin: float | None = None, measure: str = "peak
     """The issue's pruning test on a --no-prune run: a budget at the median measured own peak;
     which trials the planner would prune (predicted above the budget by more than the margin),
     how many of those measured above it, how many it admits measured above it. `measure`:
-    "peak" (the RSS on a CPU; what --memory-budget judges) or "alloc" (the allocator's peak)."""
+    "alloc" (the allocator's peak: what --memory-budget judges) or "peak" (the RSS on a CPU, shown
+    for comparison)."""
     from .prune import PRUNE_MARGIN
 
     margin = PRUNE_MARGIN if margin is None else margin
@@ -89,7 +90,7 @@ def pruning(table: list[dict], margin: float | None = None, measure: str = "peak
     admitted = [r for r in table if r not in pruned]
     right = sum(r[f"{measure}_m"] > budget for r in pruned)
     wrong_in = sum(r[f"{measure}_m"] > budget for r in admitted)
-    name = {"peak": "own peak (RSS on a CPU)", "alloc": "allocator peak"}[measure]
+    name = {"peak": "own peak (RSS on a CPU, not judged)", "alloc": "allocator peak (what --memory-budget judges)"}[measure]
     return (f"{name}: budget {budget / MiB:.1f} MiB (the median measured over {len(table)} trials), margin {margin:.0%}: "
             f"pruned {len(pruned)} ({len(pruned) / len(table):.0%} of the grid), of which {right} measured above the "
             f"budget ({right / len(pruned):.0%}); admitted {len(admitted)}, of which {wrong_in} measured above it.\n"

@@ -35,6 +35,33 @@ derivatives.yaml) and the modules' forward code in transformers 5:
   keyword arguments and kept by the recompute closure, not saved; GPT-2 passes its eager
   attention mask (b × 1 × s × s, activation dtype) positionally, so checkpointing saves it once.
 
+Not saved, but held (`kwargs_held`): under checkpointing Llama's layers get cos/sin and, with
+eager attention, its 4-D float mask (b × 1 × s × s) as keyword arguments, which the recompute
+closures keep alive until the last layer's backward (measured: 3.52 MiB held after the forward
+at b = 8, s = 480 in bf16, beside the hook-counted bytes).
+
+A checkpointed layer's backward (`layer_backward`): the first unpack recomputes the whole
+layer, so its backward starts with all of its saved tensors beside the incoming gradient, and
+the MLP's backward adds two bsf gradients at the product's (or gelu_new's) backward, while
+down_proj's saved input is freed for the gradient that replaces it: per_layer + 2p·bsf + p·bsh.
+Measured with the counting allocator, one layer's backward above what was held: Llama SDPA
+bf16 b = 8, s = 480: 26.54 MiB (27.39 derived); GPT-2 eager fp32 b = 2, s = 320: 14.32 (14.70);
+Llama SDPA fp32 b = 2, s = 192: 4.89 (4.91). In fp32 Llama's input norm saves the layer's input
+itself (`x.to(fp32)` is no copy), which the checkpoint holds already: counted once.
+
+Eager attention's backward (`attention_backward`): the layer's backward peaks in its softmax's
+backward, `_softmax_backward_data(grad, out)`, which allocates its result while the saved
+softmax output and the incoming gradient (in the softmax's dtype: Llama's `.to(bf16)` backward
+casts the probabilities' gradient up to fp32) are alive: 3·soft·b·heads·s² bytes, beside what
+the layer still holds for the backward to come (the input norm's saved tensors, q and k; GPT-2's
+q, k, v are views of c_attn's one output, alive whole) and the gradients waiting (v's, the
+residual stream's). By then the MLP's, the output projection's and the probabilities' saved
+tensors are freed (autograd frees a node's saved tensors after it runs). Measured with the
+counting allocator, one layer's backward (tiny, bf16, b = 8, checkpointed): Llama s = 480
+91.24 MiB above what was held (91.89 derived), GPT-2 fp32 b = 2, s = 640: 40.58 (41.88). On CUDA
+in fp16 Llama's softmax takes the half-to-float path and its backward's result is fp16
+(10 bytes per score, not 12): over-counted there, not modelled.
+
 Dropout with p = 0 (llmbench's GPT-2 and Llama) saves nothing. Every term is tested against the
 bytes `torch.autograd.graph.saved_tensors_hooks` sees (collect/activations.py) on shapes held
 out from the derivation (tests/test_plan_memory.py).
@@ -88,6 +115,9 @@ class Activations:
     head: float = 0.0  # the final norm and the LM head's input
     loss: float = 0.0  # fp32 log-softmax of the logits, targets
     logits_transient: float = 0.0  # not saved: the logits' peak while the loss forward/backward runs
+    kwargs_held: float = 0.0  # not saved: checkpointed layers' keyword arguments, held until backward ends
+    layer_backward: float = 0.0  # checkpointing: one layer recomputed, at its MLP's backward
+    attention_backward: float = 0.0  # eager attention: one layer's working set at its softmax backward (its own saved tensors included)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -118,6 +148,11 @@ def activation_bytes(shape: Shape, micro_batch: int, seq_len: int, dtype_bytes: 
         scores = soft * b * nh * s * s + (p if shape.family == "llama" and p != 4 else 0) * b * nh * s * s
         out.attention_scores = scores
         attention += scores
+        # at the softmax's backward: its output, the incoming gradient and the result (soft
+        # bytes each), the input norm's saved tensors, q and k (GPT-2: c_attn's whole output,
+        # of which they are views, and its input), the gradients of v and of the residual stream
+        held = norm + (p * bs * (q + nh * d) if shape.family == "llama" else p * bs * h + 3 * p * bs * h)
+        out.attention_backward = 3 * soft * b * nh * s * s + held + p * bs * (nh * d + h)
     else:  # sdpa / flash_attention_2: q, k, v, output, fp32 logsumexp
         attention = p * bs * (2 * q + 2 * kv) + 4 * b * nh * s
     if shape.family == "llama":
@@ -135,10 +170,20 @@ def activation_bytes(shape: Shape, micro_batch: int, seq_len: int, dtype_bytes: 
     if shape.dropout > 0:
         out.notes.append(f"dropout p={shape.dropout:g} masks are not modelled (llmbench's configs use 0)")
     out.per_layer = layer
+    # a recomputed layer's backward starts in its MLP: every saved tensor of the layer, the
+    # incoming gradient (p·bsh), and at the product's (SwiGLU) or gelu_new's backward two
+    # gradients of bsf beside the one coming in, after down_proj/c_proj freed its saved input
+    out.layer_backward = layer + 2 * p * bs * f + p * bs * h
     if checkpointing:
         out.layers = shape.n_layers * p * bs * h
         if shape.family == "llama":
             out.embedding -= 2 * s * d * p  # cos/sin go to the layers as keyword arguments: not saved
+            if p == 4:
+                # in fp32 the input norm's `x.to(fp32)` is the layer's input itself, which the
+                # checkpoint already holds: not twice in a recomputed layer's working set
+                out.layer_backward -= p * bs * h
+                out.attention_backward = max(0.0, out.attention_backward - p * bs * h)
+            out.kwargs_held = 2 * s * d * p + (p * b * s * s if attn == "eager" else 0)  # ... but held, as is eager's mask
         elif attn == "eager":
             out.embedding += p * b * s * s  # GPT-2 passes eager's b × 1 × s × s mask positionally: checkpoint saves it
     else:

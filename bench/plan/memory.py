@@ -43,13 +43,17 @@ Temporaries, by phase (the peak is the largest phase):
 - forward (stage 3): every activation saved, the gathered parameters and the last prefetch's
   all-gather output (measured on the tiny model: the forward's peak was the states + the
   activations + two copies of the parameters, 18.61 MiB against 18.7 predicted);
-- backward: activations (plan/activations.py) + the larger of the loss's transient (forward:
-  the p-byte logits and their fp32 copy; backward: two fp32 gradients of bsV), which is gone
-  before the first layer's backward, and under checkpointing one layer's activations
-  recomputed + buckets + ZeRO-3's gathered parameters. Autograd frees a layer's saved tensors
-  as its backward runs, about as fast as their gradients appear: on the 62 configurations of
-  docs/plan.md the measured allocator peak less states and activations was the loss's
-  transient to within 0.5 MiB without checkpointing, and 0.76-1.33 layers with it. At the end
+- backward: activations (plan/activations.py; with checkpointing's closures' keyword
+  arguments) + the larger of the loss's transient (forward: the p-byte logits and their fp32
+  copy; backward: two fp32 gradients of bsV) and, once the head's and the loss's saved tensors
+  are freed, the last layer's backward: under checkpointing the layer recomputed with its
+  MLP's backward (`layer_backward`) or eager attention's softmax backward
+  (`attention_backward`), whichever is larger, beside (stages 0/1) the gradients held so far
+  at the first or the last layer; without it eager's softmax backward in place of the layer's
+  own saved tensors; + buckets + ZeRO-3's gathered parameters. Autograd frees a
+  layer's saved tensors as its backward runs, about as fast as their gradients appear: on the
+  configurations of docs/plan.md the measured allocator peak less states and activations was
+  the loss's transient to within 0.5 MiB without checkpointing (SDPA). At the end
   of backward stage 0/1 hold every p·Ψ gradient (with the bucket: ZeRO-1's peak), and ZeRO-1's
   boundary reduce allocates its p·S partition-gradient buffer (s12:2272-2274, 2142-2192):
   beside them (with a bucket above Ψ only in some runs on gloo; counted), beside the
@@ -130,6 +134,9 @@ class MemoryPrediction:
     phase: str  # which phase sets the peak: build, forward (ZeRO-3), backward or step
     phases: dict = field(default_factory=dict)  # each phase's own bytes (resident states included)
     allocated_phases: dict = field(default_factory=dict)  # the same with the buckets whole: allocated_peak is their largest
+    allocated_buffers: float = 0.0  # DeepSpeed's buckets whole, as an allocator counts them (`buffers`: on a CPU the pages written)
+    allocated_phase: str = ""  # the phase that sets allocated_peak
+    allocated_peak_terms: dict = field(default_factory=dict)  # its parts: states, buffers, activations, temporaries (sum: allocated_peak)
     peak_terms: dict = field(default_factory=dict)  # the peak phase's parts: states, buffers, activations, temporaries, fixed (sum: peak)
     activation_terms: dict = field(default_factory=dict)
     deepspeed_estimate: float | None = None  # DeepSpeed's own model-state estimator, device bytes
@@ -271,9 +278,6 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         notes.append("quant=fp8: torchao's float8 casts are not modelled (activations at the trial's precision)")
     if spec.compile:
         notes.append("compile: the activations predicted are eager's; torch.compile's saved tensors may differ")
-    # checkpointing: a layer's saved tensors recomputed for its backward (after the loss's
-    # transient is gone, so the larger of the two counts)
-    recompute = acts.per_layer if spec.activation_checkpointing else 0.0
     # states held from step to step (on the CPU accelerator the offloaded ones sit in the same process)
     resident = par_dev + opt_dev + (resident_grads - (grads if off_opt and stage == 3 else 0.0)) + hpz + extra_device \
         + (host if cpu else 0.0)
@@ -320,7 +324,31 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
             grad_branch = p * largest + reduce_tmp(psi)
         else:
             during_backward = reduce_tmp(b)
-    act_branch = acts.total + max(acts.logits_transient, recompute + during_backward) + gathered + inflight_bwd
+    held_acts = acts.total + acts.kwargs_held  # saved for backward, and what checkpointing's closures keep
+    # Backward, beside the activations: first the loss's transient; then, with the head's and the
+    # loss's saved tensors freed, the last layer's backward (plan/activations.py): under
+    # checkpointing the layer recomputed and its MLP's backward, or eager attention's softmax
+    # backward; without it only eager's softmax backward can outgrow the loss's transient, its
+    # working set replacing the layer's own saved tensors (already in the total)
+    past_head = held_acts - acts.head - acts.loss
+    if spec.activation_checkpointing:
+        # every layer's backward has the same working set; what lies beside it changes: stages
+        # 0/1 keep each gradient from the layer that made it to the step (`held`), while each
+        # layer's checkpointed input is freed by its backward, so the peak is at the first
+        # layer's backward (the head's gradients) or the last's (every gradient but the
+        # embedding's and that layer's, one layer input left), whichever is larger
+        n_layers = max(1, stats.n_layers)
+        share = held / max(1, stats.n_params)
+        head_grads = share * max(0.0, stats.n_params - stats.n_embedding_params - stats.n_layer_params)
+        before_last = share * max(0.0, stats.n_params - stats.n_embedding_params - stats.n_layer_params / n_layers)
+        beside = max(past_head + head_grads, past_head - acts.layers * (n_layers - 1) / n_layers + before_last)
+        act_branch = max(held_acts + acts.logits_transient,
+                         beside + max(acts.layer_backward, acts.attention_backward) + during_backward)
+    else:
+        act_branch = held_acts + max(acts.logits_transient, during_backward)
+        if acts.attention_backward:
+            act_branch = max(act_branch, past_head - acts.per_layer + acts.attention_backward + during_backward)
+    act_branch += gathered + inflight_bwd
     # the optimizer step's temporaries; Adam's: torch's single-tensor AdamW (CPU tensors) two fp32
     # copies of the tensor it updates, its foreach path (CUDA) one of all it updates, FusedAdam
     # and DeepSpeed's CPU Adam none (in place)
@@ -351,7 +379,8 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         step = {"states": resident + held, "buffers": kept, "activations": 0.0, "temporaries": step_tmp}
         # ZeRO-3's forward ends with every activation saved, the parameters gathered and the
         # last prefetch's all-gather output still alive (the loss's transient comes after it)
-        forward = {"states": resident, "buffers": kept, "activations": acts.total, "temporaries": gathered + inflight}
+        forward = {"states": resident, "buffers": kept, "activations": acts.total,
+                   "temporaries": acts.kwargs_held + gathered + inflight}
         if stage in (1, 2) and not off_opt:
             # s12 step(): the gradients outside the partition are freed, the partition's are
             # flattened (stage 1: a copy; stage 2: its contiguous buffer, no copy) and cast to fp32
@@ -370,8 +399,10 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
     totals = {k: sum(v.values()) for k, v in phases.items()}
     phase = max(totals, key=totals.get)
     own = totals[phase]
-    allocated_phases = {k: sum(v.values()) for k, v in phases_with(allocated_buckets).items()}
-    allocated_peak = max(allocated_phases.values())
+    allocated_parts = phases_with(allocated_buckets)
+    allocated_phases = {k: sum(v.values()) for k, v in allocated_parts.items()}
+    allocated_phase = max(allocated_phases, key=allocated_phases.get)
+    allocated_peak = allocated_phases[allocated_phase]
     if cpu:
         fixed = CPU_FIXED_BYTES + (CPU_FIRST_TRIAL_BYTES if first_in_process else 0)
         own_peak = own + fixed
@@ -388,6 +419,8 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         buffers=buckets, activations=acts.total, fixed=fixed, peak=own_peak, allocated_peak=allocated_peak,
         one_time=CPU_FIRST_TRIAL_BYTES if (cpu and first_in_process) else 0.0,
         device_total=device_total, host_total=host_total, phase=phase, phases=totals, allocated_phases=allocated_phases,
+        allocated_buffers=allocated_buckets, allocated_phase=allocated_phase,
+        allocated_peak_terms=dict(allocated_parts[allocated_phase]),
         peak_terms=peak_terms,
         activation_terms={k: v for k, v in asdict(acts).items() if k != "notes"},
         deepspeed_estimate=deepspeed_estimate(stats, stage, n, ranks_per_node, spec.offload), notes=notes)

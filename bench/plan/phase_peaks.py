@@ -33,7 +33,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, lines) -> None:
         raise SystemExit(allocated.error)
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = json.loads(open(args.ds_config).read())
-    config = build_config(args.model, args.family, args.seq_len)
+    config = build_config(args.model, args.family, args.seq_len, args.attn)
     cls = model_class(config)  # imported outside zero.Init, as trial.build_trial_model does
     if cfg.get("zero_optimization", {}).get("stage") == 3:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     args = ap.parse_args(argv)
     # the ranks hand their lines back and this process prints them, whole and in order (two
     # ranks printing at once can join their lines)
