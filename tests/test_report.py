@@ -52,6 +52,23 @@ def test_guidance_cites_real_trials(zero_sweep):
         assert s["trials"] and set(s["trials"]) <= ids
 
 
+def test_best_within_a_budget_given_as_a_size(zero_sweep, tmp_path):
+    """best/report take --memory-budget as a size (as sweep and plan do) or bytes, judged on each
+    trial's whole measured peak; a budget below every trial's leaves no recommendation (exit 1),
+    a malformed one is one line and exit 2."""
+    db = str(zero_sweep["db"])
+    peaks = [r["peak_mem_bytes"] for r in zero_sweep["records"] if r["status"] == "ok"]
+    roomy = cli("best", "--objective", "budget", "--memory-budget", f"{max(peaks) / 2**20 + 1:.0f}MiB", "--db", db,
+                "--out", str(tmp_path))
+    assert "best for budget:" in roomy.stdout
+    tight = cli("best", "--objective", "budget", "--memory-budget", f"{min(peaks) - 1:.0f}", "--db", db,
+                "--out", str(tmp_path), check=False)
+    assert tight.returncode == 1 and "fits the memory budget" in tight.stderr
+    for cmd in ("best", "report"):
+        bad = cli(cmd, "--memory-budget", "lots", "--db", db, "--out", str(tmp_path), check=False)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--memory-budget" in bad.stderr
+
+
 def test_best_config_initialises_deepspeed(zero_sweep, tmp_path):
     p = cli("best", "--db", str(zero_sweep["db"]), "--out", str(tmp_path))
     cfg_path = next(tmp_path.glob("ds_config-*-throughput.json"))

@@ -108,7 +108,9 @@ def plan(
                           "trials": rows}, indent=1, default=str))
         return
     title = (f"{len(rows)} trials planned for {hw.world_size} × {hw.device_name} ({_gib(hw.device_memory_bytes)} GiB"
-             f"{' shared' if budget.shared else ' each'}); GiB per rank")
+             f"{' shared' if budget.shared else ' each'})"
+             + (f", judged against --memory-budget {_gib(budget.bytes_per_rank)} GiB" if budget.what == "budget" else "")
+             + "; GiB per rank")
     table = Table(title=title)
     # with --memory-budget the table shows the allocator's peak (buckets whole), which is judged;
     # else the own peak (on a CPU its RSS: buckets as pages written, fixed costs)

@@ -87,17 +87,30 @@ def _print_schema() -> None:
 @app.command()
 def report(
     run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
-    memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
-                                                  help="Bytes per rank for the 'within budget' recommendation \\[default: a device's memory]."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget",
+                                                help="Memory per rank for the 'within budget' recommendation (e.g. 2GiB or bytes; each trial's whole measured peak, process included) \\[default: a device's memory]."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
     """Write a run's static, offline HTML report and print its path."""
     from ..report.html import write_report
 
+    budget = _size_option(memory_budget)
     store, run = load_run(db, run_id)
     kernels, kernels_run = kernels_for(store, run)
-    console.print(f"report: {write_report(run, store.trials(run['run_id']), out, memory_budget, kernels, kernels_run)}")
+    console.print(f"report: {write_report(run, store.trials(run['run_id']), out, budget, kernels, kernels_run)}")
+
+
+def _size_option(value: str | None) -> float | None:
+    """--memory-budget for report and best: a size (2GiB, 512MiB) or bytes; bad input exits 2."""
+    if value is None:
+        return None
+    from ..plan.devices import parse_bytes
+
+    try:
+        return float(parse_bytes(value))
+    except ValueError as e:
+        fail(f"--memory-budget: {e}")
 
 
 def kernels_for(store, run: dict) -> tuple[list[dict], str | None]:
@@ -113,7 +126,7 @@ def kernels_for(store, run: dict) -> tuple[list[dict], str | None]:
 def best(
     run_id: Optional[str] = typer.Argument(None, help="Run id (or unique prefix); the latest run by default."),
     objective: Objective = typer.Option(Objective.throughput, "--objective", help="What to optimise: throughput, memory per rank, or throughput within --memory-budget."),
-    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help="Bytes per rank, for --objective budget."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory per rank for --objective budget (e.g. 2GiB or bytes; each trial's whole measured peak, process included)."),
     db: Path = DbOpt,
     out: Path = OutOpt,
 ) -> None:
@@ -121,8 +134,9 @@ def best(
     from ..report.guidance import default_memory_budget, exportable_config, recommend
 
     objective = objective.value
+    budget = _size_option(memory_budget)
     store, run = load_run(db, run_id)
-    rec = recommend(store.trials(run["run_id"]), objective, memory_budget or default_memory_budget(run["env"]))
+    rec = recommend(store.trials(run["run_id"]), objective, budget or default_memory_budget(run["env"]))
     if rec.winner is None:
         fail(f"run {run['run_id']}: {rec.reason}", code=1)
     w = rec.winner
