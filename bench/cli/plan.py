@@ -68,7 +68,7 @@ def plan(
 ) -> None:
     """Predict memory per rank for a suite's trials (states, buffers, activations, fixed), and which would not fit; launches nothing."""
     from ..engine import axes_from_base_config, load_base_config
-    from ..plan.prune import default_budget, predicted_bytes
+    from ..plan.prune import default_budget, judged_peak, predicted_bytes
     from ..precision import resolve
     from ..spec import expand, load_suite
     from ..sweep import make_plan
@@ -125,8 +125,7 @@ def plan(
             table.add_row(shown(r["trial_id"], 80), str(t.spec.zero_stage), str(t.spec.micro_batch), str(t.spec.seq_len),
                           *[""] * 11, shown(f"{r['status']}: {r['reason'] or t.plan_note or 'no prediction (inference)'}"))
             continue
-        terms, phase, peak = ((p.allocated_peak_terms, p.allocated_phase, p.allocated_peak) if alloc
-                              else (p.peak_terms, p.phase, p.peak))
+        peak, phase, terms = judged_peak(p, budget)
         if t.pruned:
             note = f"pruned; peak in {phase}"
         elif r["reason"]:
@@ -141,5 +140,5 @@ def plan(
                       _gib(predicted_bytes(p, budget)), "[green]yes[/]" if r["fits"] else "[red]no[/]", f"{r['headroom']:+.0%}", shown(note))
     console.print(table)
     console.print(f"states dev/host: the model states held; at peak: the parts of the {'allocator' if alloc else 'own'} peak in its phase. needs = "
-                  f"{'the allocator peak, buckets whole (--memory-budget)' if budget.what == 'budget' else 'own peak + process/context, NCCL, allocator slack'}; "
+                  f"{'the allocator peak, buckets whole (--memory-budget)' if alloc else 'own peak + process/context, NCCL, allocator slack'}; "
                   f"a trial is pruned above {1 + budget.margin:.0%} of the budget. Terms: docs/plan.md.")

@@ -182,7 +182,8 @@ def activation_bytes(shape: Shape, micro_batch: int, seq_len: int, dtype_bytes: 
                 # in fp32 the input norm's `x.to(fp32)` is the layer's input itself, which the
                 # checkpoint already holds: not twice in a recomputed layer's working set
                 out.layer_backward -= p * bs * h
-                out.attention_backward = max(0.0, out.attention_backward - p * bs * h)
+                if out.attention_backward:
+                    out.attention_backward -= p * bs * h
             out.kwargs_held = 2 * s * d * p + (p * b * s * s if attn == "eager" else 0)  # ... but held, as is eager's mask
         elif attn == "eager":
             out.embedding += p * b * s * s  # GPT-2 passes eager's b × 1 × s × s mask positionally: checkpoint saves it

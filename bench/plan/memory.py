@@ -134,7 +134,6 @@ class MemoryPrediction:
     phase: str  # which phase sets the peak: build, forward (ZeRO-3), backward or step
     phases: dict = field(default_factory=dict)  # each phase's own bytes (resident states included)
     allocated_phases: dict = field(default_factory=dict)  # the same with the buckets whole: allocated_peak is their largest
-    allocated_buffers: float = 0.0  # DeepSpeed's buckets whole, as an allocator counts them (`buffers`: on a CPU the pages written)
     allocated_phase: str = ""  # the phase that sets allocated_peak
     allocated_peak_terms: dict = field(default_factory=dict)  # its parts: states, buffers, activations, temporaries (sum: allocated_peak)
     peak_terms: dict = field(default_factory=dict)  # the peak phase's parts: states, buffers, activations, temporaries, fixed (sum: peak)
@@ -419,7 +418,7 @@ def predict(spec, stats: ModelStats, config, device: str = "cpu", ds_config: dic
         buffers=buckets, activations=acts.total, fixed=fixed, peak=own_peak, allocated_peak=allocated_peak,
         one_time=CPU_FIRST_TRIAL_BYTES if (cpu and first_in_process) else 0.0,
         device_total=device_total, host_total=host_total, phase=phase, phases=totals, allocated_phases=allocated_phases,
-        allocated_buffers=allocated_buckets, allocated_phase=allocated_phase,
+        allocated_phase=allocated_phase,
         allocated_peak_terms=dict(allocated_parts[allocated_phase]),
         peak_terms=peak_terms,
         activation_terms={k: v for k, v in asdict(acts).items() if k != "notes"},

@@ -65,6 +65,14 @@ def predicted_bytes(pred: MemoryPrediction, budget: Budget) -> float:
     return pred.device_total - pred.one_time
 
 
+def judged_peak(pred: MemoryPrediction, budget: Budget) -> tuple[float, str, dict]:
+    """The peak a budget looks at, its phase and that phase's parts: the allocator's (buckets
+    whole) for --memory-budget, else the own peak (on a CPU its RSS: buckets as pages written)."""
+    if budget.what == "budget":
+        return pred.allocated_peak, pred.allocated_phase, pred.allocated_peak_terms
+    return pred.peak, pred.phase, pred.peak_terms
+
+
 def prune_reason(pred: MemoryPrediction | None, budget: Budget, ranks_on_node: int = 1) -> str | None:
     """Why the trial is not launched, or None when it is predicted to fit (within the margin)."""
     if pred is None:
@@ -72,11 +80,10 @@ def prune_reason(pred: MemoryPrediction | None, budget: Budget, ranks_on_node: i
     need, have = predicted_bytes(pred, budget), budget.per_rank(ranks_on_node)
     if need <= have * (1 + budget.margin):
         return None
-    alloc = budget.what == "budget"
-    phase = pred.allocated_phase if alloc else pred.phase
-    return (f"predicted {'allocator peak' if alloc else 'memory'} {size(need)} per rank exceeds the "
+    _, phase, terms = judged_peak(pred, budget)
+    return (f"predicted {'allocator peak' if budget.what == 'budget' else 'memory'} {size(need)} per rank exceeds the "
             f"{budget.label or budget.what} {size(have)} by more than {budget.margin:.0%} "
-            f"(states {size(pred.states_device)}, buckets {size(pred.allocated_buffers if alloc else pred.buffers)}, "
+            f"(states {size(pred.states_device)}, buckets {size(terms.get('buffers', 0.0))}, "
             f"activations {size(pred.activations)}; peak in {phase}); --no-prune runs it")
 
 
